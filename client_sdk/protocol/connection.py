@@ -1,0 +1,354 @@
+"""The connection state machine: bytes in, events out; events in, bytes out. No I/O, no clock.
+
+Both ends use it: the broker as ``Role.SERVER``, the SDK as ``Role.CLIENT``. What may be sent
+and received in each state is data (the two tables below, as h11's ``_state.py`` keeps them).
+Peer input never raises: a bad request is answered with an ``error`` frame (:class:`Rejected`),
+a broken stream is failed with a ``close`` frame (:class:`ProtocolFailure`), and the cause is kept
+in :attr:`Connection.failure`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from client_sdk.protocol import codec
+from client_sdk.protocol.errors import (
+    ErrorCode,
+    InvalidTopic,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from client_sdk.protocol.events import (
+    Close,
+    EndOfStream,
+    Error,
+    Event,
+    Hello,
+    Message,
+    Ok,
+    Ping,
+    Pong,
+    ProtocolFailure,
+    Publish,
+    Rejected,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+)
+from client_sdk.protocol.framing import FrameDecoder, FrameTooLarge
+from client_sdk.protocol.limits import (
+    MAX_FRAME_BYTES,
+    MAX_FRAME_BYTES_BEFORE_HELLO,
+    MAX_FRAME_BYTES_CEILING,
+    MAX_REASON_BYTES,
+    MAX_TOPIC_BYTES,
+    MAX_TOPIC_TOKENS,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+)
+from client_sdk.protocol.topics import validate_pattern, validate_topic
+
+__all__ = ["Connection", "Role", "State", "negotiate_version"]
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"  #: server: awaiting hello; client: awaiting welcome
+    OPEN = "open"
+    CLOSING = "closing"  #: we sent close; we drop what arrives until the peer's close or EOF
+    CLOSED = "closed"  #: nothing more is read or sent
+
+
+_R = Role
+_S = State
+
+#: What each side may RECEIVE in each state. Anything else fails the connection.
+RECEIVABLE: dict[tuple[Role, State], frozenset[type[Event]]] = {
+    (_R.SERVER, _S.HANDSHAKE): frozenset({Hello, Close}),
+    (_R.SERVER, _S.OPEN): frozenset({Subscribe, Unsubscribe, Publish, Ping, Pong, Close}),
+    (_R.CLIENT, _S.HANDSHAKE): frozenset({Welcome, Error, Close}),
+    (_R.CLIENT, _S.OPEN): frozenset({Message, Ok, Error, Ping, Pong, Close}),
+}
+
+#: What each side may SEND in each state. Anything else raises LocalProtocolError.
+SENDABLE: dict[tuple[Role, State], frozenset[type[Event]]] = {
+    (_R.SERVER, _S.HANDSHAKE): frozenset({Error, Close}),
+    (_R.SERVER, _S.OPEN): frozenset({Welcome, Message, Ok, Error, Ping, Pong, Close}),
+    (_R.CLIENT, _S.HANDSHAKE): frozenset({Hello, Close}),
+    (_R.CLIENT, _S.OPEN): frozenset({Subscribe, Unsubscribe, Publish, Ping, Pong, Close}),
+}
+
+
+_BEFORE_WELCOME = frozenset({Welcome, Error, Close})
+
+
+def negotiate_version(client_version: int) -> int | None:
+    """The version a broker answers a ``hello`` with: the highest version both speak."""
+    common = [v for v in SUPPORTED_VERSIONS if v <= client_version]
+    return max(common) if common else None
+
+
+def _clip(text: str, limit: int = MAX_REASON_BYTES) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Connection:
+    """One end of a Tessera session over an already secured byte stream."""
+
+    __slots__ = (
+        "_decoder",
+        "_heartbeat",
+        "_hello_sent",
+        "_last_rx",
+        "_out",
+        "_ping_outstanding",
+        "_welcome_sent",
+        "failure",
+        "max_frame",
+        "max_topic_bytes",
+        "max_topic_tokens",
+        "peer_max_frame",
+        "role",
+        "state",
+        "version",
+    )
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame: int = MAX_FRAME_BYTES,
+        max_frame_before_hello: int = MAX_FRAME_BYTES_BEFORE_HELLO,
+        max_topic_bytes: int = MAX_TOPIC_BYTES,
+        max_topic_tokens: int = MAX_TOPIC_TOKENS,
+    ) -> None:
+        if not 0 < max_frame_before_hello <= max_frame <= MAX_FRAME_BYTES_CEILING:
+            raise ValueError("need 0 < max_frame_before_hello <= max_frame <= 64 MiB")
+        self.role = role
+        self.state = State.HANDSHAKE
+        #: Largest frame body we accept once the session is open.
+        self.max_frame = max_frame
+        #: Largest frame body the peer accepts (a client learns it from ``welcome``).
+        self.peer_max_frame = max_frame_before_hello
+        self.max_topic_bytes = max_topic_bytes
+        self.max_topic_tokens = max_topic_tokens
+        self.version = PROTOCOL_VERSION
+        #: Why the connection failed, if it did (code and message); ``None`` otherwise.
+        self.failure: RemoteProtocolError | None = None
+        self._decoder = FrameDecoder(max_frame_before_hello)
+        self._out: list[bytes] = []
+        self._hello_sent = False
+        self._welcome_sent = False
+        self._heartbeat: float | None = None
+        self._last_rx = 0.0
+        self._ping_outstanding = False
+
+    # --- receiving ----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float = 0.0) -> list[Event]:
+        """Feed plaintext from the security layer; ``b""`` is EOF. Returns the events, in order.
+
+        ``now`` is the driver's monotonic clock, used only for heartbeats.
+        """
+        if not data:
+            clean = self.state is State.CLOSED and self.failure is None
+            self.state = State.CLOSED
+            return [EndOfStream(clean=clean)]
+        if self.state is State.CLOSED:
+            return []
+        self._last_rx = now
+        self._ping_outstanding = False
+        try:
+            bodies = self._decoder.feed(data)
+        except FrameTooLarge as exc:
+            return [self._fail(exc)]
+        events: list[Event] = []
+        for body in bodies:
+            event = self._receive_frame(body)
+            if event is not None:
+                events.append(event)
+            if self.state is State.CLOSED:
+                break
+        return events
+
+    def _receive_frame(self, body: bytes) -> Event | None:
+        try:
+            event = codec.decode(body)
+        except codec.UnknownOperation as exc:
+            if self.state is State.OPEN:
+                return self._reject(ErrorCode.UNKNOWN_OPERATION, exc.message)
+            return self._fail(exc)
+        except RemoteProtocolError as exc:
+            return self._fail(exc)
+        kind = type(event)
+        if self.state is State.CLOSING:
+            if kind is Close:
+                self.state = State.CLOSED
+                return event
+            return None
+        if kind not in RECEIVABLE[self.role, self.state]:
+            if self.state is State.HANDSHAKE:
+                return self._fail(
+                    RemoteProtocolError(
+                        f"'{codec.op_of(event)}' before the session is open", ErrorCode.NOT_READY
+                    )
+                )
+            return self._fail(
+                RemoteProtocolError(f"unexpected '{codec.op_of(event)}' from the {self._peer}")
+            )
+        return self._accept(event)
+
+    @property
+    def _peer(self) -> str:
+        return "broker" if self.role is Role.CLIENT else "client"
+
+    def _accept(self, event: Event) -> Event | None:
+        if isinstance(event, Publish):
+            try:
+                validate_topic(
+                    event.topic, max_bytes=self.max_topic_bytes, max_tokens=self.max_topic_tokens
+                )
+            except InvalidTopic as exc:
+                self.send(
+                    Error(ErrorCode.INVALID_TOPIC, exc.message, ack=event.ack, topic=None)
+                )
+                return Rejected(ErrorCode.INVALID_TOPIC, exc.message, ack=event.ack)
+            return event
+        if isinstance(event, Subscribe):
+            try:
+                validate_pattern(
+                    event.pattern,
+                    max_bytes=self.max_topic_bytes,
+                    max_tokens=self.max_topic_tokens,
+                )
+            except InvalidTopic as exc:
+                self.send(Error(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid))
+                return Rejected(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid)
+            return event
+        if isinstance(event, Ping):
+            self.send(Pong())
+            return event
+        if isinstance(event, Close):
+            self.state = State.CLOSED
+            return event
+        if isinstance(event, Hello):
+            version = negotiate_version(event.version)
+            if version is None:
+                return self._fail(
+                    RemoteProtocolError(
+                        f"protocol version {event.version} is not supported "
+                        f"(broker speaks {sorted(SUPPORTED_VERSIONS)})",
+                        ErrorCode.UNSUPPORTED_VERSION,
+                    )
+                )
+            self.version = version
+            self.state = State.OPEN
+            self._decoder.max_frame = self.max_frame
+            return event
+        if isinstance(event, Welcome):
+            if event.version not in SUPPORTED_VERSIONS:
+                return self._fail(
+                    RemoteProtocolError(
+                        f"broker answered with protocol version {event.version}",
+                        ErrorCode.UNSUPPORTED_VERSION,
+                    )
+                )
+            if event.max_frame < MAX_FRAME_BYTES_BEFORE_HELLO:
+                return self._fail(RemoteProtocolError("broker announced a frame limit below 64 KiB"))
+            self.version = event.version
+            self.state = State.OPEN
+            self.peer_max_frame = event.max_frame
+            self._decoder.max_frame = max(self.max_frame, event.max_frame)
+            self._heartbeat = event.heartbeat_ms / 1000 if event.heartbeat_ms else None
+            return event
+        return event
+
+    def _reject(self, code: ErrorCode, message: str) -> Rejected:
+        self.send(Error(code, _clip(message)))
+        return Rejected(code, message)
+
+    def _fail(self, exc: RemoteProtocolError) -> ProtocolFailure:
+        """Fail the connection because of the peer: queue a close frame, stop reading."""
+        self.failure = exc
+        if self.state is not State.CLOSED:
+            self._out.append(codec.encode_frame(Close(exc.code, _clip(exc.message))))
+        self.state = State.CLOSED
+        return ProtocolFailure(exc.code, exc.message)
+
+    # --- sending ------------------------------------------------------------------------
+
+    def send(self, event: Event) -> None:
+        """Queue ``event`` for sending (see :meth:`data_to_send`).
+
+        Raises :class:`LocalProtocolError` if the protocol does not allow it now, or if a
+        client's publish would exceed the broker's frame limit.
+        """
+        if self.state is State.CLOSED or self.state is State.CLOSING:
+            raise LocalProtocolError(f"cannot send '{codec.op_of(event)}': connection closing")
+        kind = type(event)
+        if kind not in SENDABLE[self.role, self.state]:
+            raise LocalProtocolError(
+                f"cannot send '{codec.op_of(event)}' in state {self.state.value}"
+            )
+        if self.role is Role.SERVER and not self._welcome_sent and kind not in _BEFORE_WELCOME:
+            raise LocalProtocolError(f"cannot send '{codec.op_of(event)}' before welcome")
+        if kind is Hello:
+            if self._hello_sent:
+                raise LocalProtocolError("hello was already sent")
+            self._hello_sent = True
+        elif kind is Welcome:
+            if self._welcome_sent:
+                raise LocalProtocolError("welcome was already sent")
+            self._welcome_sent = True
+            assert isinstance(event, Welcome)
+            self._heartbeat = event.heartbeat_ms / 1000 if event.heartbeat_ms else None
+        frame = codec.encode_frame(event)
+        if len(frame) - 4 > self.peer_max_frame and self.state is State.OPEN:
+            raise LocalProtocolError(
+                f"frame of {len(frame) - 4} bytes exceeds the broker's limit of "
+                f"{self.peer_max_frame} bytes"
+            )
+        self._out.append(frame)
+        if kind is Close:
+            self.state = State.CLOSING
+
+    def data_to_send(self) -> bytes:
+        """Return and forget the bytes queued for the peer (``b""`` if none)."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    # --- time -----------------------------------------------------------------------------
+
+    @property
+    def heartbeat(self) -> float | None:
+        """The heartbeat interval in seconds, once the session is open."""
+        return self._heartbeat
+
+    def handle_timer(self, now: float) -> None:
+        """Drive heartbeats: after one interval of silence queue a ``ping``; after two, fail
+        the connection with ``HEARTBEAT_TIMEOUT``. Call it at least once per interval."""
+        hb = self._heartbeat
+        if hb is None or self.state is not State.OPEN:
+            return
+        idle = now - self._last_rx
+        if idle >= 2 * hb:
+            self._fail(
+                RemoteProtocolError(
+                    f"no traffic for {idle:.0f} s (heartbeat {hb:g} s)",
+                    ErrorCode.HEARTBEAT_TIMEOUT,
+                )
+            )
+        elif idle >= hb and not self._ping_outstanding:
+            self._ping_outstanding = True
+            self._out.append(codec.encode_frame(Ping()))
+
+    def mark_alive(self, now: float) -> None:
+        """Start the heartbeat clock (call when the session opens)."""
+        self._last_rx = now

@@ -1,0 +1,71 @@
+"""Length-prefixed framing: a 4-byte big-endian body length, then the body.
+
+The length is compared with the limit as soon as its 4 bytes are in, before any of the body is
+buffered (websockets ``Frame.parse``); the buffer only ever holds one incomplete frame, so it is
+bounded by the limit plus one read.
+"""
+
+from __future__ import annotations
+
+from client_sdk.protocol.errors import ErrorCode, RemoteProtocolError
+from client_sdk.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
+
+__all__ = ["FrameDecoder", "FrameTooLarge"]
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """The peer announced a frame longer than the limit in force."""
+
+    code = ErrorCode.FRAME_TOO_LARGE
+
+
+class FrameDecoder:
+    """Turns a byte stream into frame bodies. Feed it any chunking of the stream."""
+
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        #: Largest body accepted; may be changed between calls (e.g. after ``hello``).
+        self.max_frame = max_frame
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Add ``data`` and return the bodies of all frames now complete, in order.
+
+        Raises :class:`FrameTooLarge` as soon as a length prefix above ``max_frame`` is seen; the
+        frames completed before it in the same call are lost with the connection, which the
+        caller fails anyway.
+        """
+        buf = self._buf
+        buffered = bool(buf)
+        if buffered:
+            buf += data
+            view = memoryview(buf)
+        else:
+            view = memoryview(data)
+        frames: list[bytes] = []
+        pos = 0
+        end = len(view)
+        limit = self.max_frame
+        try:
+            while end - pos >= FRAME_HEADER_BYTES:
+                n = int.from_bytes(view[pos : pos + FRAME_HEADER_BYTES], "big")
+                if n > limit:
+                    raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {limit} bytes")
+                start = pos + FRAME_HEADER_BYTES
+                if end - start < n:
+                    break
+                frames.append(bytes(view[start : start + n]))
+                pos = start + n
+            if not buffered and pos < end:
+                buf += view[pos:]  # keep only the incomplete tail
+        finally:
+            view.release()
+        if buffered:
+            del buf[:pos]
+        return frames
