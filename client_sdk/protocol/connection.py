@@ -316,6 +316,11 @@ class Connection:
         if kind is Close:
             self.state = State.CLOSING
 
+    @property
+    def has_data_to_send(self) -> bool:
+        """True if frames are queued (see :meth:`data_to_send`)."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         """Return and forget the bytes queued for the peer (``b""`` if none)."""
         if not self._out:

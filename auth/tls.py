@@ -1,0 +1,269 @@
+"""TLS: the one place that builds ``ssl.SSLContext`` objects, and a sans-I/O TLS layer.
+
+Contexts: TLS 1.2 minimum, forward-secret AEAD suites only for TLS 1.2, no compression or
+renegotiation, ALPN ``tessera/1``; a server that names a client CA requires a client
+certificate. The layer drives an ``ssl.SSLObject`` over two ``MemoryBIO`` objects, so the broker
+owns every buffer (asyncio's stock TLS transport keeps a 256 KiB read buffer per connection;
+here plaintext is read into one buffer shared by all connections of a thread).
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from auth.errors import HandshakeError, HandshakeReason
+from auth.identity import ANONYMOUS, DEFAULT_X509_NAME_FIELDS, Identity, identity_from_certificate
+
+__all__ = [
+    "ALPN_PROTOCOL",
+    "TLS12_CIPHERS",
+    "TLSLayer",
+    "client_context",
+    "server_context",
+]
+
+#: The ALPN protocol id a broker selects and a client offers.
+ALPN_PROTOCOL = "tessera/1"
+
+#: TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only (Mozilla
+#: "intermediate" profile). TLS 1.3 suites are OpenSSL's defaults, all AEAD.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+#: Plaintext is read from an SSLObject into this much shared space per call (one TLS record is
+#: at most 16 KiB, so a full read drains several records at once).
+_READ_CHUNK_BYTES = 256 * 1024
+
+_local = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    buf: memoryview | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = memoryview(bytearray(_READ_CHUNK_BYTES))
+        _local.buf = buf
+    return buf
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols([ALPN_PROTOCOL])
+
+
+def server_context(
+    cert: str | Path,
+    key: str | Path,
+    client_ca: str | Path | None = None,
+) -> ssl.SSLContext:
+    """A broker listener's context. With ``client_ca`` a client certificate issued by that CA
+    is required; without it clients are not asked for one (their identity is ``anonymous``)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
+    # No session tickets: the SDK does not resume, and each ticket costs a record per connection.
+    ctx.num_tickets = 0
+    ctx.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        ctx.load_verify_locations(cafile=str(client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client_context(
+    ca: str | Path | None = None,
+    cert: str | Path | None = None,
+    key: str | Path | None = None,
+) -> ssl.SSLContext:
+    """An SDK context: verifies the broker against ``ca`` (or the system store) and its host
+    name, and presents ``cert``/``key`` as the client certificate when given."""
+    ctx = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    _harden(ctx)
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+    elif key is not None:
+        raise ValueError("a client key was given without its certificate")
+    return ctx
+
+
+def _reason_for(exc: ssl.SSLError, server_side: bool) -> HandshakeError:
+    """Map an OpenSSL failure to a reason code and a message a user can act on."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        what = "client" if server_side else "broker"
+        reason = HandshakeReason.TLS_BAD_CERT if server_side else HandshakeReason.TLS_BAD_SERVER_CERT
+        return HandshakeError(reason, f"{what} certificate rejected: {exc.verify_message}")
+    code = (exc.reason or "").upper()
+    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in code:
+        return HandshakeError(HandshakeReason.TLS_NO_CLIENT_CERT, "no client certificate sent")
+    if "ALERT" in code:
+        alert = code.split("ALERT_", 1)[-1].replace("_", " ").lower()
+        if server_side:
+            return HandshakeError(HandshakeReason.TLS_PEER_REJECTED, f"client sent alert: {alert}")
+        return HandshakeError(
+            HandshakeReason.TLS_PEER_REJECTED,
+            f"the broker refused the connection (TLS alert: {alert}); "
+            "check the client certificate, its CA and its validity",
+        )
+    if any(
+        s in code
+        for s in ("VERSION", "PROTOCOL", "CIPHER", "WRONG", "HTTP", "RECORD", "PACKET", "NO_SHARED")
+    ):
+        return HandshakeError(HandshakeReason.TLS_PROTOCOL, f"TLS negotiation failed: {code.lower()}")
+    return HandshakeError(HandshakeReason.TLS_PROTOCOL, f"TLS error: {code.lower() or exc}")
+
+
+class TLSLayer:
+    """A :class:`~auth.layer.SecurityLayer` over TLS (``ssl.SSLObject`` + two ``MemoryBIO``)."""
+
+    __slots__ = (
+        "_closed",
+        "_established",
+        "_fields",
+        "_incoming",
+        "_obj",
+        "_outgoing",
+        "_peer",
+        "_plain",
+        "_server_side",
+    )
+
+    blocking_handshake = False
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        identity_fields: Sequence[str] = DEFAULT_X509_NAME_FIELDS,
+    ) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+        )
+        self._server_side = server_side
+        self._fields = tuple(identity_fields)
+        self._established = False
+        self._closed = False
+        self._peer: Identity | None = None
+        self._plain: list[bytes] = []
+
+    @property
+    def established(self) -> bool:
+        return self._established
+
+    @property
+    def peer_identity(self) -> Identity | None:
+        return self._peer
+
+    @property
+    def tls_version(self) -> str | None:
+        """The negotiated protocol version, e.g. ``"TLSv1.3"``."""
+        return self._obj.version()
+
+    def peer_certificate(self) -> bytes | None:
+        """The peer's certificate (DER), if it sent one."""
+        return self._obj.getpeercert(binary_form=True)
+
+    def start(self) -> None:
+        if not self._server_side:
+            self._handshake()
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+        if not self._established:
+            self._handshake()
+            if not self._established:
+                if not data:
+                    raise HandshakeError(HandshakeReason.CLOSED, "peer closed during handshake")
+                return
+        self._drain()
+
+    def _handshake(self) -> None:
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLEOFError:
+            raise HandshakeError(HandshakeReason.CLOSED, "peer closed during handshake") from None
+        except ssl.SSLError as exc:
+            raise _reason_for(exc, self._server_side) from None
+        alpn = self._obj.selected_alpn_protocol()
+        if alpn is not None and alpn != ALPN_PROTOCOL:
+            raise HandshakeError(HandshakeReason.TLS_PROTOCOL, f"peer selected ALPN {alpn!r}")
+        self._established = True
+        if self._server_side:
+            der = self._obj.getpeercert(binary_form=True)
+            self._peer = identity_from_certificate(der, self._fields) if der else ANONYMOUS
+        else:
+            der = self._obj.getpeercert(binary_form=True)
+            self._peer = identity_from_certificate(der, ("cn", "dn")) if der else None
+
+    def _drain(self) -> None:
+        buf = _read_buffer()
+        obj = self._obj
+        while True:
+            try:
+                n = obj.read(_READ_CHUNK_BYTES, buf)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLZeroReturnError:
+                self._closed = True
+                return
+            except ssl.SSLEOFError:
+                self._closed = True
+                return
+            except ssl.SSLError as exc:
+                raise _reason_for(exc, self._server_side) from None
+            if not n:
+                return
+            self._plain.append(bytes(buf[:n]))
+
+    def read(self) -> bytes:
+        plain = self._plain
+        if not plain:
+            return b""
+        if len(plain) == 1:
+            return plain.pop()
+        out = b"".join(plain)
+        plain.clear()
+        return out
+
+    def send(self, data: bytes) -> None:
+        if not self._established:
+            raise HandshakeError(HandshakeReason.INTERNAL, "send before the TLS handshake")
+        try:
+            self._obj.write(data)
+        except ssl.SSLError as exc:
+            raise _reason_for(exc, self._server_side) from None
+
+    def data_to_send(self) -> bytes:
+        return self._outgoing.read() if self._outgoing.pending else b""
+
+    @property
+    def closed_by_peer(self) -> bool:
+        """True once the peer sent close_notify."""
+        return self._closed
+
+    def close(self) -> None:
+        if not self._established:
+            return
+        try:
+            self._obj.unwrap()
+        except ssl.SSLError:
+            # WantRead: our close_notify is queued, the peer's has not arrived; fine.
+            pass

@@ -1,0 +1,183 @@
+"""Topic routing: a token trie with ``*`` and ``>`` nodes, and the fan-out path.
+
+Lookup walks only the branches a topic can reach (its literal tokens, ``*`` and ``>``), so its cost
+does not grow with the number of unrelated subscriptions; results are cached per topic until the
+subscription set changes. Fan-out is synchronous: a publish is encoded once and the same bytes are
+handed to every matching subscriber (STYLE §4). A :class:`Backplane` sees every local publish and
+may inject publishes from elsewhere (other broker processes or nodes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from client_sdk.protocol.codec import encode_message_frame
+from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
+
+__all__ = ["Backplane", "LocalBackplane", "Router", "Subscriber"]
+
+#: Topics whose subscriber lists are cached; the cache is cleared when full or on any change.
+_MATCH_CACHE_ENTRIES = 8192
+
+
+class Subscriber(Protocol):
+    """What the router delivers to (a broker session)."""
+
+    def deliver(self, frame: bytes) -> None:
+        """Queue one encoded delivery frame; never blocks, never awaits."""
+
+
+class Backplane(Protocol):
+    """Where publishes cross between brokers. The default is :class:`LocalBackplane`."""
+
+    def attach(self, inject: Callable[[str, bytes, Mapping[str, str] | None], int]) -> None:
+        """Called once by the router: ``inject`` delivers a remote publish to local subscribers."""
+
+    def publish(self, topic: str, payload: bytes, headers: Mapping[str, str] | None) -> None:
+        """Called for every publish accepted locally; must not block."""
+
+
+class LocalBackplane:
+    """A single broker process: nothing crosses."""
+
+    def attach(self, inject: Callable[[str, bytes, Mapping[str, str] | None], int]) -> None:
+        pass
+
+    def publish(self, topic: str, payload: bytes, headers: Mapping[str, str] | None) -> None:
+        pass
+
+
+class _Node:
+    __slots__ = ("children", "rest", "subs")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        #: subscribers of ``<prefix>.>`` (refcounted per subscriber)
+        self.rest: dict[Subscriber, int] = {}
+        #: subscribers of exactly ``<prefix>`` (refcounted per subscriber)
+        self.subs: dict[Subscriber, int] = {}
+
+    def empty(self) -> bool:
+        return not (self.children or self.rest or self.subs)
+
+
+class Router:
+    """Subscriptions and fan-out for one broker process."""
+
+    def __init__(self, backplane: Backplane | None = None) -> None:
+        self._root = _Node()
+        self._cache: dict[str, tuple[Subscriber, ...]] = {}
+        self._count = 0
+        self.backplane: Backplane = backplane or LocalBackplane()
+        self.backplane.attach(self.deliver_local)
+
+    @property
+    def subscription_count(self) -> int:
+        return self._count
+
+    def subscribe(self, subscriber: Subscriber, pattern: str) -> None:
+        """Add one subscription (``pattern`` already validated). A subscriber may hold the same
+        pattern several times (different subscription ids); it still gets one copy."""
+        tokens = pattern.split(".")
+        node = self._root
+        for token in tokens[:-1]:
+            node = node.children.setdefault(token, _Node())
+        last = tokens[-1]
+        if last == MULTI_WILDCARD:
+            table = node.rest
+        else:
+            node = node.children.setdefault(last, _Node())
+            table = node.subs
+        table[subscriber] = table.get(subscriber, 0) + 1
+        self._count += 1
+        self._cache.clear()
+
+    def unsubscribe(self, subscriber: Subscriber, pattern: str) -> None:
+        """Remove one subscription added with :meth:`subscribe`; prune empty nodes."""
+        tokens = pattern.split(".")
+        path: list[tuple[_Node, str]] = []
+        node = self._root
+        for token in tokens[:-1]:
+            child = node.children.get(token)
+            if child is None:
+                return
+            path.append((node, token))
+            node = child
+        last = tokens[-1]
+        if last == MULTI_WILDCARD:
+            table = node.rest
+        else:
+            child = node.children.get(last)
+            if child is None:
+                return
+            path.append((node, last))
+            node = child
+            table = node.subs
+        n = table.get(subscriber, 0)
+        if n == 0:
+            return
+        if n == 1:
+            del table[subscriber]
+        else:
+            table[subscriber] = n - 1
+        self._count -= 1
+        self._cache.clear()
+        for parent, token in reversed(path):
+            if not parent.children[token].empty():
+                break
+            del parent.children[token]
+
+    def match(self, topic: str) -> tuple[Subscriber, ...]:
+        """Every subscriber with at least one subscription matching ``topic``, each once."""
+        cached = self._cache.get(topic)
+        if cached is not None:
+            return cached
+        found: dict[Subscriber, None] = {}
+        tokens = topic.split(".")
+        last = len(tokens) - 1
+        level = [self._root]
+        for i, token in enumerate(tokens):
+            nxt: list[_Node] = []
+            for node in level:
+                if node.rest:
+                    found.update(dict.fromkeys(node.rest))
+                children = node.children
+                if not children:
+                    continue
+                child = children.get(token)
+                if child is not None:
+                    nxt.append(child)
+                star = children.get(SINGLE_WILDCARD)
+                if star is not None:
+                    nxt.append(star)
+            if not nxt:
+                break
+            level = nxt
+            if i == last:
+                for node in level:
+                    if node.subs:
+                        found.update(dict.fromkeys(node.subs))
+        result = tuple(found)
+        if len(self._cache) >= _MATCH_CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[topic] = result
+        return result
+
+    def deliver_local(
+        self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
+    ) -> int:
+        """Encode once, hand the same bytes to every local subscriber; returns how many."""
+        subscribers = self.match(topic)
+        if not subscribers:
+            return 0
+        frame = encode_message_frame(topic, payload, headers)
+        for subscriber in subscribers:
+            subscriber.deliver(frame)
+        return len(subscribers)
+
+    def publish(self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None) -> int:
+        """A publish accepted from a local client: deliver locally and tell the backplane."""
+        count = self.deliver_local(topic, payload, headers)
+        self.backplane.publish(topic, payload, headers)
+        return count

@@ -1,0 +1,192 @@
+"""The broker process: listeners, sessions, the flush and heartbeat loops, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from auth.acl import Policy
+from auth.layer import SecurityLayer
+from auth.tls import TLSLayer, server_context
+from broker.config import BrokerConfig, ListenerConfig
+from broker.router import Backplane, Router
+from broker.session import Session
+from client_sdk.protocol import ErrorCode
+
+__all__ = ["Broker", "Listener", "SERVER_NAME"]
+
+log = logging.getLogger("tessera.broker")
+
+SERVER_NAME = "tessera/0.1.0"
+
+#: One receive buffer shared by every connection of the loop (a TLS read yields at most this).
+_RECV_BUFFER_BYTES = 256 * 1024
+
+#: How often the heartbeat sweep runs, as a fraction of the heartbeat interval.
+_SWEEP_FRACTION = 0.25
+
+
+@dataclass
+class Listener:
+    """A configured listener and the factory for its connections' security layers."""
+
+    config: ListenerConfig
+    make_layer: Callable[[], SecurityLayer]
+    server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address (the real port when the config says port 0)."""
+        assert self.server is not None and self.server.sockets
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+
+def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
+    if cfg.security == "tls":
+        assert cfg.cert is not None and cfg.key is not None
+        ctx = server_context(cfg.cert, cfg.key, cfg.client_ca)
+        fields = cfg.identity_fields
+
+        def make() -> SecurityLayer:
+            return TLSLayer(ctx, server_side=True, identity_fields=fields)
+
+        return make
+    raise ValueError(f"unsupported security mode {cfg.security!r}")
+
+
+class Broker:
+    """A running broker: call :meth:`start`, then :meth:`serve_until_stopped` or :meth:`stop`."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        policy: Policy | None = None,
+        backplane: Backplane | None = None,
+    ) -> None:
+        self.config = config
+        self.server_name = SERVER_NAME
+        if policy is None:
+            policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
+        self.policy = policy
+        self.router = Router(backplane)
+        self.listeners = [Listener(c, _layer_factory(c)) for c in config.listeners]
+        self.sessions: set[Session] = set()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))
+        self._dirty: list[Session] = []
+        self._flush_scheduled = False
+        self._next_id = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        for lst in self.listeners:
+            cfg = lst.config
+
+            def factory(lst: Listener = lst) -> Session:
+                self._next_id += 1
+                return Session(self, lst, self._next_id)
+
+            lst.server = await self._loop.create_server(
+                factory, cfg.host, cfg.port, reuse_address=True, backlog=4096
+            )
+            host, port = lst.address
+            log.info("listening on %s:%d (%s)", host, port, cfg.security)
+        self._sweeper = asyncio.create_task(self._sweep(), name="tessera-heartbeat-sweep")
+
+    async def serve_until_stopped(self, *, install_signal_handlers: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down gracefully."""
+        assert self._stopped is not None
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(sig, self.request_stop)
+        await self._stopped.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop accepting, send every client a ``going away`` close, flush, and close."""
+        log.info("shutting down: closing %d connection(s)", len(self.sessions))
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+            self._sweeper = None
+        for session in list(self.sessions):
+            session.close(ErrorCode.GOING_AWAY, "broker shutting down")
+        deadline = self.loop.time() + self.config.shutdown_timeout
+        while self.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session._abort()
+        for lst in self.listeners:
+            if lst.server is not None:
+                await lst.server.wait_closed()
+        log.info("stopped")
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def admit(self, session: Session) -> bool:
+        if len(self.sessions) >= self.config.limits.max_connections:
+            self.stats["connections_refused"] += 1
+            return False
+        self.sessions.add(session)
+        self.stats["connections_accepted"] += 1
+        return True
+
+    def forget(self, session: Session) -> None:
+        self.sessions.discard(session)
+
+    def mark_dirty(self, session: Session) -> None:
+        self._dirty.append(session)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        dirty = self._dirty
+        self._dirty = []
+        for session in dirty:
+            session.flush()
+
+    async def _sweep(self) -> None:
+        interval = max(0.25, self.config.limits.heartbeat_interval * _SWEEP_FRACTION)
+        while True:
+            await asyncio.sleep(interval)
+            now = self.loop.time()
+            for session in list(self.sessions):
+                session.on_timer(now)
+
+    def info(self) -> dict[str, Any]:
+        """Counters for operators and tests."""
+        return {
+            "connections": len(self.sessions),
+            "subscriptions": self.router.subscription_count,
+            **self.stats,
+        }

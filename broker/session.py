@@ -1,0 +1,459 @@
+"""One client connection: an asyncio ``BufferedProtocol`` that drives a security layer and the
+sans-I/O :class:`~client_sdk.protocol.Connection`. No task per connection: it runs on callbacks.
+
+Inbound: socket bytes -> security layer -> plaintext -> Connection -> events -> handled here.
+Outbound: frames go into a bounded outbox; the broker flushes every dirty session once per
+event-loop turn, so a burst of deliveries becomes one TLS write and one syscall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from auth.acl import Action
+from auth.errors import AuthError, HandshakeError
+from auth.identity import Identity
+from auth.layer import SecurityLayer
+from client_sdk.protocol import (
+    Close,
+    Connection,
+    EndOfStream,
+    Error,
+    ErrorCode,
+    Hello,
+    Ok,
+    ProtocolFailure,
+    Publish,
+    Rejected,
+    Role,
+    State,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+)
+from client_sdk.protocol.errors import LocalProtocolError
+
+if TYPE_CHECKING:
+    from broker.server import Broker, Listener
+
+__all__ = ["Session"]
+
+log = logging.getLogger("tessera.broker")
+audit = logging.getLogger("tessera.audit")
+
+#: Decisions cached per connection ((action, subject) -> allowed); cleared when full.
+_ACL_CACHE_ENTRIES = 256
+
+
+class Session(asyncio.BufferedProtocol):
+    """The broker's side of one connection."""
+
+    __slots__ = (
+        "_acl_cache",
+        "_close_timer",
+        "_deadline",
+        "_dirty",
+        "_outbox",
+        "_outbox_bytes",
+        "_paused",
+        "_recv_buf",
+        "broker",
+        "conn",
+        "id",
+        "identity",
+        "layer",
+        "listener",
+        "peer",
+        "subs",
+        "transport",
+    )
+
+    def __init__(self, broker: Broker, listener: Listener, conn_id: int) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.id = conn_id
+        self.transport: asyncio.Transport | None = None
+        self.layer: SecurityLayer = listener.make_layer()
+        limits = broker.config.limits
+        self.conn = Connection(
+            Role.SERVER,
+            max_frame=limits.max_frame_bytes,
+            max_frame_before_hello=limits.max_frame_bytes_before_hello,
+        )
+        self.identity: Identity | None = None
+        self.peer = "?"
+        self.subs: dict[int, str] = {}
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._dirty = False
+        self._paused = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._acl_cache: dict[tuple[Action, str], bool] = {}
+        self._recv_buf = broker.recv_buffer
+
+    # --- logging ------------------------------------------------------------------------
+
+    def _who(self) -> str:
+        ident = str(self.identity) if self.identity is not None else "-"
+        return f"[c{self.id} {self.peer} {ident}]"
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if not self.broker.admit(self):
+            log.warning("%s refused: max_connections reached", self._who())
+            transport.abort()
+            return
+        loop = self.broker.loop
+        self._deadline = loop.call_later(
+            self.broker.config.limits.handshake_timeout, self._handshake_timeout
+        )
+        log.debug("%s accepted on %s", self._who(), self.listener.config.bind)
+        self.layer.start()
+        self._write_wire(self.layer.data_to_send())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._recv_buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._on_wire(bytes(self._recv_buf[:nbytes]))
+
+    def eof_received(self) -> bool:
+        self._on_wire(b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._deadline, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._deadline = self._close_timer = None
+        router = self.broker.router
+        for pattern in self.subs.values():
+            router.unsubscribe(self, pattern)
+        self.subs.clear()
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        if self.conn.state is not State.CLOSED:
+            self.conn.state = State.CLOSED
+        self.broker.forget(self)
+        log.debug("%s connection lost%s", self._who(), f": {exc}" if exc else "")
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._outbox:
+            self._mark_dirty()
+
+    # --- inbound --------------------------------------------------------------------------
+
+    def _on_wire(self, data: bytes) -> None:
+        layer = self.layer
+        was_established = layer.established
+        try:
+            layer.receive_data(data)
+        except HandshakeError as exc:
+            self._auth_failed(exc)
+            return
+        except AuthError as exc:
+            log.warning("%s security layer failure: %s", self._who(), type(exc).__name__)
+            self._abort()
+            return
+        out = layer.data_to_send()
+        if out:
+            self._write_wire(out)
+        if not layer.established:
+            return
+        if not was_established:
+            self.identity = layer.peer_identity
+            audit.info(
+                "%s authenticated mechanism=%s",
+                self._who(),
+                self.identity.mechanism if self.identity else "?",
+            )
+        plain = layer.read()
+        if plain or not data:
+            self._handle(self.conn.receive_data(plain if data else b"", self.broker.loop.time()))
+
+    def _auth_failed(self, exc: HandshakeError) -> None:
+        audit.warning(
+            "%s authentication failed listener=%s reason=%s",
+            self._who(),
+            self.listener.config.bind,
+            exc.reason.value,
+        )
+        log.info("%s handshake failed: %s", self._who(), exc)
+        # Flush any alert the layer produced, then drop the connection.
+        try:
+            out = self.layer.data_to_send()
+        except Exception:  # noqa: BLE001 - best effort on a failed layer
+            out = b""
+        if out:
+            self._write_wire(out)
+        self._close_transport()
+
+    def _handle(self, events: list[object]) -> None:
+        for event in events:
+            if isinstance(event, Publish):
+                self._on_publish(event)
+            elif isinstance(event, Subscribe):
+                self._on_subscribe(event)
+            elif isinstance(event, Unsubscribe):
+                self._on_unsubscribe(event)
+            elif isinstance(event, Hello):
+                self._on_hello(event)
+            elif isinstance(event, Rejected):
+                log.info("%s rejected request: %s (%s)", self._who(), event.code.name, event.message)
+            elif isinstance(event, ProtocolFailure):
+                log.warning(
+                    "%s protocol error, closing: %s (%s)",
+                    self._who(),
+                    event.code.name,
+                    event.message,
+                )
+                self._flush_conn()
+                self._begin_close()
+                return
+            elif isinstance(event, Close):
+                log.debug("%s client closed: code=%s", self._who(), event.code)
+                self._begin_close()
+                return
+            elif isinstance(event, EndOfStream):
+                self._close_transport()
+                return
+        self._flush_conn()
+
+    def _on_hello(self, event: Hello) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        limits = self.broker.config.limits
+        ident = self.identity
+        self.conn.send(
+            Welcome(
+                version=self.conn.version,
+                server=self.broker.server_name,
+                mechanism=ident.mechanism if ident else "anonymous",
+                identity=ident.name if ident else "",
+                max_frame=limits.max_frame_bytes,
+                heartbeat_ms=int(limits.heartbeat_interval * 1000),
+            )
+        )
+        self.conn.mark_alive(self.broker.loop.time())
+        log.info("%s session open (client %r)", self._who(), event.client[:64])
+
+    def _allowed(self, action: Action, subject: str) -> bool:
+        key = (action, subject)
+        cached = self._acl_cache.get(key)
+        if cached is not None:
+            return cached
+        ident = self.identity
+        if ident is None:
+            return False
+        decision = self.broker.policy.check(ident, action, subject)
+        if len(self._acl_cache) >= _ACL_CACHE_ENTRIES:
+            self._acl_cache.clear()
+        self._acl_cache[key] = decision.allowed
+        if not decision.allowed:
+            audit.warning(
+                "%s denied action=%s subject=%s reason=%s",
+                self._who(),
+                action.value,
+                subject,
+                decision.reason,
+            )
+        return decision.allowed
+
+    def _on_publish(self, event: Publish) -> None:
+        if not self._allowed(Action.PUBLISH, event.topic):
+            log.info("%s publish to %r denied", self._who(), event.topic)
+            self.conn.send(
+                Error(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"not allowed to publish to {event.topic!r}",
+                    ack=event.ack,
+                    topic=event.topic if event.ack is None else None,
+                )
+            )
+            return
+        self.broker.router.publish(event.topic, event.payload, event.headers)
+        if event.ack is not None:
+            self.conn.send(Ok(ack=event.ack))
+
+    def _on_subscribe(self, event: Subscribe) -> None:
+        sid = event.sid
+        if sid in self.subs:
+            self.conn.send(
+                Error(ErrorCode.INVALID_SUBSCRIPTION, f"subscription id {sid} is in use", sid=sid)
+            )
+            return
+        if len(self.subs) >= self.broker.config.limits.max_subscriptions:
+            self.conn.send(
+                Error(
+                    ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                    f"at most {self.broker.config.limits.max_subscriptions} subscriptions",
+                    sid=sid,
+                )
+            )
+            return
+        if not self._allowed(Action.SUBSCRIBE, event.pattern):
+            log.info("%s subscribe to %r denied", self._who(), event.pattern)
+            self.conn.send(
+                Error(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"not allowed to subscribe to {event.pattern!r}",
+                    sid=sid,
+                )
+            )
+            return
+        self.subs[sid] = event.pattern
+        self.broker.router.subscribe(self, event.pattern)
+        self.conn.send(Ok(sid=sid))
+        log.debug("%s subscribed sid=%d %r", self._who(), sid, event.pattern)
+
+    def _on_unsubscribe(self, event: Unsubscribe) -> None:
+        pattern = self.subs.pop(event.sid, None)
+        if pattern is None:
+            self.conn.send(
+                Error(
+                    ErrorCode.INVALID_SUBSCRIPTION,
+                    f"no subscription with id {event.sid}",
+                    sid=event.sid,
+                )
+            )
+            return
+        self.broker.router.unsubscribe(self, pattern)
+        self.conn.send(Ok(sid=event.sid))
+
+    # --- outbound -------------------------------------------------------------------------
+
+    def deliver(self, frame: bytes) -> None:
+        """Router callback: queue one delivery frame (never blocks)."""
+        if self.conn.state is not State.OPEN:
+            return
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        limits = self.broker.config.limits
+        if (
+            self._outbox_bytes > limits.max_pending_bytes
+            or len(self._outbox) > limits.max_pending_messages
+        ):
+            self._slow_consumer()
+            return
+        if not self._dirty:
+            self._mark_dirty()
+
+    def _slow_consumer(self) -> None:
+        pending, count = self._outbox_bytes, len(self._outbox)
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        self.broker.stats["slow_consumer_disconnects"] += 1
+        audit.warning(
+            "%s slow consumer disconnected pending_bytes=%d pending_messages=%d",
+            self._who(),
+            pending,
+            count,
+        )
+        self.close(ErrorCode.SLOW_CONSUMER, "slow consumer: too many undelivered messages")
+
+    def _flush_conn(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
+            if not self._dirty:
+                self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        self.broker.mark_dirty(self)
+
+    def flush(self) -> None:
+        """Called by the broker once per loop turn for dirty sessions: one write for all."""
+        self._dirty = False
+        if self._paused or not self._outbox or self.transport is None:
+            return
+        outbox = self._outbox
+        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+        outbox.clear()
+        self._outbox_bytes = 0
+        try:
+            self.layer.send(data)
+        except AuthError:
+            self._abort()
+            return
+        self._write_wire(self.layer.data_to_send())
+
+    def _write_wire(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # --- closing --------------------------------------------------------------------------
+
+    def close(self, code: ErrorCode, reason: str) -> None:
+        """Send a close frame, flush, and close the transport (aborted after close_timeout)."""
+        if self.conn.state in (State.OPEN, State.HANDSHAKE):
+            try:
+                self.conn.send(Close(code, reason))
+            except LocalProtocolError:
+                pass
+        self._flush_conn()
+        self._begin_close()
+
+    def _begin_close(self) -> None:
+        """Flush what is queued, send the layer's close record, close the transport."""
+        self._paused = False
+        self.flush()
+        if self.layer.established:
+            try:
+                self.layer.close()
+                self._write_wire(self.layer.data_to_send())
+            except AuthError:
+                pass
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if self._close_timer is None:
+            self._close_timer = self.broker.loop.call_later(
+                self.broker.config.limits.close_timeout, self._abort
+            )
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _handshake_timeout(self) -> None:
+        self._deadline = None
+        stage = "hello" if self.layer.established else "security handshake"
+        audit.warning("%s handshake timeout stage=%s", self._who(), stage)
+        if self.layer.established:
+            self.close(ErrorCode.HANDSHAKE_TIMEOUT, f"no {stage} within the deadline")
+        else:
+            self._abort()
+
+    def on_timer(self, now: float) -> None:
+        """Heartbeat tick from the broker's sweep."""
+        conn = self.conn
+        if conn.state is not State.OPEN:
+            return
+        conn.handle_timer(now)
+        if conn.state is State.CLOSED:
+            log.info("%s heartbeat timeout, closing", self._who())
+            audit.warning("%s closed reason=heartbeat_timeout", self._who())
+            self._flush_conn()
+            self._begin_close()
+        else:
+            self._flush_conn()
