@@ -1,0 +1,189 @@
+"""``tessera``: publish and subscribe from the command line (like ``mosquitto_pub``/``nats sub``).
+
+Exit codes: 0 success; 1 the broker refused (authentication, permission, invalid topic) or the
+connection failed; 2 usage error; 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from client_sdk.client import Client, Delivery, connect
+from client_sdk.protocol.errors import TesseraError
+
+__all__ = ["main"]
+
+DEFAULT_URL = "tls://127.0.0.1:7443"
+DEFAULT_DEV_DIR = Path("tessera-dev")
+DEV_CLIENT = "dev"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument(
+        "--url",
+        default=os.environ.get("TESSERA_URL", DEFAULT_URL),
+        help=f"broker URL (default: $TESSERA_URL or {DEFAULT_URL})",
+    )
+    g.add_argument("--ca", type=Path, help="CA certificate (PEM) that signed the broker's certificate")
+    g.add_argument("--cert", type=Path, help="client certificate (PEM)")
+    g.add_argument("--key", type=Path, help="client private key (PEM)")
+    g.add_argument(
+        "--server-name", help="name to verify in the broker's certificate (default: URL host)"
+    )
+    g.add_argument(
+        "--dev",
+        action="store_true",
+        help="use the credentials made by `tessera-broker serve --dev`",
+    )
+    g.add_argument(
+        "--dev-dir",
+        type=Path,
+        default=Path(os.environ.get("TESSERA_DEV_DIR", DEFAULT_DEV_DIR)),
+        help="where the dev credentials are (default: ./tessera-dev)",
+    )
+    g.add_argument("--timeout", type=float, default=10.0, help="connect timeout in seconds")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tessera", description="Publish to and subscribe on a Tessera broker."
+    )
+    p.add_argument("--version", action="version", version="tessera 0.1.0")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "sub",
+        help="subscribe and print messages",
+        description="Subscribe to PATTERN ('*' = one token, '>' = the rest) and print messages.",
+    )
+    s.add_argument("pattern", nargs="+", metavar="PATTERN")
+    s.add_argument("-n", "--count", type=int, default=0, help="exit after N messages")
+    s.add_argument("--json", action="store_true", help="one JSON object per message")
+    s.add_argument("--raw", action="store_true", help="print payloads only")
+    _common(s)
+
+    pb = sub.add_parser(
+        "pub",
+        help="publish a message",
+        description="Publish DATA on TOPIC ('-' reads DATA from standard input).",
+    )
+    pb.add_argument("topic", metavar="TOPIC")
+    pb.add_argument("data", metavar="DATA")
+    pb.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add a header (repeatable)",
+    )
+    pb.add_argument(
+        "--no-ack", action="store_true", help="do not wait for the broker to confirm"
+    )
+    pb.add_argument("--json", action="store_true", help="print the result as JSON")
+    _common(pb)
+    return p
+
+
+def _credentials(args: argparse.Namespace) -> dict[str, Any]:
+    ca, cert, key = args.ca, args.cert, args.key
+    if args.dev:
+        d: Path = args.dev_dir
+        ca = ca or d / "ca.pem"
+        cert = cert or d / f"{DEV_CLIENT}.pem"
+        key = key or d / f"{DEV_CLIENT}-key.pem"
+    for flag, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
+        if path is not None and not Path(path).is_file():
+            hint = " (start `tessera-broker serve --dev` first)" if args.dev else ""
+            raise FileNotFoundError(f"{flag}: {path} does not exist{hint}")
+    return {"ca": ca, "cert": cert, "key": key, "server_hostname": args.server_name}
+
+
+def _format(msg: Delivery, args: argparse.Namespace) -> str:
+    if args.json:
+        obj: dict[str, Any] = {"topic": msg.topic}
+        try:
+            obj["payload"] = msg.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            obj["payload_base64"] = base64.b64encode(msg.payload).decode("ascii")
+        if msg.headers:
+            obj["headers"] = dict(msg.headers)
+        return json.dumps(obj, ensure_ascii=False)
+    text = msg.payload.decode("utf-8", "backslashreplace")
+    return text if args.raw else f"{msg.topic} {text}"
+
+
+async def _sub(client: Client, args: argparse.Namespace) -> int:
+    subs = [await client.subscribe(p) for p in args.pattern]
+    queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
+
+    async def pump(sub: Any) -> None:
+        async for msg in sub:
+            await queue.put(msg)
+        await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(s)) for s in subs]
+    received = 0
+    try:
+        while True:
+            msg = await queue.get()
+            if msg is None:
+                break
+            print(_format(msg, args), flush=True)
+            received += 1
+            if args.count and received >= args.count:
+                break
+    finally:
+        for t in tasks:
+            t.cancel()
+    # A subscription ended by the broker raises from the pump task; surface it.
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+    return 0
+
+
+async def _pub(client: Client, args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode("utf-8")
+    headers: dict[str, str] = {}
+    for h in args.header:
+        k, sep, v = h.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--header {h!r}: expected KEY=VALUE")
+        headers[k] = v
+    await client.publish(args.topic, data, headers=headers or None, ack=not args.no_ack)
+    if args.json:
+        print(json.dumps({"topic": args.topic, "bytes": len(data), "acknowledged": not args.no_ack}))
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    creds = _credentials(args)
+    async with connect(args.url, timeout=args.timeout, **creds) as client:
+        if args.command == "sub":
+            return await _sub(client, args)
+        return await _pub(client, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        return 130
+    except (TesseraError, OSError, ValueError, TimeoutError) as exc:
+        kind = type(exc).__name__
+        print(f"tessera: error: {exc} ({kind})", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
