@@ -10,11 +10,15 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from auth.errors import AuthError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography is imported where a certificate is parsed, not at module level: its x509
+# package pulls in email.utils and with it `socket`, and `import auth` must not (STYLE.md 1).
 
 __all__ = [
     "ANONYMOUS",
@@ -113,6 +117,8 @@ def identity_from_certificate(
     when the certificate does not parse, no field yields a name, the CN is ambiguous, or the
     chosen name contains control or invisible format characters.
     """
+    from cryptography import x509  # noqa: PLC0415 - see the note at the imports
+
     order = validate_x509_name_fields(fields)
     try:
         cert = x509.load_der_x509_certificate(der)
@@ -127,6 +133,9 @@ def identity_from_certificate(
 
 
 def _field_value(cert: x509.Certificate, field: str) -> str | None:
+    from cryptography import x509  # noqa: PLC0415 - see the note at the imports
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     if field == "cn":
         attributes = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(attributes) > 1:

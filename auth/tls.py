@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from auth.errors import HandshakeError, HandshakeReason
-from auth.identity import ANONYMOUS, DEFAULT_X509_NAME_FIELDS, Identity, identity_from_certificate
+from auth.identity import (
+    ANONYMOUS,
+    DEFAULT_X509_NAME_FIELDS,
+    Identity,
+    IdentityError,
+    identity_from_certificate,
+)
 
 __all__ = [
     "ALPN_PROTOCOL",
@@ -205,13 +211,14 @@ class TLSLayer:
         alpn = self._obj.selected_alpn_protocol()
         if alpn is not None and alpn != ALPN_PROTOCOL:
             raise HandshakeError(HandshakeReason.TLS_PROTOCOL, f"peer selected ALPN {alpn!r}")
+        der = self._obj.getpeercert(binary_form=True)
+        fields = self._fields if self._server_side else ("cn", "dn")
+        try:
+            peer = identity_from_certificate(der, fields) if der else None
+        except IdentityError as exc:
+            raise HandshakeError(HandshakeReason.TLS_BAD_CERT, str(exc)) from None
+        self._peer = peer if peer is not None or not self._server_side else ANONYMOUS
         self._established = True
-        if self._server_side:
-            der = self._obj.getpeercert(binary_form=True)
-            self._peer = identity_from_certificate(der, self._fields) if der else ANONYMOUS
-        else:
-            der = self._obj.getpeercert(binary_form=True)
-            self._peer = identity_from_certificate(der, ("cn", "dn")) if der else None
 
     def _drain(self) -> None:
         buf = _read_buffer()
@@ -231,7 +238,7 @@ class TLSLayer:
                 raise _reason_for(exc, self._server_side) from None
             if not n:
                 return
-            self._plain.append(bytes(buf[:n]))
+            self._plain.append(buf[:n].tobytes())
 
     def read(self) -> bytes:
         plain = self._plain

@@ -1,0 +1,562 @@
+"""Access control: which identities may publish to, and subscribe on, which topics.
+
+A policy is a TOML file of ``[[allow]]`` and ``[[deny]]`` rules (``docs/acl.md``). Everything
+not allowed is denied, and a matching deny rule beats any allow rule::
+
+    [[allow]]
+    principals = ["x509:svc-*", "kerberos:*@EXAMPLE.COM"]
+    publish = ["status.>"]
+    subscribe = ["cmd.{user}.>", "status.*"]
+
+    [[deny]]
+    principals = ["x509:mallory"]
+    subscribe = [">"]
+
+Rules are compiled when the policy is loaded (patterns split into tokens, principal globs
+turned into regular expressions); :meth:`Policy.check` only walks tuples.
+
+Topic syntax is the wire protocol's, replicated here because ``auth`` does not import the
+SDK: a topic is dot-separated non-empty tokens; a pattern may use ``*`` as a whole token (exactly
+one token) and ``>`` as its last token (one or more tokens). Tokens may not contain ``.``, ``*``,
+``>``, whitespace or control characters. The pure functions :func:`matches`, :func:`covers` and
+:func:`intersects` work on token tuples of already validated topics and patterns.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import functools
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, assert_never
+
+from auth.errors import AuthError
+from auth.identity import Identity
+
+__all__ = [
+    "KNOWN_MECHANISMS",
+    "PLACEHOLDERS",
+    "Action",
+    "AclError",
+    "BoundPolicy",
+    "Decision",
+    "Policy",
+    "Rule",
+    "covers",
+    "intersects",
+    "matches",
+]
+
+#: Mechanisms a rule principal may name (``mechanism:glob``); an unknown one is a load error,
+#: so that a typo in a deny rule cannot silently disable it.
+KNOWN_MECHANISMS: Final = ("x509", "kerberos", "ntlm", "anonymous")
+
+#: Placeholders a publish/subscribe pattern may contain, written ``{name}``.
+PLACEHOLDERS: Final = ("name", "user", "mechanism")
+
+_ONE: Final = "*"  # matches exactly one token
+_TAIL: Final = ">"  # matches one or more tokens; last token only
+
+# A literal token: no separator, no wildcard characters, no whitespace, no C0/C1 controls.
+# (Python's \s on str is str.isspace(); \x00-\x1f and \x7f-\x9f are Unicode category Cc.)
+_TOKEN_RE: Final = re.compile(r"[^.*>\s\x00-\x1f\x7f-\x9f]+")
+_PLACEHOLDER_RE: Final = re.compile(r"\{([^{}]*)\}")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+_RULE_KEYS: Final = ("principals", "publish", "subscribe")
+_EFFECTS: Final = ("deny", "allow")
+
+# Distinct identities whose compiled view (matching rules, substituted patterns) a Policy keeps.
+# A broker connection has one identity; this bounds memory across many short connections
+# (the same idea as functools' default LRU, sized for a broker's distinct principals).
+_BIND_CACHE_SIZE: Final = 1024
+
+
+class Action(enum.Enum):
+    """What an identity asks to do with a subject."""
+
+    PUBLISH = "publish"
+    SUBSCRIBE = "subscribe"
+
+
+class AclError(AuthError):
+    """The policy is malformed. The message names the source file, the rule (``allow[2]``)
+    and the field (``allow[2].subscribe[1]``) so an operator can fix it."""
+
+    def __init__(self, source: str, location: str, problem: str) -> None:
+        self.source = source
+        self.location = location
+        self.problem = problem
+        where = f"{source}: {location}" if location else source
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One ``[[allow]]`` or ``[[deny]]`` table, as written in the policy.
+
+    ``index`` is the rule's position among the rules of the same effect (0-based), so
+    ``describe()`` gives ``"allow[2]"`` for the third ``[[allow]]`` table.
+    """
+
+    effect: Literal["allow", "deny"]
+    principals: tuple[str, ...]
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    index: int
+
+    def describe(self) -> str:
+        """The rule's name in errors, decisions and logs: ``"allow[2]"``."""
+        return f"{self.effect}[{self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of a check. ``rule`` is the deciding rule (``None`` when nothing matched or
+    the subject was invalid); ``reason`` is safe to log (it names rules, never subjects)."""
+
+    allowed: bool
+    rule: Rule | None
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+_NO_ALLOW_RULE: Final = Decision(allowed=False, rule=None, reason="no allow rule matches")
+_INVALID_TOPIC: Final = Decision(allowed=False, rule=None, reason="invalid topic")
+_INVALID_PATTERN: Final = Decision(allowed=False, rule=None, reason="invalid subscription pattern")
+
+
+# --------------------------------------------------------------------------------------------
+# Topics and patterns as token tuples
+
+
+def _split_topic(text: str) -> tuple[str, ...] | None:
+    """A concrete topic's tokens, or ``None`` if ``text`` is not a valid topic."""
+    tokens = tuple(text.split("."))
+    for token in tokens:
+        if _TOKEN_RE.fullmatch(token) is None:
+            return None
+    return tokens
+
+
+def _split_pattern(text: str) -> tuple[str, ...] | None:
+    """A subscription pattern's tokens, or ``None`` if ``text`` is not a valid pattern."""
+    tokens = tuple(text.split("."))
+    last = len(tokens) - 1
+    for i, token in enumerate(tokens):
+        if token == _ONE or (token == _TAIL and i == last):
+            continue
+        if _TOKEN_RE.fullmatch(token) is None:
+            return None
+    return tokens
+
+
+def matches(pattern: Sequence[str], topic: Sequence[str]) -> bool:
+    """True if the concrete ``topic`` matches ``pattern`` (both as token sequences)."""
+    size = len(topic)
+    for i, token in enumerate(pattern):
+        if token == _TAIL:
+            return i < size
+        if i >= size:
+            return False
+        if token not in (_ONE, topic[i]):
+            return False
+    return len(pattern) == size
+
+
+def covers(outer: Sequence[str], inner: Sequence[str]) -> bool:
+    """True if every topic that ``inner`` matches is also matched by ``outer``.
+
+    Token by token: ``>`` in ``outer`` covers any non-empty rest of ``inner``; ``*`` covers one
+    literal or ``*`` but not a ``>``; a literal covers only itself.
+    """
+    size = len(inner)
+    for i, token in enumerate(outer):
+        if token == _TAIL:
+            return i < size
+        if i >= size:
+            return False
+        other = inner[i]
+        if other == _TAIL:
+            return False
+        if token not in (_ONE, other):
+            return False
+    return len(outer) == size
+
+
+def intersects(first: Sequence[str], second: Sequence[str]) -> bool:
+    """True if some topic matches both patterns.
+
+    Token by token: a ``>`` on either side absorbs whatever the other has left (it has at least
+    the current token); ``*`` meets anything; two literals must be equal; otherwise the two
+    must end together.
+    """
+    for x, y in zip(first, second, strict=False):
+        if _TAIL in (x, y):
+            return True
+        if x != y and _ONE not in (x, y):
+            return False
+    return len(first) == len(second)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled rules
+
+
+@dataclass(frozen=True, slots=True)
+class _Principal:
+    mechanism: str | None  # None: any mechanism but anonymous
+    name: re.Pattern[str]
+
+    def admits(self, identity: Identity) -> bool:
+        if self.mechanism is None:
+            if identity.mechanism == "anonymous":
+                return False
+        elif identity.mechanism != self.mechanism:
+            return False
+        return self.name.match(identity.name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    """A validated pattern; ``templates`` lists the tokens holding placeholders as
+    ``(index, parts)`` with ``parts`` alternating literal text and placeholder names."""
+
+    tokens: tuple[str, ...]
+    templates: tuple[tuple[int, tuple[str, ...]], ...]
+
+    def substitute(self, values: Mapping[str, str | None]) -> tuple[str, ...] | None:
+        """The pattern for one identity, or ``None`` if a value is not a valid token."""
+        if not self.templates:
+            return self.tokens
+        tokens = list(self.tokens)
+        for index, parts in self.templates:
+            pieces: list[str] = []
+            for j, part in enumerate(parts):
+                if j % 2 == 0:
+                    pieces.append(part)
+                    continue
+                value = values[part]
+                if value is None:
+                    return None
+                pieces.append(value)
+            tokens[index] = "".join(pieces)
+        return tuple(tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRule:
+    rule: Rule
+    principals: tuple[_Principal, ...]
+    publish: tuple[_Pattern, ...]
+    subscribe: tuple[_Pattern, ...]
+    decision: Decision
+
+    def admits(self, identity: Identity) -> bool:
+        return any(principal.admits(identity) for principal in self.principals)
+
+
+def _compile_principal(text: str, source: str, location: str) -> _Principal:
+    if not text:
+        raise AclError(source, location, "empty principal")
+    if text != text.strip():
+        raise AclError(source, location, f"principal {text!r} has leading or trailing whitespace")
+    if _CONTROL_RE.search(text):
+        raise AclError(source, location, "principal contains a control character")
+    if text == "anonymous":
+        return _Principal("anonymous", re.compile(fnmatch.translate("*")))
+    if ":" not in text:
+        return _Principal(None, re.compile(fnmatch.translate(text)))
+    mechanism, _, glob = text.partition(":")
+    if mechanism not in KNOWN_MECHANISMS:
+        raise AclError(
+            source,
+            location,
+            f"unknown mechanism {mechanism!r} in principal {text!r}; expected one of: "
+            f"{', '.join(KNOWN_MECHANISMS)} (a name containing ':' must be qualified, "
+            f"e.g. 'x509:{text}')",
+        )
+    if not glob:
+        raise AclError(source, location, f"principal {text!r} has an empty name")
+    if mechanism == "anonymous" and glob != "*":
+        raise AclError(
+            source,
+            location,
+            f"principal {text!r}: anonymous peers have no name; write 'anonymous'",
+        )
+    return _Principal(mechanism, re.compile(fnmatch.translate(glob)))
+
+
+def _compile_pattern(text: str, source: str, location: str) -> _Pattern:
+    tokens = tuple(text.split("."))
+    last = len(tokens) - 1
+    templates: list[tuple[int, tuple[str, ...]]] = []
+    for i, token in enumerate(tokens):
+        if token == _ONE or (token == _TAIL and i == last):
+            continue
+        if token == _TAIL:
+            raise AclError(source, location, f"pattern {text!r}: '>' must be the last token")
+        parts = tuple(_PLACEHOLDER_RE.split(token))
+        literals = parts[0::2]
+        if any("{" in literal or "}" in literal for literal in literals):
+            raise AclError(
+                source, location, f"pattern {text!r}: unbalanced '{{' or '}}' in {token!r}"
+            )
+        for name in parts[1::2]:
+            if name not in PLACEHOLDERS:
+                known = ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+                raise AclError(
+                    source,
+                    location,
+                    f"pattern {text!r}: unknown placeholder {{{name}}}; expected one of: {known}",
+                )
+        # Validate with each placeholder standing for a plain token.
+        if _TOKEN_RE.fullmatch("x".join(literals)) is None:
+            raise AclError(
+                source,
+                location,
+                f"pattern {text!r}: invalid token {token!r} (tokens are non-empty and may "
+                "not contain '.', whitespace or control characters; '*' and '>' must be "
+                "whole tokens)",
+            )
+        if len(parts) > 1:
+            templates.append((i, parts))
+    return _Pattern(tokens, tuple(templates))
+
+
+def _compile_rule(rule: Rule, source: str) -> _CompiledRule:
+    where = rule.describe()
+    if rule.effect not in _EFFECTS:
+        raise AclError(source, where, "effect must be 'allow' or 'deny'")
+    if not rule.principals:
+        raise AclError(source, f"{where}.principals", "must name at least one principal")
+    if not rule.publish and not rule.subscribe:
+        raise AclError(source, where, "needs at least one publish or subscribe pattern")
+    principals = tuple(
+        _compile_principal(text, source, f"{where}.principals[{i}]")
+        for i, text in enumerate(rule.principals)
+    )
+    publish = tuple(
+        _compile_pattern(text, source, f"{where}.publish[{i}]")
+        for i, text in enumerate(rule.publish)
+    )
+    subscribe = tuple(
+        _compile_pattern(text, source, f"{where}.subscribe[{i}]")
+        for i, text in enumerate(rule.subscribe)
+    )
+    verb = "allowed" if rule.effect == "allow" else "denied"
+    decision = Decision(rule.effect == "allow", rule, f"{verb} by {where}")
+    return _CompiledRule(rule, principals, publish, subscribe, decision)
+
+
+def _substitution_values(identity: Identity) -> dict[str, str | None]:
+    """Placeholder values for an identity; ``None`` where the value is not a valid token."""
+    name = identity.name
+    user = name.rpartition("\\")[2]  # DOMAIN\alice -> alice
+    if "@" in user:
+        user = user.rpartition("@")[0]  # alice@EXAMPLE.COM -> alice
+    raw = {"name": name, "user": user, "mechanism": identity.mechanism}
+    return {key: value if _TOKEN_RE.fullmatch(value) else None for key, value in raw.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Policies
+
+# A bound allow pattern and the decision it gives.
+_Allowing = tuple[tuple[str, ...], Decision]
+# A bound deny pattern: None when a placeholder could not be filled in, and the pattern then
+# matches everything (deny fails closed).
+_Denying = tuple[tuple[str, ...] | None, Decision]
+
+
+class BoundPolicy:
+    """A policy specialised to one identity: only the rules whose principals match it, with
+    placeholders filled in. Cheap to check; :meth:`Policy.bind` caches these."""
+
+    __slots__ = (
+        "_allow_publish",
+        "_allow_subscribe",
+        "_deny_publish",
+        "_deny_subscribe",
+        "identity",
+    )
+
+    def __init__(self, identity: Identity, rules: Iterable[_CompiledRule]) -> None:
+        self.identity = identity
+        values = _substitution_values(identity)
+        deny_publish: list[_Denying] = []
+        deny_subscribe: list[_Denying] = []
+        allow_publish: list[_Allowing] = []
+        allow_subscribe: list[_Allowing] = []
+        for compiled in rules:
+            if not compiled.admits(identity):
+                continue
+            is_deny = compiled.rule.effect == "deny"
+            for patterns, deny_out, allow_out in (
+                (compiled.publish, deny_publish, allow_publish),
+                (compiled.subscribe, deny_subscribe, allow_subscribe),
+            ):
+                for pattern in patterns:
+                    tokens = pattern.substitute(values)
+                    if is_deny:
+                        deny_out.append((tokens, compiled.decision))
+                    elif tokens is not None:  # an allow pattern that cannot be filled is skipped
+                        allow_out.append((tokens, compiled.decision))
+        self._deny_publish = tuple(deny_publish)
+        self._deny_subscribe = tuple(deny_subscribe)
+        self._allow_publish = tuple(allow_publish)
+        self._allow_subscribe = tuple(allow_subscribe)
+
+    def check(self, action: Action, subject: str) -> Decision:
+        """Decide ``action`` on ``subject`` (a topic for publish, a pattern for subscribe)."""
+        if action is Action.PUBLISH:
+            topic = _split_topic(subject)
+            if topic is None:
+                return _INVALID_TOPIC
+            for tokens, decision in self._deny_publish:
+                if tokens is None or matches(tokens, topic):
+                    return decision
+            for tokens, decision in self._allow_publish:
+                if matches(tokens, topic):
+                    return decision
+            return _NO_ALLOW_RULE
+        if action is Action.SUBSCRIBE:
+            pattern = _split_pattern(subject)
+            if pattern is None:
+                return _INVALID_PATTERN
+            for tokens, decision in self._deny_subscribe:
+                if tokens is None or intersects(tokens, pattern):
+                    return decision
+            for tokens, decision in self._allow_subscribe:
+                if covers(tokens, pattern):
+                    return decision
+            return _NO_ALLOW_RULE
+        assert_never(action)
+
+    def allows(self, action: Action, subject: str) -> bool:
+        """``check(action, subject).allowed``."""
+        return self.check(action, subject).allowed
+
+
+class Policy:
+    """A compiled access-control policy: default deny, deny wins.
+
+    Build one with :meth:`from_file`, :meth:`from_text`, :meth:`from_dict` or
+    :meth:`allow_all`; construction validates every rule and raises :class:`AclError`.
+    Instances are immutable and safe to share between threads.
+    """
+
+    __slots__ = ("_bind", "_compiled", "rules", "source")
+
+    def __init__(self, rules: Iterable[Rule], *, source: str = "<rules>") -> None:
+        self.source = source
+        self.rules: tuple[Rule, ...] = tuple(rules)
+        compiled = [_compile_rule(rule, source) for rule in self.rules]
+        # Deny rules first: BoundPolicy keeps the order, and the first deny found decides.
+        compiled.sort(key=lambda c: _EFFECTS.index(c.rule.effect))
+        self._compiled = tuple(compiled)
+        self._bind = functools.lru_cache(maxsize=_BIND_CACHE_SIZE)(self._make_bound)
+
+    def __repr__(self) -> str:
+        return f"<Policy {self.source} with {len(self.rules)} rules>"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Policy:
+        """Load a TOML policy file. Errors name the file."""
+        source = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise AclError(source, "", f"cannot read policy: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise AclError(source, "", f"invalid TOML: {exc}") from exc
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<string>") -> Policy:
+        """Parse a TOML policy given as text; ``source`` names it in errors."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise AclError(source, "", f"invalid TOML: {exc}") from exc
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], source: str = "<dict>") -> Policy:
+        """Build a policy from parsed TOML (``{"allow": [{...}], "deny": [{...}]}``)."""
+        if not isinstance(data, Mapping):
+            raise AclError(source, "", "a policy must be a table")
+        for key in data:
+            if key not in _EFFECTS:
+                raise AclError(source, str(key), "unknown key; expected [[allow]] or [[deny]]")
+        rules: list[Rule] = []
+        effect: Literal["allow", "deny"]
+        for effect in ("allow", "deny"):
+            tables = data.get(effect, [])
+            if not isinstance(tables, list | tuple):
+                raise AclError(source, effect, f"expected an array of tables: write [[{effect}]]")
+            for index, table in enumerate(tables):
+                rules.append(_rule_from_table(effect, index, table, source))
+        return cls(rules, source=source)
+
+    @classmethod
+    def allow_all(cls, *, include_anonymous: bool = False) -> Policy:
+        """Everyone authenticated may publish and subscribe anywhere (``--dev``).
+
+        Anonymous peers are not included unless ``include_anonymous`` is true.
+        """
+        principals = ("*", "anonymous") if include_anonymous else ("*",)
+        rule = Rule("allow", principals, (_TAIL,), (_TAIL,), 0)
+        return cls([rule], source="<allow-all>")
+
+    def bind(self, identity: Identity) -> BoundPolicy:
+        """The policy as it applies to ``identity`` (cached per identity)."""
+        return self._bind(identity)
+
+    def check(self, identity: Identity, action: Action, subject: str) -> Decision:
+        """Decide whether ``identity`` may ``action`` on ``subject``.
+
+        ``subject`` is a concrete topic for :attr:`Action.PUBLISH` and a subscription pattern
+        for :attr:`Action.SUBSCRIBE`; an invalid one is denied (``rule`` is ``None``).
+        """
+        return self._bind(identity).check(action, subject)
+
+    def allows(self, identity: Identity, action: Action, subject: str) -> bool:
+        """``check(identity, action, subject).allowed``."""
+        return self._bind(identity).check(action, subject).allowed
+
+    def _make_bound(self, identity: Identity) -> BoundPolicy:
+        return BoundPolicy(identity, self._compiled)
+
+
+def _rule_from_table(
+    effect: Literal["allow", "deny"], index: int, table: object, source: str
+) -> Rule:
+    where = f"{effect}[{index}]"
+    if not isinstance(table, Mapping):
+        raise AclError(source, where, f"expected a table: write [[{effect}]]")
+    for key in table:
+        if key not in _RULE_KEYS:
+            raise AclError(
+                source, f"{where}.{key}", f"unknown key; expected one of: {', '.join(_RULE_KEYS)}"
+            )
+    if "principals" not in table:
+        raise AclError(source, f"{where}.principals", "missing (every rule names its principals)")
+    fields = {key: _string_list(table.get(key, []), source, f"{where}.{key}") for key in _RULE_KEYS}
+    return Rule(effect, fields["principals"], fields["publish"], fields["subscribe"], index)
+
+
+def _string_list(value: object, source: str, location: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise AclError(source, location, "expected an array of strings")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise AclError(source, f"{location}[{i}]", "expected a string")
+    return tuple(value)
