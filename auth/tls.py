@@ -9,10 +9,12 @@ here plaintext is read into one buffer shared by all connections of a thread).
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from auth.errors import HandshakeError, HandshakeReason
 from auth.identity import (
@@ -103,7 +105,9 @@ def _reason_for(exc: ssl.SSLError, server_side: bool) -> HandshakeError:
     """Map an OpenSSL failure to a reason code and a message a user can act on."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         what = "client" if server_side else "broker"
-        reason = HandshakeReason.TLS_BAD_CERT if server_side else HandshakeReason.TLS_BAD_SERVER_CERT
+        reason = (
+            HandshakeReason.TLS_BAD_CERT if server_side else HandshakeReason.TLS_BAD_SERVER_CERT
+        )
         return HandshakeError(reason, f"{what} certificate rejected: {exc.verify_message}")
     code = (exc.reason or "").upper()
     if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in code:
@@ -121,7 +125,9 @@ def _reason_for(exc: ssl.SSLError, server_side: bool) -> HandshakeError:
         s in code
         for s in ("VERSION", "PROTOCOL", "CIPHER", "WRONG", "HTTP", "RECORD", "PACKET", "NO_SHARED")
     ):
-        return HandshakeError(HandshakeReason.TLS_PROTOCOL, f"TLS negotiation failed: {code.lower()}")
+        return HandshakeError(
+            HandshakeReason.TLS_PROTOCOL, f"TLS negotiation failed: {code.lower()}"
+        )
     return HandshakeError(HandshakeReason.TLS_PROTOCOL, f"TLS error: {code.lower() or exc}")
 
 
@@ -225,7 +231,8 @@ class TLSLayer:
         obj = self._obj
         while True:
             try:
-                n = obj.read(_READ_CHUNK_BYTES, buf)
+                # With a buffer, read() returns a count (typeshed says bytes).
+                n = cast(int, obj.read(_READ_CHUNK_BYTES, buf))
             except ssl.SSLWantReadError:
                 return
             except ssl.SSLZeroReturnError:
@@ -269,8 +276,6 @@ class TLSLayer:
     def close(self) -> None:
         if not self._established:
             return
-        try:
+        # WantRead means our close_notify is queued and the peer's has not arrived: fine.
+        with contextlib.suppress(ssl.SSLError):
             self._obj.unwrap()
-        except ssl.SSLError:
-            # WantRead: our close_notify is queued, the peer's has not arrived; fine.
-            pass

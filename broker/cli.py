@@ -96,12 +96,19 @@ def _validate(path: Path) -> tuple[BrokerConfig | None, list[str], list[str]]:
 def _check_config(path: Path, as_json: bool) -> int:
     cfg, errors, warnings = _validate(path)
     if as_json:
-        out: dict[str, object] = {"file": str(path), "valid": not errors, "errors": errors,
-                                  "warnings": warnings}
+        out: dict[str, object] = {
+            "file": str(path),
+            "valid": not errors,
+            "errors": errors,
+            "warnings": warnings,
+        }
         if cfg is not None:
             out["listeners"] = [
-                {"bind": lst.bind, "security": lst.security,
-                 "client_certificate_required": lst.client_ca is not None}
+                {
+                    "bind": lst.bind,
+                    "security": lst.security,
+                    "client_certificate_required": lst.client_ca is not None,
+                }
                 for lst in cfg.listeners
             ]
         print(json.dumps(out, indent=2))
@@ -135,8 +142,8 @@ def _dev_hint(directory: Path, bind: str) -> str:
         f"{d}/; not for production)\n"
         "  subscribe:  tessera sub --dev 'status.>'\n"
         "  publish:    tessera pub --dev status.hello 'hello world'\n"
-        f"  python:     client_sdk.connect(\"tls://{bind}\", ca=\"{d}/ca.pem\",\n"
-        f"                  cert=\"{d}/{DEV_CLIENT}.pem\", key=\"{d}/{DEV_CLIENT}-key.pem\")\n"
+        f'  python:     client_sdk.connect("tls://{bind}", ca="{d}/ca.pem",\n'
+        f'                  cert="{d}/{DEV_CLIENT}.pem", key="{d}/{DEV_CLIENT}-key.pem")\n'
         "  stop:       Ctrl-C"
     )
 
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         bind = args.bind or DEFAULT_DEV_BIND
         try:
             config_path = ensure_dev_setup(args.dev_dir, bind)
-        except Exception as exc:  # noqa: BLE001 - report any provisioning failure plainly
+        except Exception as exc:  # report any provisioning failure plainly
             print(f"tessera-broker: error: cannot prepare {args.dev_dir}: {exc}", file=sys.stderr)
             return 1
         hint = _dev_hint(args.dev_dir, bind)

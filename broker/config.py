@@ -1,4 +1,5 @@
-"""Broker configuration: frozen dataclasses loaded from TOML, validated with errors naming the field.
+"""Broker configuration: frozen dataclasses loaded from TOML, validated with errors naming
+the field.
 
 See docs/configuration.md for every key. Relative paths are resolved against the directory of the
 configuration file.
@@ -123,7 +124,9 @@ def _err(source: str, where: str, message: str) -> ConfigError:
 def _check_keys(table: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise _err(source, where, f"unknown key(s) {', '.join(unknown)}; allowed: {sorted(allowed)}")
+        raise _err(
+            source, where, f"unknown key(s) {', '.join(unknown)}; allowed: {sorted(allowed)}"
+        )
 
 
 def _path(value: object, base: Path, source: str, where: str) -> Path:
@@ -141,7 +144,7 @@ def _listener(raw: object, i: int, base: Path, source: str) -> ListenerConfig:
     _check_keys(raw, allowed, source, where)
     bind = raw.get("bind")
     if not isinstance(bind, str):
-        raise _err(source, f"{where}.bind", "required, as \"host:port\"")
+        raise _err(source, f"{where}.bind", 'required, as "host:port"')
     try:
         parse_bind(bind)
     except ValueError as exc:
@@ -213,7 +216,9 @@ def _limits(raw: object, source: str) -> LimitsConfig:
 
 def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> BrokerConfig:
     """Build and validate a :class:`BrokerConfig` from parsed TOML."""
-    _check_keys(data, {"listeners", "acl", "limits", "log", "shutdown_timeout"}, source, "top level")
+    _check_keys(
+        data, {"listeners", "acl", "limits", "log", "shutdown_timeout"}, source, "top level"
+    )
     raw_listeners = data.get("listeners")
     if not isinstance(raw_listeners, list) or not raw_listeners:
         raise _err(source, "listeners", "at least one [[listeners]] table is required")
@@ -273,7 +278,9 @@ def check_files(cfg: BrokerConfig) -> list[str]:
             if p is not None and not p.is_file():
                 problems.append(f"listeners[{i}].{key}: {p} does not exist")
         if lst.key is not None and lst.key.is_file() and lst.key.stat().st_mode & 0o077:
-            problems.append(f"listeners[{i}].key: {lst.key} is readable by group/others (chmod 600)")
+            problems.append(
+                f"listeners[{i}].key: {lst.key} is readable by group/others (chmod 600)"
+            )
     if cfg.acl_file is not None and not cfg.acl_file.is_file():
         problems.append(f"acl.file: {cfg.acl_file} does not exist")
     return problems

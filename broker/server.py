@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -132,15 +133,13 @@ class Broker:
                 lst.server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-            except asyncio.CancelledError:
-                pass
             self._sweeper = None
         for session in list(self.sessions):
             session.close(ErrorCode.GOING_AWAY, "broker shutting down")
         deadline = self.loop.time() + self.config.shutdown_timeout
-        while self.sessions and self.loop.time() < deadline:
+        while self.sessions and self.loop.time() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session._abort()

@@ -9,6 +9,7 @@ event-loop turn, so a burst of deliveries becomes one TLS write and one syscall.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from client_sdk.protocol import (
     EndOfStream,
     Error,
     ErrorCode,
+    Event,
     Hello,
     Ok,
     ProtocolFailure,
@@ -195,13 +197,13 @@ class Session(asyncio.BufferedProtocol):
         # Flush any alert the layer produced, then drop the connection.
         try:
             out = self.layer.data_to_send()
-        except Exception:  # noqa: BLE001 - best effort on a failed layer
+        except Exception:  # best effort: the layer has already failed
             out = b""
         if out:
             self._write_wire(out)
         self._close_transport()
 
-    def _handle(self, events: list[object]) -> None:
+    def _handle(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Publish):
                 self._on_publish(event)
@@ -212,7 +214,9 @@ class Session(asyncio.BufferedProtocol):
             elif isinstance(event, Hello):
                 self._on_hello(event)
             elif isinstance(event, Rejected):
-                log.info("%s rejected request: %s (%s)", self._who(), event.code.name, event.message)
+                log.info(
+                    "%s rejected request: %s (%s)", self._who(), event.code.name, event.message
+                )
             elif isinstance(event, ProtocolFailure):
                 log.warning(
                     "%s protocol error, closing: %s (%s)",
@@ -402,10 +406,8 @@ class Session(asyncio.BufferedProtocol):
     def close(self, code: ErrorCode, reason: str) -> None:
         """Send a close frame, flush, and close the transport (aborted after close_timeout)."""
         if self.conn.state in (State.OPEN, State.HANDSHAKE):
-            try:
+            with contextlib.suppress(LocalProtocolError):
                 self.conn.send(Close(code, reason))
-            except LocalProtocolError:
-                pass
         self._flush_conn()
         self._begin_close()
 
@@ -450,7 +452,7 @@ class Session(asyncio.BufferedProtocol):
         if conn.state is not State.OPEN:
             return
         conn.handle_timer(now)
-        if conn.state is State.CLOSED:
+        if conn.closed:
             log.info("%s heartbeat timeout, closing", self._who())
             audit.warning("%s closed reason=heartbeat_timeout", self._who())
             self._flush_conn()

@@ -1,11 +1,11 @@
 """Tessera client SDK.
 
-    async with client_sdk.connect("tls://127.0.0.1:7443", ca="ca.pem",
-                                  cert="alice.pem", key="alice-key.pem") as client:
-        await client.publish("status.eu.node1", b"up")
-        sub = await client.subscribe("status.>")
-        async for msg in sub:
-            print(msg.topic, msg.payload)
+async with client_sdk.connect("tls://127.0.0.1:7443", ca="ca.pem",
+                              cert="alice.pem", key="alice-key.pem") as client:
+    await client.publish("status.eu.node1", b"up")
+    sub = await client.subscribe("status.>")
+    async for msg in sub:
+        print(msg.topic, msg.payload)
 """
 
 from client_sdk.client import Client, Delivery, Subscription, connect

@@ -32,7 +32,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("TESSERA_URL", DEFAULT_URL),
         help=f"broker URL (default: $TESSERA_URL or {DEFAULT_URL})",
     )
-    g.add_argument("--ca", type=Path, help="CA certificate (PEM) that signed the broker's certificate")
+    g.add_argument(
+        "--ca", type=Path, help="CA certificate (PEM) that signed the broker's certificate"
+    )
     g.add_argument("--cert", type=Path, help="client certificate (PEM)")
     g.add_argument("--key", type=Path, help="client private key (PEM)")
     g.add_argument(
@@ -85,9 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="add a header (repeatable)",
     )
-    pb.add_argument(
-        "--no-ack", action="store_true", help="do not wait for the broker to confirm"
-    )
+    pb.add_argument("--no-ack", action="store_true", help="do not wait for the broker to confirm")
     pb.add_argument("--json", action="store_true", help="print the result as JSON")
     _common(pb)
     return p
@@ -161,7 +161,9 @@ async def _pub(client: Client, args: argparse.Namespace) -> int:
         headers[k] = v
     await client.publish(args.topic, data, headers=headers or None, ack=not args.no_ack)
     if args.json:
-        print(json.dumps({"topic": args.topic, "bytes": len(data), "acknowledged": not args.no_ack}))
+        print(
+            json.dumps({"topic": args.topic, "bytes": len(data), "acknowledged": not args.no_ack})
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import ssl
@@ -268,10 +269,8 @@ class Client:
         if self._transport is None:
             return
         if self._conn.state in (State.OPEN, State.HANDSHAKE):
-            try:
+            with contextlib.suppress(LocalProtocolError):
                 self._conn.send(Close(ErrorCode.NORMAL, ""))
-            except LocalProtocolError:
-                pass
             self._flush()
             self._layer.close()
             self._write_wire()
@@ -458,7 +457,7 @@ class Client:
         if self._conn.state is not State.OPEN:
             return
         self._conn.handle_timer(self._loop.time())
-        if self._conn.state is State.CLOSED:
+        if self._conn.closed:
             self._flush()
             self._abort_with(
                 ConnectionClosedError(ErrorCode.HEARTBEAT_TIMEOUT, "broker stopped responding")
@@ -470,7 +469,9 @@ class Client:
     def _abort_with(self, exc: TesseraError, graceful: bool = False) -> None:
         if self._close_exc is None:
             self._close_exc = (
-                exc if isinstance(exc, ConnectionClosed) else ConnectionClosedError(exc.code, str(exc))
+                exc
+                if isinstance(exc, ConnectionClosed)
+                else ConnectionClosedError(exc.code, str(exc))
             )
         if not self._welcome.done():
             self._welcome.set_exception(exc)
@@ -520,7 +521,7 @@ def _parse_url(url: str) -> tuple[str, str, int]:
     return scheme, parts.hostname, parts.port or DEFAULT_PORT
 
 
-class connect:  # noqa: N801 - used as a function: ``async with connect(...)`` / ``await connect(...)``
+class connect:  # used as a function: ``async with connect(...)`` / ``await connect(...)``
     """Open a connection: ``async with connect("tls://host:7443", ca=..., cert=..., key=...)``.
 
     ``ca`` verifies the broker (the system trust store if omitted), ``cert``/``key`` are the

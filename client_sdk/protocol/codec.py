@@ -138,9 +138,9 @@ def _to_map(event: Event) -> dict[str, Any]:
 def encode(event: Event) -> bytes:
     """The msgpack body of ``event`` (without the length prefix)."""
     if isinstance(event, Ping):
-        return _PING_BODY
+        return bytes(_PING_BODY)
     if isinstance(event, Pong):
-        return _PONG_BODY
+        return bytes(_PONG_BODY)
     body: bytes = msgpack.packb(_to_map(event), use_bin_type=True)
     return body
 

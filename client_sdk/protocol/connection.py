@@ -171,7 +171,7 @@ class Connection:
             event = self._receive_frame(body)
             if event is not None:
                 events.append(event)
-            if self.state is State.CLOSED:
+            if self.closed:
                 break
         return events
 
@@ -213,9 +213,7 @@ class Connection:
                     event.topic, max_bytes=self.max_topic_bytes, max_tokens=self.max_topic_tokens
                 )
             except InvalidTopic as exc:
-                self.send(
-                    Error(ErrorCode.INVALID_TOPIC, exc.message, ack=event.ack, topic=None)
-                )
+                self.send(Error(ErrorCode.INVALID_TOPIC, exc.message, ack=event.ack, topic=None))
                 return Rejected(ErrorCode.INVALID_TOPIC, exc.message, ack=event.ack)
             return event
         if isinstance(event, Subscribe):
@@ -258,7 +256,9 @@ class Connection:
                     )
                 )
             if event.max_frame < MAX_FRAME_BYTES_BEFORE_HELLO:
-                return self._fail(RemoteProtocolError("broker announced a frame limit below 64 KiB"))
+                return self._fail(
+                    RemoteProtocolError("broker announced a frame limit below 64 KiB")
+                )
             self.version = event.version
             self.state = State.OPEN
             self.peer_max_frame = event.max_frame
@@ -315,6 +315,11 @@ class Connection:
         self._out.append(frame)
         if kind is Close:
             self.state = State.CLOSING
+
+    @property
+    def closed(self) -> bool:
+        """True once nothing more will be read or sent."""
+        return self.state is State.CLOSED
 
     @property
     def has_data_to_send(self) -> bool:

@@ -101,7 +101,9 @@ class ConnectionClosed(TesseraError):
 
     def __init__(self, code: ErrorCode = ErrorCode.NORMAL, reason: str = "") -> None:
         self.reason = reason
-        super().__init__(f"connection closed: {code.name.lower()}" + (f" ({reason})" if reason else ""), code)
+        super().__init__(
+            f"connection closed: {code.name.lower()}" + (f" ({reason})" if reason else ""), code
+        )
 
 
 class ConnectionClosedOK(ConnectionClosed):
