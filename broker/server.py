@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import signal
@@ -27,6 +28,9 @@ SERVER_NAME = "tessera/0.1.0"
 
 #: One receive buffer shared by every connection of the loop (a TLS read yields at most this).
 _RECV_BUFFER_BYTES = 256 * 1024
+
+#: Threads for blocking handshake steps (Kerberos acceptor steps take ~0.1-0.3 ms each).
+_HANDSHAKE_WORKERS = 4
 
 #: How often the heartbeat sweep runs, as a fraction of the heartbeat interval.
 _SWEEP_FRACTION = 0.25
@@ -81,6 +85,11 @@ class Broker:
         self.sessions: set[Session] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))
+        #: Worker threads for handshake steps that may block (GSS); bounded so a flood of
+        #: handshakes queues instead of spawning threads.
+        self.handshake_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=_HANDSHAKE_WORKERS, thread_name_prefix="tessera-handshake"
+        )
         self._dirty: list[Session] = []
         self._flush_scheduled = False
         self._next_id = 0
@@ -146,6 +155,7 @@ class Broker:
         for lst in self.listeners:
             if lst.server is not None:
                 await lst.server.wait_closed()
+        self.handshake_executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     # --- sessions -------------------------------------------------------------------------

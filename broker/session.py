@@ -60,7 +60,9 @@ class Session(asyncio.BufferedProtocol):
         "_outbox",
         "_outbox_bytes",
         "_paused",
+        "_pending_in",
         "_recv_buf",
+        "_stepping",
         "broker",
         "conn",
         "id",
@@ -95,6 +97,8 @@ class Session(asyncio.BufferedProtocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._acl_cache: dict[tuple[Action, str], bool] = {}
         self._recv_buf = broker.recv_buffer
+        self._stepping = False
+        self._pending_in: list[bytes] = []
 
     # --- logging ------------------------------------------------------------------------
 
@@ -159,17 +163,58 @@ class Session(asyncio.BufferedProtocol):
     # --- inbound --------------------------------------------------------------------------
 
     def _on_wire(self, data: bytes) -> None:
+        if self._stepping:
+            # A blocking handshake step is running in a worker thread: keep the bytes in order.
+            self._pending_in.append(data)
+            return
         layer = self.layer
         was_established = layer.established
+        if layer.blocking_handshake and not was_established:
+            self._stepping = True
+            fut = self.broker.loop.run_in_executor(
+                self.broker.handshake_executor, layer.receive_data, data
+            )
+            fut.add_done_callback(lambda f: self._step_done(f, data))
+            return
         try:
             layer.receive_data(data)
         except HandshakeError as exc:
             self._auth_failed(exc)
             return
         except AuthError as exc:
-            log.warning("%s security layer failure: %s", self._who(), type(exc).__name__)
-            self._abort()
+            self._layer_failed(exc)
             return
+        self._after_layer(data, was_established)
+
+    def _step_done(self, fut: asyncio.Future[None], data: bytes) -> None:
+        self._stepping = False
+        if self.transport is None or self.transport.is_closing():
+            self._pending_in.clear()
+            return
+        exc = fut.exception()
+        if isinstance(exc, HandshakeError):
+            self._pending_in.clear()
+            self._auth_failed(exc)
+            return
+        if exc is not None:
+            self._pending_in.clear()
+            if not isinstance(exc, AuthError):
+                log.error("%s handshake step crashed: %r", self._who(), exc)
+            self._layer_failed(exc)
+            return
+        self._after_layer(data, False)
+        pending, self._pending_in = self._pending_in, []
+        for chunk in pending:
+            if self.transport is None or self.transport.is_closing():
+                break
+            self._on_wire(chunk)
+
+    def _layer_failed(self, exc: BaseException) -> None:
+        audit.warning("%s security layer failure kind=%s", self._who(), type(exc).__name__)
+        self._abort()
+
+    def _after_layer(self, data: bytes, was_established: bool) -> None:
+        layer = self.layer
         out = layer.data_to_send()
         if out:
             self._write_wire(out)
