@@ -70,7 +70,9 @@ class LimitsConfig:
     max_frame_bytes_before_hello: int = wire.MAX_FRAME_BYTES_BEFORE_HELLO
     """Largest frame body before hello."""
     handshake_timeout: float = 10.0
-    """Seconds from accept until hello must have arrived (security handshake included)."""
+    """Seconds from accept until the security handshake must be complete."""
+    hello_timeout: float = 5.0
+    """Seconds from the end of the security handshake until hello must have arrived."""
     heartbeat_interval: float = wire.DEFAULT_HEARTBEAT_MS / 1000
     """Seconds of silence after which the broker pings; two intervals close the connection."""
     max_pending_bytes: int = 8 * 1024 * 1024
@@ -84,6 +86,12 @@ class LimitsConfig:
     """Live subscriptions per connection."""
     max_connections: int = 100_000
     """Connections held at once across all listeners; further ones are closed at accept."""
+    max_connections_per_identity: int = 10_000
+    """Connections one authenticated identity may hold at once (closed with LIMIT_EXCEEDED)."""
+    max_topic_bytes: int = wire.MAX_TOPIC_BYTES
+    """Longest topic or pattern, in UTF-8 bytes."""
+    max_topic_tokens: int = wire.MAX_TOPIC_TOKENS
+    """Most tokens (levels) in a topic or pattern."""
     close_timeout: float = 5.0
     """Seconds a closing connection may take to flush before it is aborted."""
 
@@ -95,6 +103,8 @@ class BrokerConfig:
     listeners: tuple[ListenerConfig, ...]
     acl_file: Path | None = None
     """TOML ACL policy (docs/acl.md). Without one, every publish and subscribe is denied."""
+    audit_file: Path | None = None
+    """JSON-lines audit trail (docs/operations.md); also logged through ``tessera.audit``."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log_level: str = "info"
     """``debug``, ``info``, ``warning`` or ``error``."""
@@ -209,6 +219,16 @@ def _limits(raw: object, source: str) -> LimitsConfig:
         raise _err(source, "limits.max_frame_bytes_before_hello", "may not exceed max_frame_bytes")
     if result.max_frame_bytes_before_hello < 1024:
         raise _err(source, "limits.max_frame_bytes_before_hello", "must be at least 1024")
+    if (
+        result.max_topic_bytes > wire.MAX_TOPIC_BYTES
+        or result.max_topic_tokens > wire.MAX_TOPIC_TOKENS
+    ):
+        raise _err(
+            source,
+            "limits.max_topic_bytes",
+            f"topic limits may be lowered, not raised above {wire.MAX_TOPIC_BYTES} bytes / "
+            f"{wire.MAX_TOPIC_TOKENS} tokens (clients validate against those)",
+        )
     if result.heartbeat_interval < wire.MIN_HEARTBEAT_MS / 1000:
         raise _err(source, "limits.heartbeat_interval", "must be at least 1 second")
     return result
@@ -217,7 +237,10 @@ def _limits(raw: object, source: str) -> LimitsConfig:
 def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> BrokerConfig:
     """Build and validate a :class:`BrokerConfig` from parsed TOML."""
     _check_keys(
-        data, {"listeners", "acl", "limits", "log", "shutdown_timeout"}, source, "top level"
+        data,
+        {"listeners", "acl", "audit", "limits", "log", "shutdown_timeout"},
+        source,
+        "top level",
     )
     raw_listeners = data.get("listeners")
     if not isinstance(raw_listeners, list) or not raw_listeners:
@@ -228,6 +251,11 @@ def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> Bro
         raise _err(source, "acl", "must be a table")
     _check_keys(acl, {"file"}, source, "acl")
     acl_file = _path(acl["file"], base, source, "acl.file") if "file" in acl else None
+    audit = data.get("audit", {})
+    if not isinstance(audit, dict):
+        raise _err(source, "audit", "must be a table")
+    _check_keys(audit, {"file"}, source, "audit")
+    audit_file = _path(audit["file"], base, source, "audit.file") if "file" in audit else None
     log = data.get("log", {})
     if not isinstance(log, dict):
         raise _err(source, "log", "must be a table")
@@ -241,6 +269,7 @@ def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> Bro
     return BrokerConfig(
         listeners=listeners,
         acl_file=acl_file,
+        audit_file=audit_file,
         limits=_limits(data.get("limits"), source),
         log_level=level,
         shutdown_timeout=float(shutdown),
@@ -262,6 +291,7 @@ def load_config(path: str | Path) -> BrokerConfig:
     return BrokerConfig(
         listeners=cfg.listeners,
         acl_file=cfg.acl_file,
+        audit_file=cfg.audit_file,
         limits=cfg.limits,
         log_level=cfg.log_level,
         shutdown_timeout=cfg.shutdown_timeout,

@@ -15,6 +15,7 @@ from typing import Any
 from auth.acl import Policy
 from auth.layer import SecurityLayer
 from auth.tls import TLSLayer, server_context
+from broker.audit import Audit
 from broker.config import BrokerConfig, ListenerConfig
 from broker.router import Backplane, Router
 from broker.session import Session
@@ -81,6 +82,8 @@ class Broker:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
         self.policy = policy
         self.router = Router(backplane)
+        self.audit = Audit(config.audit_file)
+        self._per_identity: collections.Counter[str] = collections.Counter()
         self.listeners = [Listener(c, _layer_factory(c)) for c in config.listeners]
         self.sessions: set[Session] = set()
         self.stats: collections.Counter[str] = collections.Counter()
@@ -156,6 +159,7 @@ class Broker:
             if lst.server is not None:
                 await lst.server.wait_closed()
         self.handshake_executor.shutdown(wait=False, cancel_futures=True)
+        self.audit.close()
         log.info("stopped")
 
     # --- sessions -------------------------------------------------------------------------
@@ -168,8 +172,24 @@ class Broker:
         self.stats["connections_accepted"] += 1
         return True
 
+    def admit_identity(self, session: Session) -> bool:
+        """Count an authenticated connection against its identity's limit."""
+        key = str(session.identity)
+        if self._per_identity[key] >= self.config.limits.max_connections_per_identity:
+            self.stats["connections_refused_identity"] += 1
+            return False
+        self._per_identity[key] += 1
+        session.counted = True
+        return True
+
     def forget(self, session: Session) -> None:
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            if session.counted:
+                key = str(session.identity)
+                self._per_identity[key] -= 1
+                if self._per_identity[key] <= 0:
+                    del self._per_identity[key]
 
     def mark_dirty(self, session: Session) -> None:
         self._dirty.append(session)

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["Session"]
 
 log = logging.getLogger("tessera.broker")
-audit = logging.getLogger("tessera.audit")
 
 #: Decisions cached per connection ((action, subject) -> allowed); cleared when full.
 _ACL_CACHE_ENTRIES = 256
@@ -54,6 +53,7 @@ class Session(asyncio.BufferedProtocol):
 
     __slots__ = (
         "_acl_cache",
+        "_close_code",
         "_close_timer",
         "_deadline",
         "_dirty",
@@ -65,6 +65,7 @@ class Session(asyncio.BufferedProtocol):
         "_stepping",
         "broker",
         "conn",
+        "counted",
         "id",
         "identity",
         "layer",
@@ -85,8 +86,11 @@ class Session(asyncio.BufferedProtocol):
             Role.SERVER,
             max_frame=limits.max_frame_bytes,
             max_frame_before_hello=limits.max_frame_bytes_before_hello,
+            max_topic_bytes=limits.max_topic_bytes,
+            max_topic_tokens=limits.max_topic_tokens,
         )
         self.identity: Identity | None = None
+        self.counted = False
         self.peer = "?"
         self.subs: dict[int, str] = {}
         self._outbox: list[bytes] = []
@@ -98,6 +102,7 @@ class Session(asyncio.BufferedProtocol):
         self._acl_cache: dict[tuple[Action, str], bool] = {}
         self._recv_buf = broker.recv_buffer
         self._stepping = False
+        self._close_code: str | None = None
         self._pending_in: list[bytes] = []
 
     # --- logging ------------------------------------------------------------------------
@@ -105,6 +110,19 @@ class Session(asyncio.BufferedProtocol):
     def _who(self) -> str:
         ident = str(self.identity) if self.identity is not None else "-"
         return f"[c{self.id} {self.peer} {ident}]"
+
+    @property
+    def audit_fields(self) -> dict[str, object]:
+        ident = self.identity
+        fields: dict[str, object] = {
+            "conn": self.id,
+            "peer": self.peer,
+            "listener": self.listener.config.bind,
+        }
+        if ident is not None:
+            fields["identity"] = str(ident)
+            fields["mechanism"] = ident.mechanism
+        return fields
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -150,6 +168,7 @@ class Session(asyncio.BufferedProtocol):
         if self.conn.state is not State.CLOSED:
             self.conn.state = State.CLOSED
         self.broker.forget(self)
+        self.broker.audit.record("close", self, code=self._close_code)
         log.debug("%s connection lost%s", self._who(), f": {exc}" if exc else "")
 
     def pause_writing(self) -> None:
@@ -210,7 +229,9 @@ class Session(asyncio.BufferedProtocol):
             self._on_wire(chunk)
 
     def _layer_failed(self, exc: BaseException) -> None:
-        audit.warning("%s security layer failure kind=%s", self._who(), type(exc).__name__)
+        self.broker.audit.record(
+            "layer_failure", self, level=logging.WARNING, reason=type(exc).__name__
+        )
         self._abort()
 
     def _after_layer(self, data: bytes, was_established: bool) -> None:
@@ -222,21 +243,26 @@ class Session(asyncio.BufferedProtocol):
             return
         if not was_established:
             self.identity = layer.peer_identity
-            audit.info(
-                "%s authenticated mechanism=%s",
-                self._who(),
-                self.identity.mechanism if self.identity else "?",
+            self.broker.audit.record("auth_success", self)
+            if not self.broker.admit_identity(self):
+                self.broker.audit.record(
+                    "limit_exceeded", self, level=logging.WARNING, reason="connections_per_identity"
+                )
+                self.close(ErrorCode.LIMIT_EXCEEDED, "too many connections for this identity")
+                return
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.broker.loop.call_later(
+                self.broker.config.limits.hello_timeout, self._handshake_timeout
             )
         plain = layer.read()
         if plain or not data:
             self._handle(self.conn.receive_data(plain if data else b"", self.broker.loop.time()))
 
     def _auth_failed(self, exc: HandshakeError) -> None:
-        audit.warning(
-            "%s authentication failed listener=%s reason=%s",
-            self._who(),
-            self.listener.config.bind,
-            exc.reason.value,
+        self._close_code = "auth_failure"
+        self.broker.audit.record(
+            "auth_failure", self, level=logging.WARNING, reason=exc.reason.value
         )
         log.info("%s handshake failed: %s", self._who(), exc)
         # Flush any alert the layer produced, then drop the connection.
@@ -263,6 +289,7 @@ class Session(asyncio.BufferedProtocol):
                     "%s rejected request: %s (%s)", self._who(), event.code.name, event.message
                 )
             elif isinstance(event, ProtocolFailure):
+                self._close_code = event.code.name.lower()
                 log.warning(
                     "%s protocol error, closing: %s (%s)",
                     self._who(),
@@ -273,10 +300,12 @@ class Session(asyncio.BufferedProtocol):
                 self._begin_close()
                 return
             elif isinstance(event, Close):
+                self._close_code = self._close_code or "client_close"
                 log.debug("%s client closed: code=%s", self._who(), event.code)
                 self._begin_close()
                 return
             elif isinstance(event, EndOfStream):
+                self._close_code = self._close_code or "eof"
                 self._close_transport()
                 return
         self._flush_conn()
@@ -313,12 +342,13 @@ class Session(asyncio.BufferedProtocol):
             self._acl_cache.clear()
         self._acl_cache[key] = decision.allowed
         if not decision.allowed:
-            audit.warning(
-                "%s denied action=%s subject=%s reason=%s",
-                self._who(),
-                action.value,
-                subject,
-                decision.reason,
+            self.broker.audit.record(
+                "denied",
+                self,
+                level=logging.WARNING,
+                action=action.value,
+                subject=subject,
+                reason=decision.reason,
             )
         return decision.allowed
 
@@ -406,11 +436,13 @@ class Session(asyncio.BufferedProtocol):
         self._outbox.clear()
         self._outbox_bytes = 0
         self.broker.stats["slow_consumer_disconnects"] += 1
-        audit.warning(
-            "%s slow consumer disconnected pending_bytes=%d pending_messages=%d",
-            self._who(),
-            pending,
-            count,
+        self.broker.audit.record(
+            "slow_consumer",
+            self,
+            level=logging.WARNING,
+            policy="disconnect",
+            pending_bytes=pending,
+            pending_messages=count,
         )
         self.close(ErrorCode.SLOW_CONSUMER, "slow consumer: too many undelivered messages")
 
@@ -450,6 +482,7 @@ class Session(asyncio.BufferedProtocol):
 
     def close(self, code: ErrorCode, reason: str) -> None:
         """Send a close frame, flush, and close the transport (aborted after close_timeout)."""
+        self._close_code = self._close_code or code.name.lower()
         if self.conn.state in (State.OPEN, State.HANDSHAKE):
             with contextlib.suppress(LocalProtocolError):
                 self.conn.send(Close(code, reason))
@@ -485,7 +518,9 @@ class Session(asyncio.BufferedProtocol):
     def _handshake_timeout(self) -> None:
         self._deadline = None
         stage = "hello" if self.layer.established else "security handshake"
-        audit.warning("%s handshake timeout stage=%s", self._who(), stage)
+        self.broker.audit.record(
+            "handshake_timeout", self, level=logging.WARNING, stage=stage.replace(" ", "_")
+        )
         if self.layer.established:
             self.close(ErrorCode.HANDSHAKE_TIMEOUT, f"no {stage} within the deadline")
         else:
@@ -499,7 +534,7 @@ class Session(asyncio.BufferedProtocol):
         conn.handle_timer(now)
         if conn.closed:
             log.info("%s heartbeat timeout, closing", self._who())
-            audit.warning("%s closed reason=heartbeat_timeout", self._who())
+            self.broker.audit.record("heartbeat_timeout", self, level=logging.WARNING)
             self._flush_conn()
             self._begin_close()
         else:
