@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
+import shlex
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from auth.acl import AclError, Policy
@@ -123,26 +127,41 @@ def _check_config(path: Path, as_json: bool) -> int:
     return 1 if errors else 0
 
 
-async def _serve(cfg: BrokerConfig, policy: Policy | None, dev_hint: str | None) -> None:
+async def _serve(
+    cfg: BrokerConfig, policy: Policy | None, dev_hint: Callable[[str], str] | None
+) -> None:
     broker = Broker(cfg, policy=policy)
     await broker.start()
+    # Handle SIGTERM/SIGINT before announcing readiness: a supervisor (or a test) that signals
+    # right after the "listening" line must get a graceful shutdown, not the default action.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, broker.request_stop)
+    addresses = []
     for lst in broker.listeners:
         host, port = lst.address
         shown = f"[{host}]" if ":" in host else host
+        addresses.append(f"{shown}:{port}")
         print(f"listening {lst.config.security}://{shown}:{port}", flush=True)
     if dev_hint:
-        print(dev_hint, flush=True)
-    await broker.serve_until_stopped()
+        # The address actually bound (with --bind HOST:0 the port is only known now).
+        print(dev_hint(addresses[0]), flush=True)
+    await broker.serve_until_stopped(install_signal_handlers=False)
 
 
-def _dev_hint(directory: Path, bind: str) -> str:
+def _dev_hint(directory: Path, address: str) -> str:
     d = directory
+    flags = ""
+    if address != DEFAULT_DEV_BIND:
+        flags += f" --url tls://{address}"
+    if d != DEFAULT_DEV_DIR:
+        flags += f" --dev-dir {shlex.quote(str(d))}"
     return (
         "\nTessera development broker (dev CA and permissive ACL in "
         f"{d}/; not for production)\n"
-        "  subscribe:  tessera sub --dev 'status.>'\n"
-        "  publish:    tessera pub --dev status.hello 'hello world'\n"
-        f'  python:     client_sdk.connect("tls://{bind}", ca="{d}/ca.pem",\n'
+        f"  subscribe:  tessera sub --dev{flags} 'status.>'\n"
+        f"  publish:    tessera pub --dev{flags} status.hello 'hello world'\n"
+        f'  python:     client_sdk.connect("tls://{address}", ca="{d}/ca.pem",\n'
         f'                  cert="{d}/{DEV_CLIENT}.pem", key="{d}/{DEV_CLIENT}-key.pem")\n'
         "  stop:       Ctrl-C"
     )
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.file, args.json)
 
-    hint: str | None = None
+    hint: Callable[[str], str] | None = None
     if args.dev:
         bind = args.bind or DEFAULT_DEV_BIND
         try:
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report any provisioning failure plainly
             print(f"tessera-broker: error: cannot prepare {args.dev_dir}: {exc}", file=sys.stderr)
             return 1
-        hint = _dev_hint(args.dev_dir, bind)
+        hint = functools.partial(_dev_hint, args.dev_dir)
     else:
         if args.bind:
             print("tessera-broker: error: --bind goes with --dev", file=sys.stderr)

@@ -51,6 +51,19 @@ class ListenerConfig:
     identity_fields: tuple[str, ...] = DEFAULT_X509_NAME_FIELDS
     """Certificate fields tried in order for the client's name: san_email, san_uri, san_dns,
     cn, dn (see docs/identity.md)."""
+    mechanisms: tuple[str, ...] = ("kerberos",)
+    """``negotiate`` modes: the SPNEGO mechanisms allowed; NTLM only when listed."""
+    service_principal: str | None = None
+    """``negotiate`` modes: the only service principal whose tickets are accepted
+    (``tessera/host@REALM``; a bare host name means ``tessera/<host>@<default realm>``)."""
+    keytab: Path | None = None
+    """``negotiate`` modes: the keytab (default: ``KRB5_KTNAME`` / krb5.conf)."""
+    ntlm_user_file: Path | None = None
+    """``negotiate`` modes with NTLM: the account file pyspnego verifies NTLM against."""
+    max_handshake_token_bytes: int = 65_536
+    """``negotiate`` modes: largest SPNEGO token accepted."""
+    max_handshake_legs: int = 4
+    """``negotiate`` modes: most tokens accepted from a client in one handshake."""
 
     @property
     def host(self) -> str:
@@ -162,15 +175,53 @@ def _listener(raw: object, i: int, base: Path, source: str) -> ListenerConfig:
     security = raw.get("security", "tls")
     if security not in SECURITY_MODES:
         raise _err(source, f"{where}.security", f"must be one of {', '.join(SECURITY_MODES)}")
-    if security != "tls":
-        raise _err(
-            source, f"{where}.security", f"{security!r} is not available in this version yet"
-        )
     paths: dict[str, Path | None] = {}
-    for key in ("cert", "key", "client_ca"):
+    for key in ("cert", "key", "client_ca", "keytab", "ntlm_user_file"):
         paths[key] = _path(raw[key], base, source, f"{where}.{key}") if key in raw else None
-    if paths["cert"] is None or paths["key"] is None:
-        raise _err(source, where, "security = \"tls\" needs both 'cert' and 'key'")
+    uses_tls = security in ("tls", "tls+negotiate")
+    uses_gss = security in ("negotiate", "tls+negotiate")
+    if uses_tls and (paths["cert"] is None or paths["key"] is None):
+        raise _err(source, where, f"security = {security!r} needs both 'cert' and 'key'")
+    if not uses_tls:
+        for key in ("cert", "key", "client_ca"):
+            if paths[key] is not None:
+                raise _err(source, f"{where}.{key}", "only for security = tls or tls+negotiate")
+    if not uses_gss:
+        for key in (
+            "mechanisms",
+            "service_principal",
+            "keytab",
+            "ntlm_user_file",
+            "max_handshake_token_bytes",
+            "max_handshake_legs",
+        ):
+            if key in raw:
+                raise _err(source, f"{where}.{key}", "only for the negotiate security modes")
+    mechanisms = raw.get("mechanisms", ["kerberos"])
+    if (
+        not isinstance(mechanisms, list)
+        or not mechanisms
+        or any(m not in ("kerberos", "ntlm") for m in mechanisms)
+        or len(set(mechanisms)) != len(mechanisms)
+    ):
+        raise _err(source, f"{where}.mechanisms", 'a non-empty list of "kerberos", "ntlm"')
+    service = raw.get("service_principal")
+    if service is not None and (not isinstance(service, str) or not service.strip()):
+        raise _err(source, f"{where}.service_principal", "must be a non-empty string")
+    if uses_gss and "kerberos" in mechanisms and service is None:
+        raise _err(
+            source,
+            f"{where}.service_principal",
+            'required when "kerberos" is allowed (e.g. "tessera/broker.example.com@REALM")',
+        )
+    if uses_gss and "ntlm" in mechanisms and paths["ntlm_user_file"] is None:
+        raise _err(source, f"{where}.ntlm_user_file", 'required when "ntlm" is allowed')
+    bounds: dict[str, int] = {}
+    for key, default in (("max_handshake_token_bytes", 65_536), ("max_handshake_legs", 4)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise _err(source, f"{where}.{key}", "must be a positive integer")
+        bounds[key] = value
     id_fields = raw.get("identity_fields", list(DEFAULT_X509_NAME_FIELDS))
     if not isinstance(id_fields, list) or not all(isinstance(x, str) for x in id_fields):
         raise _err(source, f"{where}.identity_fields", "must be a list of strings")
@@ -185,6 +236,11 @@ def _listener(raw: object, i: int, base: Path, source: str) -> ListenerConfig:
         key=paths["key"],
         client_ca=paths["client_ca"],
         identity_fields=id_tuple,
+        mechanisms=tuple(mechanisms),
+        service_principal=service,
+        keytab=paths["keytab"],
+        ntlm_user_file=paths["ntlm_user_file"],
+        **bounds,
     )
 
 
@@ -246,6 +302,14 @@ def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> Bro
     if not isinstance(raw_listeners, list) or not raw_listeners:
         raise _err(source, "listeners", "at least one [[listeners]] table is required")
     listeners = tuple(_listener(r, i, base, source) for i, r in enumerate(raw_listeners))
+    ntlm_files = {lst.ntlm_user_file for lst in listeners if lst.ntlm_user_file is not None}
+    if len(ntlm_files) > 1:
+        raise _err(
+            source,
+            "listeners",
+            "every listener that allows NTLM must name the same ntlm_user_file "
+            "(pyspnego reads one process-wide file)",
+        )
     acl = data.get("acl", {})
     if not isinstance(acl, dict):
         raise _err(source, "acl", "must be a table")
@@ -303,7 +367,7 @@ def check_files(cfg: BrokerConfig) -> list[str]:
     """Problems with the files a valid configuration names (missing, unreadable, keys too open)."""
     problems: list[str] = []
     for i, lst in enumerate(cfg.listeners):
-        for key in ("cert", "key", "client_ca"):
+        for key in ("cert", "key", "client_ca", "keytab", "ntlm_user_file"):
             p: Path | None = getattr(lst, key)
             if p is not None and not p.is_file():
                 problems.append(f"listeners[{i}].{key}: {p} does not exist")

@@ -7,9 +7,12 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import os
 import signal
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from auth.acl import Policy
@@ -53,17 +56,81 @@ class Listener:
         return str(host), int(port)
 
 
+def _certificate_der(path: Path) -> bytes:
+    """The first certificate of a PEM chain file, as DER (for channel bindings)."""
+    pem = path.read_text(encoding="ascii", errors="replace")
+    start = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find("-----END CERTIFICATE-----", start)
+    if start < 0 or end < 0:
+        raise ValueError(f"{path}: no PEM certificate found")
+    return ssl.PEM_cert_to_DER_cert(pem[start : end + len("-----END CERTIFICATE-----")])
+
+
 def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
-    if cfg.security == "tls":
-        assert cfg.cert is not None and cfg.key is not None
+    """Build (and check once) the security-layer factory of a listener."""
+    fields = cfg.identity_fields
+    ctx = None
+    if cfg.security in ("tls", "tls+negotiate"):
+        assert cfg.cert is not None
+        assert cfg.key is not None
         ctx = server_context(cfg.cert, cfg.key, cfg.client_ca)
-        fields = cfg.identity_fields
+    if cfg.security == "tls":
+        assert ctx is not None
+        tls_ctx = ctx
 
-        def make() -> SecurityLayer:
-            return TLSLayer(ctx, server_side=True, identity_fields=fields)
+        def make_tls() -> SecurityLayer:
+            return TLSLayer(tls_ctx, server_side=True, identity_fields=fields)
 
-        return make
-    raise ValueError(f"unsupported security mode {cfg.security!r}")
+        return make_tls
+
+    # The negotiate modes need the optional pyspnego/gssapi extra: import only when used.
+    from auth.negotiate import NegotiateServerLayer, tls_channel_bindings  # noqa: PLC0415
+    from auth.stack import StackedLayer  # noqa: PLC0415
+
+    if "ntlm" in cfg.mechanisms:
+        log.warning(
+            "listener %s allows NTLM: NTLM sealing is RC4 and NTLM can be relayed; "
+            'prefer Kerberos, and keep NTLM inside TLS (security = "tls+negotiate")',
+            cfg.bind,
+        )
+    mechanisms = frozenset(cfg.mechanisms)
+    keytab = cfg.keytab
+    service = cfg.service_principal
+    if cfg.security == "negotiate":
+
+        def make_gss() -> SecurityLayer:
+            return NegotiateServerLayer(
+                service,
+                keytab,
+                mechanisms=mechanisms,
+                max_token_bytes=cfg.max_handshake_token_bytes,
+                max_legs=cfg.max_handshake_legs,
+            )
+
+        make_gss()  # configuration errors surface at start-up, not per connection
+        return make_gss
+
+    assert ctx is not None and cfg.cert is not None
+    stack_ctx = ctx
+    bindings = tls_channel_bindings(_certificate_der(cfg.cert))
+
+    def make_stack() -> SecurityLayer:
+        return StackedLayer(
+            TLSLayer(stack_ctx, server_side=True, identity_fields=fields),
+            NegotiateServerLayer(
+                service,
+                keytab,
+                mechanisms=mechanisms,
+                channel_bindings=bindings,
+                require_channel_binding=True,
+                protect_frames=False,
+                max_token_bytes=cfg.max_handshake_token_bytes,
+                max_legs=cfg.max_handshake_legs,
+            ),
+        )
+
+    make_stack()
+    return make_stack
 
 
 class Broker:
@@ -81,6 +148,10 @@ class Broker:
         if policy is None:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
         self.policy = policy
+        ntlm_files = {c.ntlm_user_file for c in config.listeners if c.ntlm_user_file is not None}
+        if ntlm_files:
+            # pyspnego reads NTLM accounts only from this process-wide variable.
+            os.environ["NTLM_USER_FILE"] = str(ntlm_files.pop())
         self.router = Router(backplane)
         self.audit = Audit(config.audit_file)
         self._per_identity: collections.Counter[str] = collections.Counter()

@@ -207,10 +207,10 @@ class Session(asyncio.BufferedProtocol):
 
     def _step_done(self, fut: asyncio.Future[None], data: bytes) -> None:
         self._stepping = False
+        exc = fut.exception()  # always retrieve it, even when the connection is gone
         if self.transport is None or self.transport.is_closing():
             self._pending_in.clear()
             return
-        exc = fut.exception()
         if isinstance(exc, HandshakeError):
             self._pending_in.clear()
             self._auth_failed(exc)
@@ -419,6 +419,10 @@ class Session(asyncio.BufferedProtocol):
         """Router callback: queue one delivery frame (never blocks)."""
         if self.conn.state is not State.OPEN:
             return
+        if self.conn.has_data_to_send:
+            # Replies this session queued earlier in the same batch (its welcome, an ok) go
+            # first: a client that pipelines hello, sub and pub must see the welcome first.
+            self._flush_conn()
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
         limits = self.broker.config.limits

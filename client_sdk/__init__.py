@@ -8,6 +8,7 @@ async with client_sdk.connect("tls://127.0.0.1:7443", ca="ca.pem",
         print(msg.topic, msg.payload)
 """
 
+from auth.credentials import NTLM, Kerberos
 from client_sdk.client import Client, Delivery, Subscription, connect
 from client_sdk.protocol.errors import (
     AuthenticationError,
@@ -36,7 +37,9 @@ __all__ = [
     "Delivery",
     "ErrorCode",
     "InvalidTopic",
+    "Kerberos",
     "LocalProtocolError",
+    "NTLM",
     "PermissionDenied",
     "ProtocolError",
     "RemoteProtocolError",

@@ -21,7 +21,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from auth.errors import AuthError, HandshakeError
+from auth.credentials import NTLM, Kerberos
+from auth.errors import AuthError, HandshakeError, HandshakeReason
 from auth.layer import SecurityLayer
 from auth.tls import TLSLayer, client_context
 from client_sdk.protocol import (
@@ -63,7 +64,7 @@ CLIENT_NAME = "tessera-py/0.1.0"
 #: Messages a subscription buffers for a slow application before it drops new ones.
 DEFAULT_MAX_PENDING_MESSAGES = 10_000
 
-_SCHEMES = ("tls",)
+_SCHEMES = ("tls", "negotiate", "tls+negotiate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,8 @@ class Client:
         self._timer: asyncio.TimerHandle | None = None
         self._on_error = on_error
         self.welcome: Welcome | None = None
+        self._stepping = False
+        self._pending_in: list[bytes] = []
 
     # --- public API -----------------------------------------------------------------------
 
@@ -343,17 +346,48 @@ class Client:
             self._transport.write(out)
 
     def _on_wire(self, data: bytes) -> None:
+        if self._stepping:
+            self._pending_in.append(data)
+            return
         layer = self._layer
         was_established = layer.established
+        if layer.blocking_handshake and not was_established:
+            # A handshake step may block (a Kerberos initiator asking the KDC for a ticket):
+            # run it off the loop and keep later bytes in order behind it.
+            self._stepping = True
+            fut = self._loop.run_in_executor(None, layer.receive_data, data)
+            fut.add_done_callback(lambda f: self._step_done(f, data))
+            return
         try:
             layer.receive_data(data)
-        except HandshakeError as exc:
-            self._write_wire()
-            self._abort_with(AuthenticationError(exc.detail or exc.reason.value))
-            return
         except AuthError as exc:
-            self._abort_with(ConnectionClosedError(ErrorCode.PROTOCOL_ERROR, str(exc)))
+            self._layer_error(exc)
             return
+        self._after_layer(data, was_established)
+
+    def _layer_error(self, exc: BaseException) -> None:
+        if isinstance(exc, HandshakeError):
+            self._write_wire()
+            self._abort_with(authentication_error(exc))
+        else:
+            self._abort_with(ConnectionClosedError(ErrorCode.PROTOCOL_ERROR, str(exc)))
+
+    def _step_done(self, fut: asyncio.Future[None], data: bytes) -> None:
+        self._stepping = False
+        exc = fut.exception()
+        if exc is not None:
+            self._pending_in.clear()
+            self._layer_error(exc)
+            return
+        self._after_layer(data, False)
+        pending, self._pending_in = self._pending_in, []
+        for chunk in pending:
+            if self._close_exc is not None:
+                break
+            self._on_wire(chunk)
+
+    def _after_layer(self, data: bytes, was_established: bool) -> None:
+        layer = self._layer
         self._write_wire()
         if not layer.established:
             if not data:
@@ -511,11 +545,22 @@ def _code(value: int) -> ErrorCode:
         return ErrorCode.INTERNAL_ERROR
 
 
+def authentication_error(exc: HandshakeError) -> AuthenticationError:
+    """The SDK error for a failed security handshake, with the reason code a user can act on."""
+    err = AuthenticationError(
+        f"{exc.reason.value}: {exc.detail}" if exc.detail else exc.reason.value
+    )
+    err.reason = exc.reason.value
+    return err
+
+
 def _parse_url(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
-        raise ValueError(f"unsupported URL scheme {scheme!r} (use tls://host:port)")
+        raise ValueError(
+            f"unsupported URL scheme {scheme!r} (use tls://, negotiate:// or tls+negotiate://)"
+        )
     if not parts.hostname:
         raise ValueError(f"no host in {url!r}")
     return scheme, parts.hostname, parts.port or DEFAULT_PORT
@@ -524,11 +569,16 @@ def _parse_url(url: str) -> tuple[str, str, int]:
 class connect:  # used as a function: ``async with connect(...)`` / ``await connect(...)``
     """Open a connection: ``async with connect("tls://host:7443", ca=..., cert=..., key=...)``.
 
-    ``ca`` verifies the broker (the system trust store if omitted), ``cert``/``key`` are the
-    client certificate. Or pass a ready ``ssl_context``. ``server_hostname`` overrides the name
-    checked against the broker certificate (default: the URL's host). Raises
-    :class:`AuthenticationError` when either side rejects the other, ``OSError`` when the broker
-    cannot be reached, ``TimeoutError`` after ``timeout`` seconds.
+    URL schemes: ``tls://`` (mutual TLS: ``ca`` verifies the broker, the system store if omitted;
+    ``cert``/``key`` are the client certificate, or pass a ready ``ssl_context``);
+    ``negotiate://`` (Kerberos or NTLM through SPNEGO, every frame sealed with GSS: pass
+    ``auth=Kerberos(...)`` or ``auth=NTLM(user, password)``; with no ``auth`` the default
+    Kerberos credential cache is used); ``tls+negotiate://`` (TLS for the channel, SPNEGO bound
+    to it for the identity; ``ca`` and ``auth`` as above). ``server_hostname`` overrides the name
+    checked against the broker certificate and used for the Kerberos service principal
+    ``<service>/<host>`` (default: the URL's host). Raises :class:`AuthenticationError` (with a
+    ``reason`` code) when either side rejects the other, ``OSError`` when the broker cannot be
+    reached, ``TimeoutError`` after ``timeout`` seconds.
     """
 
     def __init__(
@@ -539,23 +589,66 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         cert: str | Path | None = None,
         key: str | Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        auth: Kerberos | NTLM | None = None,
+        service: str = "tessera",
         server_hostname: str | None = None,
         timeout: float = 10.0,
         on_error: Callable[[TesseraError], None] | None = None,
     ) -> None:
         self._url = url
         self._scheme, self._host, self._port = _parse_url(url)
-        if ssl_context is None:
-            ssl_context = client_context(ca, cert, key)
-        self._ctx = ssl_context
+        if self._scheme == "negotiate":
+            if ca is not None or cert is not None or ssl_context is not None:
+                raise ValueError("negotiate:// uses no TLS: use tls+negotiate:// with ca=")
+            self._ctx = None
+        else:
+            if self._scheme == "tls+negotiate" and cert is not None:
+                raise ValueError("tls+negotiate:// authenticates with auth=, not a certificate")
+            self._ctx = ssl_context if ssl_context is not None else client_context(ca, cert, key)
+        if self._scheme == "tls" and auth is not None:
+            raise ValueError("auth= is for negotiate:// and tls+negotiate:// URLs")
+        self._auth = auth
+        self._service = service
         self._server_hostname = server_hostname or self._host
         self._timeout = timeout
         self._on_error = on_error
         self._client: Client | None = None
 
+    def _make_layer(self) -> SecurityLayer:
+        if self._scheme == "tls":
+            assert self._ctx is not None
+            return TLSLayer(self._ctx, server_side=False, server_hostname=self._server_hostname)
+        try:
+            from auth.negotiate import NegotiateClientLayer, tls_channel_bindings  # noqa: PLC0415
+            from auth.stack import StackedLayer  # noqa: PLC0415
+        except ImportError as exc:  # pragma: no cover - depends on the installed extras
+            raise ImportError(
+                f"{self._scheme}:// needs Kerberos support: pip install 'tessera[negotiate]' "
+                f"({exc})"
+            ) from exc
+        host, service, auth = self._server_hostname, self._service, self._auth
+        if self._scheme == "negotiate":
+            return NegotiateClientLayer(host, service, credential=auth)
+        assert self._ctx is not None
+
+        def inner(outer: SecurityLayer) -> SecurityLayer:
+            assert isinstance(outer, TLSLayer)
+            der = outer.peer_certificate()
+            if der is None:
+                raise HandshakeError(HandshakeReason.TLS_BAD_SERVER_CERT, "no broker certificate")
+            return NegotiateClientLayer(
+                host,
+                service,
+                credential=auth,
+                channel_bindings=tls_channel_bindings(der),
+                protect_frames=False,
+            )
+
+        return StackedLayer(TLSLayer(self._ctx, server_side=False, server_hostname=host), inner)
+
     async def _connect(self) -> Client:
         loop = asyncio.get_running_loop()
-        layer = TLSLayer(self._ctx, server_side=False, server_hostname=self._server_hostname)
+        layer = self._make_layer()
         client = Client(layer, on_error=self._on_error)
         async with asyncio.timeout(self._timeout):
             try:
@@ -563,9 +656,12 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
                     lambda: _ClientProtocol(client), self._host, self._port
                 )
                 try:
-                    layer.start()
+                    if layer.blocking_handshake:
+                        await asyncio.to_thread(layer.start)
+                    else:
+                        layer.start()
                 except HandshakeError as exc:
-                    raise AuthenticationError(exc.detail or exc.reason.value) from None
+                    raise authentication_error(exc) from None
                 client._write_wire()
                 await asyncio.shield(client._welcome)
             except BaseException:

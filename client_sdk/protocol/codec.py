@@ -159,7 +159,7 @@ def encode_message_frame(
     same length and a delivery drops ``ack``), so it always fits the announced frame limit.
     """
     d: dict[str, Any] = {"op": "msg", "topic": topic, "payload": payload}
-    if headers:
+    if headers is not None:  # as encode(Message(...)): an empty map stays an empty map
         d["headers"] = dict(headers)
     return _prefix(msgpack.packb(d, use_bin_type=True))
 
@@ -219,8 +219,9 @@ def _headers(value: object, op: str) -> dict[str, str] | None:
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise _fail(f"'{op}.headers' must be a map of string to string")
-        if len(k) > MAX_HEADER_FIELD_BYTES or len(v.encode("utf-8", "surrogatepass")) > (
-            MAX_HEADER_FIELD_BYTES
+        if (
+            len(k.encode("utf-8", "surrogatepass")) > MAX_HEADER_FIELD_BYTES
+            or len(v.encode("utf-8", "surrogatepass")) > MAX_HEADER_FIELD_BYTES
         ):
             raise _fail(f"'{op}.headers' entry longer than {MAX_HEADER_FIELD_BYTES} bytes")
     return value

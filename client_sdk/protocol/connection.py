@@ -100,7 +100,9 @@ class Connection:
     """One end of a Tessera session over an already secured byte stream."""
 
     __slots__ = (
+        "_close_seen",
         "_decoder",
+        "_deferred",
         "_heartbeat",
         "_hello_sent",
         "_last_rx",
@@ -141,6 +143,11 @@ class Connection:
         self.failure: RemoteProtocolError | None = None
         self._decoder = FrameDecoder(max_frame_before_hello)
         self._out: list[bytes] = []
+        #: Frames the core answered with (pong, error) while a server had not yet sent its
+        #: welcome (a client pipelined behind hello); they follow the welcome.
+        self._deferred: list[bytes] = []
+        #: A close frame was sent or received: EOF after it is the expected end.
+        self._close_seen = False
         self._hello_sent = False
         self._welcome_sent = False
         self._heartbeat: float | None = None
@@ -155,25 +162,33 @@ class Connection:
         ``now`` is the driver's monotonic clock, used only for heartbeats.
         """
         if not data:
-            clean = self.state is State.CLOSED and self.failure is None
+            clean = self._close_seen and self.failure is None
             self.state = State.CLOSED
             return [EndOfStream(clean=clean)]
         if self.state is State.CLOSED:
             return []
         self._last_rx = now
         self._ping_outstanding = False
-        try:
-            bodies = self._decoder.feed(data)
-        except FrameTooLarge as exc:
-            return [self._fail(exc)]
         events: list[Event] = []
-        for body in bodies:
-            event = self._receive_frame(body)
-            if event is not None:
-                events.append(event)
-            if self.closed:
-                break
-        return events
+        while True:
+            too_large = None
+            try:
+                bodies = self._decoder.feed(data)
+            except FrameTooLarge as exc:
+                bodies, too_large = exc.frames, exc
+            for body in bodies:
+                event = self._receive_frame(body)
+                if event is not None:
+                    events.append(event)
+                if self.closed:
+                    return events
+            if too_large is None:
+                return events
+            if too_large.length > self._decoder.max_frame:
+                events.append(self._fail(too_large))
+                return events
+            # hello/welcome in this batch raised the limit: decode the rest under the new one.
+            data = b""
 
     def _receive_frame(self, body: bytes) -> Event | None:
         try:
@@ -181,6 +196,8 @@ class Connection:
         except codec.UnknownOperation as exc:
             if self.state is State.OPEN:
                 return self._reject(ErrorCode.UNKNOWN_OPERATION, exc.message)
+            if self.state is State.CLOSING:
+                return None
             return self._fail(exc)
         except RemoteProtocolError as exc:
             return self._fail(exc)
@@ -188,6 +205,7 @@ class Connection:
         if self.state is State.CLOSING:
             if kind is Close:
                 self.state = State.CLOSED
+                self._close_seen = True
                 return event
             return None
         if kind not in RECEIVABLE[self.role, self.state]:
@@ -213,7 +231,7 @@ class Connection:
                     event.topic, max_bytes=self.max_topic_bytes, max_tokens=self.max_topic_tokens
                 )
             except InvalidTopic as exc:
-                self.send(Error(ErrorCode.INVALID_TOPIC, exc.message, ack=event.ack, topic=None))
+                self._reply(Error(ErrorCode.INVALID_TOPIC, exc.message, ack=event.ack, topic=None))
                 return Rejected(ErrorCode.INVALID_TOPIC, exc.message, ack=event.ack)
             return event
         if isinstance(event, Subscribe):
@@ -224,14 +242,15 @@ class Connection:
                     max_tokens=self.max_topic_tokens,
                 )
             except InvalidTopic as exc:
-                self.send(Error(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid))
+                self._reply(Error(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid))
                 return Rejected(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid)
             return event
         if isinstance(event, Ping):
-            self.send(Pong())
+            self._reply(Pong())
             return event
         if isinstance(event, Close):
             self.state = State.CLOSED
+            self._close_seen = True
             return event
         if isinstance(event, Hello):
             version = negotiate_version(event.version)
@@ -268,13 +287,23 @@ class Connection:
         return event
 
     def _reject(self, code: ErrorCode, message: str) -> Rejected:
-        self.send(Error(code, _clip(message)))
+        # A broker answers with an error frame; a client cannot send one and ignores the frame.
+        if self.role is Role.SERVER:
+            self._reply(Error(code, _clip(message)))
         return Rejected(code, message)
+
+    def _reply(self, event: Event) -> None:
+        """Queue a frame the core sends on its own (pong, error answer)."""
+        if self.role is Role.SERVER and not self._welcome_sent:
+            # The driver has not answered hello yet: nothing may precede the welcome.
+            self._deferred.append(codec.encode_frame(event))
+        else:
+            self.send(event)
 
     def _fail(self, exc: RemoteProtocolError) -> ProtocolFailure:
         """Fail the connection because of the peer: queue a close frame, stop reading."""
         self.failure = exc
-        if self.state is not State.CLOSED:
+        if self.state is State.HANDSHAKE or self.state is State.OPEN:  # CLOSING: already sent
             self._out.append(codec.encode_frame(Close(exc.code, _clip(exc.message))))
         self.state = State.CLOSED
         return ProtocolFailure(exc.code, exc.message)
@@ -306,15 +335,22 @@ class Connection:
             self._welcome_sent = True
             assert isinstance(event, Welcome)
             self._heartbeat = event.heartbeat_ms / 1000 if event.heartbeat_ms else None
+            # The client accepts at least what the broker announces (it announces no limit).
+            self.peer_max_frame = event.max_frame
         frame = codec.encode_frame(event)
         if len(frame) - 4 > self.peer_max_frame and self.state is State.OPEN:
             raise LocalProtocolError(
-                f"frame of {len(frame) - 4} bytes exceeds the broker's limit of "
+                f"frame of {len(frame) - 4} bytes exceeds the {self._peer}'s limit of "
                 f"{self.peer_max_frame} bytes"
             )
         self._out.append(frame)
-        if kind is Close:
+        if kind is Welcome:
+            self._out.extend(self._deferred)
+            self._deferred.clear()
+        elif kind is Close:
             self.state = State.CLOSING
+            self._close_seen = True
+            self._deferred.clear()
 
     @property
     def closed(self) -> bool:

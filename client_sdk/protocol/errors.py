@@ -81,9 +81,14 @@ class InvalidTopic(TesseraError, ValueError):
 
 
 class AuthenticationError(TesseraError):
-    """The security handshake failed: the broker or the client could not prove who it is."""
+    """The security handshake failed: the broker or the client could not prove who it is.
+
+    ``reason`` is a stable code when known (``no_credentials``, ``kdc_unreachable``,
+    ``wrong_service``, ``mechanism_refused``, ``bad_credentials``, ``tls_bad_server_cert``,
+    ``tls_peer_rejected``, ...), see docs/sdk.md."""
 
     code = ErrorCode.AUTHENTICATION_FAILED
+    reason: str | None = None
 
 
 class PermissionDenied(TesseraError):

@@ -128,8 +128,9 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """The core answered a bad request with an error frame; the connection stays open.
-    Drivers log it. (Example: a ``sub`` with an invalid pattern.)"""
+    """The core refused a frame and the connection stays open: a broker has answered the bad
+    request with an error frame (example: a ``sub`` with an invalid pattern); a client has
+    ignored a frame it cannot handle (an unknown operation). Drivers log it."""
 
     code: ErrorCode
     message: str

@@ -14,9 +14,19 @@ __all__ = ["FrameDecoder", "FrameTooLarge"]
 
 
 class FrameTooLarge(RemoteProtocolError):
-    """The peer announced a frame longer than the limit in force."""
+    """The peer announced a frame longer than the limit in force.
+
+    ``length`` is the announced body length; ``frames`` holds the bodies completed before the
+    oversize prefix in the same :meth:`FrameDecoder.feed` call, so that the result does not
+    depend on how the stream was cut into reads.
+    """
 
     code = ErrorCode.FRAME_TOO_LARGE
+
+    def __init__(self, length: int, limit: int, frames: list[bytes]) -> None:
+        super().__init__(f"frame of {length} bytes exceeds the limit of {limit} bytes")
+        self.length = length
+        self.frames = frames
 
 
 class FrameDecoder:
@@ -37,9 +47,11 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add ``data`` and return the bodies of all frames now complete, in order.
 
-        Raises :class:`FrameTooLarge` as soon as a length prefix above ``max_frame`` is seen; the
-        frames completed before it in the same call are lost with the connection, which the
-        caller fails anyway.
+        Raises :class:`FrameTooLarge` as soon as a length prefix above ``max_frame`` is seen,
+        before any of that body is buffered. The frames completed before it in the same call are
+        in the exception's ``frames``; the bytes from the prefix on stay buffered, so a caller
+        that raises ``max_frame`` meanwhile (a limit that changes with the frames just decoded)
+        resumes with ``feed(b"")``.
         """
         buf = self._buf
         buffered = bool(buf)
@@ -52,11 +64,13 @@ class FrameDecoder:
         pos = 0
         end = len(view)
         limit = self.max_frame
+        too_large = None
         try:
             while end - pos >= FRAME_HEADER_BYTES:
                 n = int.from_bytes(view[pos : pos + FRAME_HEADER_BYTES], "big")
                 if n > limit:
-                    raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {limit} bytes")
+                    too_large = FrameTooLarge(n, limit, frames)
+                    break
                 start = pos + FRAME_HEADER_BYTES
                 if end - start < n:
                     break
@@ -68,4 +82,6 @@ class FrameDecoder:
             view.release()
         if buffered:
             del buf[:pos]
+        if too_large is not None:
+            raise too_large
         return frames
