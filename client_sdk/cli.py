@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from auth.credentials import NTLM, Kerberos
 from client_sdk.client import Client, Delivery, connect
 from client_sdk.protocol.errors import TesseraError
 
@@ -52,6 +53,27 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="where the dev credentials are (default: ./tessera-dev)",
     )
     g.add_argument("--timeout", type=float, default=10.0, help="connect timeout in seconds")
+    k = p.add_argument_group(
+        "Kerberos / NTLM (negotiate:// and tls+negotiate:// URLs)",
+        "Without these flags the default Kerberos credential cache is used (kinit).",
+    )
+    k.add_argument("--principal", help="Kerberos principal, e.g. alice@EXAMPLE.COM")
+    k.add_argument("--keytab", type=Path, help="get the Kerberos ticket with this keytab")
+    k.add_argument("--ccache", help="Kerberos credential cache (e.g. FILE:/tmp/krb5cc_alice)")
+    k.add_argument(
+        "--ntlm-user", metavar="DOMAIN\\USER", help="authenticate with NTLM as this user"
+    )
+    k.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="read the Kerberos or NTLM password from this environment variable "
+        "(never from the command line, where other users could see it)",
+    )
+    k.add_argument(
+        "--service",
+        default="tessera",
+        help="service name of the broker principal (default: tessera)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,7 +126,38 @@ def _credentials(args: argparse.Namespace) -> dict[str, Any]:
         if path is not None and not Path(path).is_file():
             hint = " (start `tessera-broker serve --dev` first)" if args.dev else ""
             raise FileNotFoundError(f"{flag}: {path} does not exist{hint}")
-    return {"ca": ca, "cert": cert, "key": key, "server_hostname": args.server_name}
+    creds: dict[str, Any] = {
+        "ca": ca,
+        "cert": cert,
+        "key": key,
+        "server_hostname": args.server_name,
+    }
+    if "negotiate" in args.url.split("://", 1)[0]:
+        creds["auth"] = _negotiate_credential(args)
+        creds["service"] = args.service
+        creds.pop("cert")
+        creds.pop("key")
+    return creds
+
+
+def _negotiate_credential(args: argparse.Namespace) -> Kerberos | NTLM:
+    password = None
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if password is None:
+            raise ValueError(f"--password-env: ${args.password_env} is not set")
+    if args.ntlm_user:
+        if password is None:
+            raise ValueError("--ntlm-user needs --password-env")
+        return NTLM(args.ntlm_user, password)
+    if password is not None and not args.principal:
+        raise ValueError("--password-env with Kerberos needs --principal")
+    return Kerberos(
+        principal=args.principal,
+        password=password,
+        keytab=args.keytab,
+        ccache=args.ccache,
+    )
 
 
 def _format(msg: Delivery, args: argparse.Namespace) -> str:
