@@ -47,6 +47,8 @@ class Listener:
     config: ListenerConfig
     make_layer: Callable[[], SecurityLayer]
     server: asyncio.Server | None = None
+    #: ``host:port`` actually bound (set once listening); used in logs and the audit trail.
+    label: str = ""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -192,7 +194,8 @@ class Broker:
                 factory, cfg.host, cfg.port, reuse_address=True, backlog=4096
             )
             host, port = lst.address
-            log.info("listening on %s:%d (%s)", host, port, cfg.security)
+            lst.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            log.info("listening on %s (%s)", lst.label, cfg.security)
         self._sweeper = asyncio.create_task(self._sweep(), name="tessera-heartbeat-sweep")
 
     async def serve_until_stopped(self, *, install_signal_handlers: bool = True) -> None:

@@ -117,7 +117,7 @@ class Session(asyncio.BufferedProtocol):
         fields: dict[str, object] = {
             "conn": self.id,
             "peer": self.peer,
-            "listener": self.listener.config.bind,
+            "listener": self.listener.label or self.listener.config.bind,
         }
         if ident is not None:
             fields["identity"] = str(ident)
@@ -140,7 +140,7 @@ class Session(asyncio.BufferedProtocol):
         self._deadline = loop.call_later(
             self.broker.config.limits.handshake_timeout, self._handshake_timeout
         )
-        log.debug("%s accepted on %s", self._who(), self.listener.config.bind)
+        log.debug("%s accepted on %s", self._who(), self.listener.label)
         self.layer.start()
         self._write_wire(self.layer.data_to_send())
 
