@@ -8,8 +8,9 @@ async with client_sdk.connect("tls://127.0.0.1:7443", ca="ca.pem",
         print(msg.topic, msg.payload)
 """
 
-from auth.credentials import NTLM, Kerberos
-from client_sdk.client import Client, Delivery, Subscription, connect
+import importlib
+from typing import TYPE_CHECKING
+
 from client_sdk.protocol.errors import (
     AuthenticationError,
     BrokerError,
@@ -27,6 +28,46 @@ from client_sdk.protocol.errors import (
 
 __version__ = "0.1.0"
 
+# The client and credentials load on first use (PEP 562), so that importing the wire core
+# (``client_sdk.protocol``) does not pull in asyncio, ssl or the security layers.
+_LAZY = {
+    "Client": "client_sdk.client",
+    "ConnectionState": "client_sdk.client",
+    "Delivery": "client_sdk.client",
+    "PublishBufferFull": "client_sdk.client",
+    "Reconnect": "client_sdk.client",
+    "Subscription": "client_sdk.client",
+    "connect": "client_sdk.client",
+    "Kerberos": "auth.credentials",
+    "NTLM": "auth.credentials",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'client_sdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from auth.credentials import NTLM, Kerberos
+    from client_sdk.client import (
+        Client,
+        ConnectionState,
+        Delivery,
+        PublishBufferFull,
+        Reconnect,
+        Subscription,
+        connect,
+    )
+
 __all__ = [
     "AuthenticationError",
     "BrokerError",
@@ -34,6 +75,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "ConnectionState",
     "Delivery",
     "ErrorCode",
     "InvalidTopic",
@@ -42,6 +84,8 @@ __all__ = [
     "NTLM",
     "PermissionDenied",
     "ProtocolError",
+    "PublishBufferFull",
+    "Reconnect",
     "RemoteProtocolError",
     "Subscription",
     "TesseraError",

@@ -1,9 +1,11 @@
 """The asyncio client: ``async with connect(url, ...) as client``.
 
-A thin driver around the sans-I/O core: an ``asyncio.Protocol`` feeds socket bytes to the security
-layer and the :class:`~client_sdk.protocol.Connection`; requests that expect an answer wait on
-futures keyed by subscription id or acknowledgement id; deliveries are dispatched to every local
-subscription whose pattern matches the topic (one delivery frame serves them all).
+A :class:`Client` outlives its connections. Each connection is a :class:`~client_sdk.link.Link`
+(socket, security layer, protocol core); when one is lost the client reconnects with exponential
+backoff and full jitter, re-authenticates, re-subscribes every live subscription exactly once,
+and resends what it owes (acknowledged publishes not yet confirmed, publishes buffered while
+disconnected). Deliveries are dispatched to every local subscription whose pattern matches the
+topic (one delivery frame from the broker serves them all).
 """
 
 from __future__ import annotations
@@ -11,34 +13,34 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import itertools
 import logging
+import random
 import ssl
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from auth.credentials import NTLM, Kerberos
-from auth.errors import AuthError, HandshakeError, HandshakeReason
+from auth.errors import HandshakeError, HandshakeReason
 from auth.layer import SecurityLayer
 from auth.tls import TLSLayer, client_context
+from client_sdk.link import ConnectionLostError, Link
 from client_sdk.protocol import (
     Close,
-    Connection,
     EndOfStream,
     Error,
     ErrorCode,
-    Hello,
+    Event,
     Message,
     Ok,
     ProtocolFailure,
     Publish,
     Rejected,
-    Role,
-    State,
     Subscribe,
     Unsubscribe,
     Welcome,
@@ -48,23 +50,102 @@ from client_sdk.protocol.errors import (
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
-    LocalProtocolError,
     TesseraError,
     error_from_code,
 )
 from client_sdk.protocol.topics import matches, split_pattern, validate_pattern, validate_topic
 
-__all__ = ["DEFAULT_PORT", "Client", "Delivery", "Subscription", "connect"]
+__all__ = [
+    "DEFAULT_PORT",
+    "Client",
+    "ConnectionState",
+    "Delivery",
+    "PublishBufferFull",
+    "Reconnect",
+    "Subscription",
+    "connect",
+]
 
 log = logging.getLogger("tessera.client")
 
 DEFAULT_PORT = 7443
-CLIENT_NAME = "tessera-py/0.1.0"
 
-#: Messages a subscription buffers for a slow application before it drops new ones.
+#: Messages a subscription buffers for a slow application (see ``overflow``).
 DEFAULT_MAX_PENDING_MESSAGES = 10_000
 
 _SCHEMES = ("tls", "negotiate", "tls+negotiate")
+
+#: Close codes after which reconnecting can help (the broker restarted, the network failed,
+#: we fell behind); anything else (a protocol violation, a refused identity) is final.
+_RETRYABLE_CODES = frozenset(
+    {
+        ErrorCode.NORMAL,
+        ErrorCode.GOING_AWAY,
+        ErrorCode.HEARTBEAT_TIMEOUT,
+        ErrorCode.SLOW_CONSUMER,
+        ErrorCode.INTERNAL_ERROR,
+        ErrorCode.LIMIT_EXCEEDED,
+        ErrorCode.HANDSHAKE_TIMEOUT,
+    }
+)
+
+#: Authentication failures that may pass by themselves (a KDC or broker that is restarting).
+_TRANSIENT_AUTH = frozenset(
+    {
+        HandshakeReason.KDC_UNREACHABLE.value,
+        HandshakeReason.TIMEOUT.value,
+        HandshakeReason.CLOSED.value,
+    }
+)
+
+
+class ConnectionState(enum.Enum):
+    """Where a client is; see ``on_state_change`` and :attr:`Client.state`."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Automatic reconnection. ``connect(..., reconnect=False)`` turns it off.
+
+    Delays follow exponential backoff with full jitter: before attempt *n* (from 0) the client
+    waits a random time between 0 and ``min(max_delay, initial_delay * 2**n)``, so a broker
+    restart does not meet all its clients at once.
+    """
+
+    initial_delay: float = 0.1
+    """Upper bound of the first delay, in seconds."""
+    max_delay: float = 30.0
+    """Cap of the delay bound, in seconds."""
+    max_attempts: int | None = None
+    """Attempts before giving up (``None``: keep trying)."""
+    buffer_messages: int = 1_000
+    """Publishes held while disconnected; one more raises :class:`PublishBufferFull`."""
+    buffer_bytes: int = 8 * 1024 * 1024
+    """Payload bytes held while disconnected."""
+
+    def __post_init__(self) -> None:
+        if self.initial_delay <= 0 or self.max_delay < self.initial_delay:
+            raise ValueError("need 0 < initial_delay <= max_delay")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1 (or None)")
+        if self.buffer_messages < 0 or self.buffer_bytes < 0:
+            raise ValueError("buffer limits must not be negative")
+
+    def delay(self, attempt: int) -> float:
+        """The delay before reconnection attempt ``attempt`` (0-based)."""
+        bound = min(self.max_delay, self.initial_delay * (2 ** min(attempt, 32)))
+        return random.uniform(0, bound)  # noqa: S311 - jitter, not cryptography
+
+
+class PublishBufferFull(TesseraError):
+    """The client is disconnected and its publish buffer is full: this message was not taken."""
+
+    code = ErrorCode.LIMIT_EXCEEDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +160,30 @@ class Delivery:
 class Subscription:
     """A live subscription: iterate it with ``async for``; end it with :meth:`unsubscribe`.
 
-    Messages wait in a bounded local queue (``max_pending``); when the application falls behind
-    further, new messages are dropped and counted in :attr:`dropped`.
+    Messages wait in a bounded local queue (``max_pending``). When the application falls
+    further behind, ``overflow`` decides: ``"drop_new"`` (default) discards arriving messages,
+    ``"drop_old"`` discards the oldest queued one; either way :attr:`dropped` counts them.
+    A subscription survives reconnects: the client subscribes again for it.
     """
 
-    def __init__(self, client: Client, sid: int, pattern: str, max_pending: int) -> None:
+    def __init__(
+        self,
+        client: Client,
+        sid: int,
+        pattern: str,
+        max_pending: int,
+        overflow: Literal["drop_new", "drop_old"],
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        if overflow not in ("drop_new", "drop_old"):
+            raise ValueError("overflow must be 'drop_new' or 'drop_old'")
         self._client = client
         self.sid = sid
         self.pattern = pattern
         self._tokens = split_pattern(pattern)
         self.max_pending = max_pending
+        self.overflow = overflow
         self.dropped = 0
         self._queue: collections.deque[Delivery] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -98,7 +193,9 @@ class Subscription:
     def _put(self, msg: Delivery) -> None:
         if len(self._queue) >= self.max_pending:
             self.dropped += 1
-            return
+            if self.overflow == "drop_new":
+                return
+            self._queue.popleft()
         self._queue.append(msg)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -138,62 +235,61 @@ class Subscription:
             await self._client._unsubscribe(self)
 
 
-class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, client: Client) -> None:
-        self.client = client
+@dataclass(slots=True)
+class _Ack:
+    """A publish that asked for an acknowledgement and has not had it."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.client._transport = transport
+    event: Publish
+    future: asyncio.Future[None]
+    sent: bool = False  #: handed to a link (resent after a reconnect)
 
-    def data_received(self, data: bytes) -> None:
-        self.client._on_wire(data)
 
-    def eof_received(self) -> bool:
-        self.client._on_wire(b"")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client._on_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.client._writable = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        fut = self.client._writable
-        self.client._writable = None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+Dialer = Callable[[], SecurityLayer]
 
 
 class Client:
-    """A connection to a Tessera broker. Create it with :func:`connect`."""
+    """A connection to a Tessera broker that survives reconnects. Create it with :func:`connect`."""
 
     def __init__(
         self,
-        layer: SecurityLayer,
+        make_layer: Dialer,
+        host: str,
+        port: int,
         *,
+        timeout: float = 10.0,
+        reconnect: Reconnect | None = Reconnect(),
         on_error: Callable[[TesseraError], None] | None = None,
+        on_state_change: Callable[[ConnectionState, TesseraError | None], None] | None = None,
     ) -> None:
-        self._layer = layer
-        self._conn = Connection(Role.CLIENT)
-        self._transport: asyncio.Transport | None = None
+        self._make_layer = make_layer
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+        self._reconnect = reconnect
+        self._on_error = on_error
+        self._on_state_change = on_state_change
         self._loop = asyncio.get_running_loop()
-        self._welcome: asyncio.Future[Welcome] = self._loop.create_future()
+        self._link: Link | None = None
+        self._dialing: Link | None = None
+        self._welcome_waiter: asyncio.Future[Welcome] | None = None
+        self._link_error: TesseraError | None = None
         self._closed: asyncio.Future[None] = self._loop.create_future()
-        self._close_exc: ConnectionClosed | None = None
+        self._final: ConnectionClosed | None = None
+        self._closing = False
+        self._reconnect_task: asyncio.Task[None] | None = None
         self._subs: dict[int, Subscription] = {}
-        self._pending_subs: dict[int, asyncio.Future[None]] = {}
-        self._pending_acks: dict[int, asyncio.Future[None]] = {}
+        self._sub_waiters: dict[int, asyncio.Future[None]] = {}
+        self._unsub_waiters: dict[int, asyncio.Future[None]] = {}
+        self._acks: dict[int, _Ack] = {}
+        self._outq: collections.deque[Publish] = collections.deque()
+        self._outq_bytes = 0
         self._dispatch_cache: dict[str, tuple[Subscription, ...]] = {}
         self._ids = itertools.count(1)
-        self._flush_scheduled = False
-        self._writable: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._on_error = on_error
+        self.state = ConnectionState.CONNECTING
+        #: The broker's welcome on the current (or last) connection.
         self.welcome: Welcome | None = None
-        self._stepping = False
-        self._pending_in: list[bytes] = []
+        #: Successful reconnections so far.
+        self.reconnects = 0
 
     # --- public API -----------------------------------------------------------------------
 
@@ -206,11 +302,11 @@ class Client:
     @property
     def max_payload(self) -> int:
         """The broker's frame limit (a payload must fit in it with its topic and headers)."""
-        return self._conn.peer_max_frame
+        return self.welcome.max_frame if self.welcome else 0
 
     @property
     def is_open(self) -> bool:
-        return self._conn.state is State.OPEN and self._close_exc is None
+        return self.state is ConnectionState.CONNECTED
 
     async def publish(
         self,
@@ -223,40 +319,61 @@ class Client:
         """Publish ``payload`` on ``topic``.
 
         With ``ack=True`` (the default) this returns once the broker has accepted the message
-        and raises :class:`PermissionDenied` if the ACL refuses it. With ``ack=False`` it returns
-        as soon as the frame is queued (faster; a refusal is reported to ``on_error``).
+        and raises :class:`PermissionDenied` if the ACL refuses it; across a reconnect the
+        message is sent again until acknowledged (at least once). With ``ack=False`` it returns
+        as soon as the frame is queued (a refusal is reported to ``on_error``). While the client
+        is reconnecting, publishes wait in a bounded buffer; when it is full
+        :class:`PublishBufferFull` is raised and the message is not taken.
         """
         validate_topic(topic)
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         hdrs = dict(headers) if headers else None
+        self._check_usable()
+        link = self._link if self.state is ConnectionState.CONNECTED else None
         if not ack:
-            self._send(Publish(topic, data, hdrs))
-            if self._writable is not None:
-                await self._writable
+            event = Publish(topic, data, hdrs)
+            if link is not None:
+                link.send(event)
+                if link.writable is not None:
+                    await link.writable
+            else:
+                self._enqueue(event)
             return
         ack_id = next(self._ids) & 0xFFFFFFFF
-        fut = self._loop.create_future()
-        self._pending_acks[ack_id] = fut
+        event = Publish(topic, data, hdrs, ack=ack_id)
+        entry = _Ack(event, self._loop.create_future())
+        if link is not None:
+            link.send(event)
+            entry.sent = True
+        else:
+            self._enqueue(event)
+        self._acks[ack_id] = entry
         try:
-            self._send(Publish(topic, data, hdrs, ack=ack_id))
-            await fut
+            await entry.future
         finally:
-            self._pending_acks.pop(ack_id, None)
+            self._acks.pop(ack_id, None)
 
     async def subscribe(
-        self, pattern: str, *, max_pending: int = DEFAULT_MAX_PENDING_MESSAGES
+        self,
+        pattern: str,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING_MESSAGES,
+        overflow: Literal["drop_new", "drop_old"] = "drop_new",
     ) -> Subscription:
         """Subscribe to ``pattern`` (``*`` = one token, ``>`` = the rest); returns once the
         broker has accepted it, or raises :class:`PermissionDenied` / :class:`InvalidTopic`."""
         validate_pattern(pattern)
+        self._check_usable()
         sid = next(self._ids) & 0xFFFFFFFF
-        sub = Subscription(self, sid, pattern, max_pending)
-        fut = self._loop.create_future()
-        self._pending_subs[sid] = fut
+        sub = Subscription(self, sid, pattern, max_pending, overflow)
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._sub_waiters[sid] = fut
         self._subs[sid] = sub
         self._dispatch_cache.clear()
         try:
-            self._send(Subscribe(sid, pattern))
+            if self.state is ConnectionState.CONNECTED and self._link is not None:
+                self._link.send(Subscribe(sid, pattern))
+            # else: sent by _resume() when the client is connected again
             await fut
         except BaseException:
             self._subs.pop(sid, None)
@@ -264,30 +381,31 @@ class Client:
             sub._end(None)
             raise
         finally:
-            self._pending_subs.pop(sid, None)
+            self._sub_waiters.pop(sid, None)
         return sub
 
     async def close(self) -> None:
-        """Close the connection cleanly (idempotent)."""
-        if self._transport is None:
+        """Close the connection cleanly and stop reconnecting (idempotent)."""
+        if self._closing:
+            await asyncio.shield(self._closed)
             return
-        if self._conn.state in (State.OPEN, State.HANDSHAKE):
-            with contextlib.suppress(LocalProtocolError):
-                self._conn.send(Close(ErrorCode.NORMAL, ""))
-            self._flush()
-            self._layer.close()
-            self._write_wire()
-        if not self._transport.is_closing():
-            self._transport.close()
-        try:
-            async with asyncio.timeout(5):
-                await asyncio.shield(self._closed)
-        except TimeoutError:
-            self._transport.abort()
-        self._fail_all(ConnectionClosedOK(ErrorCode.NORMAL, "closed by the client"))
+        self._closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        link = self._link
+        if link is not None:
+            link.close()
+            try:
+                async with asyncio.timeout(5):
+                    await asyncio.shield(link.lost)
+            except TimeoutError:
+                link.abort()
+        self._finish(ConnectionClosedOK(ErrorCode.NORMAL, "closed by the client"))
 
     async def wait_closed(self) -> None:
-        """Wait until the connection is closed (by either side)."""
+        """Wait until the client is closed for good (by :meth:`close` or a final failure)."""
         await asyncio.shield(self._closed)
 
     async def __aenter__(self) -> Client:
@@ -301,162 +419,237 @@ class Client:
     ) -> None:
         await self.close()
 
-    # --- internals ------------------------------------------------------------------------
+    # --- connecting -----------------------------------------------------------------------
 
-    async def _unsubscribe(self, sub: Subscription) -> None:
-        fut = self._loop.create_future()
-        self._pending_subs[sub.sid] = fut
+    async def _open(self) -> None:
+        """The first connection: failures are raised to the caller, not retried."""
         try:
-            self._send(Unsubscribe(sub.sid))
-            await fut
+            self._link = await self._dial()
+        except BaseException as exc:
+            self._closing = True
+            final = exc if isinstance(exc, ConnectionClosed) else None
+            self._finish(final or ConnectionClosedError(ErrorCode.NORMAL, "connect failed"))
+            raise
+        self._set_state(ConnectionState.CONNECTED)
+
+    async def _dial(self) -> Link:
+        link = Link(self, self._make_layer())
+        self._dialing = link
+        self._link_error = None
+        waiter: asyncio.Future[Welcome] = self._loop.create_future()
+        self._welcome_waiter = waiter
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._loop.create_connection(lambda: link, self._host, self._port)
+                try:
+                    await link.start()
+                except HandshakeError as exc:
+                    raise authentication_error(exc) from None
+                await asyncio.shield(waiter)
+        except BaseException:
+            link.abort()
+            if not waiter.done():
+                waiter.cancel()
+            raise
         finally:
-            self._pending_subs.pop(sub.sid, None)
-            self._subs.pop(sub.sid, None)
-            self._dispatch_cache.clear()
-            sub._end(None)
+            self._dialing = None
+            self._welcome_waiter = None
+        link.start_heartbeat()
+        return link
 
-    def _check_open(self) -> None:
-        if self._close_exc is not None:
-            raise self._close_exc
-        if self._conn.state is not State.OPEN:
-            raise ConnectionClosedError(ErrorCode.NORMAL, "connection is closing")
-
-    def _send(self, event: Publish | Subscribe | Unsubscribe | Hello) -> None:
-        if not isinstance(event, Hello):
-            self._check_open()
-        self._conn.send(event)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        data = self._conn.data_to_send()
-        if data and self._layer.established:
-            try:
-                self._layer.send(data)
-            except AuthError as exc:
-                self._abort_with(ConnectionClosedError(ErrorCode.INTERNAL_ERROR, str(exc)))
-                return
-        self._write_wire()
-
-    def _write_wire(self) -> None:
-        out = self._layer.data_to_send()
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(out)
-
-    def _on_wire(self, data: bytes) -> None:
-        if self._stepping:
-            self._pending_in.append(data)
-            return
-        layer = self._layer
-        was_established = layer.established
-        if layer.blocking_handshake and not was_established:
-            # A handshake step may block (a Kerberos initiator asking the KDC for a ticket):
-            # run it off the loop and keep later bytes in order behind it.
-            self._stepping = True
-            fut = self._loop.run_in_executor(None, layer.receive_data, data)
-            fut.add_done_callback(lambda f: self._step_done(f, data))
-            return
-        try:
-            layer.receive_data(data)
-        except AuthError as exc:
-            self._layer_error(exc)
-            return
-        self._after_layer(data, was_established)
-
-    def _layer_error(self, exc: BaseException) -> None:
-        if isinstance(exc, HandshakeError):
-            self._write_wire()
-            self._abort_with(authentication_error(exc))
-        else:
-            self._abort_with(ConnectionClosedError(ErrorCode.PROTOCOL_ERROR, str(exc)))
-
-    def _step_done(self, fut: asyncio.Future[None], data: bytes) -> None:
-        self._stepping = False
-        exc = fut.exception()
-        if exc is not None:
-            self._pending_in.clear()
-            self._layer_error(exc)
-            return
-        self._after_layer(data, False)
-        pending, self._pending_in = self._pending_in, []
-        for chunk in pending:
-            if self._close_exc is not None:
+    async def _reconnect_loop(self, cause: TesseraError) -> None:
+        policy = self._reconnect
+        assert policy is not None
+        attempt = 0
+        last: BaseException = cause
+        while not self._closing:
+            if policy.max_attempts is not None and attempt >= policy.max_attempts:
                 break
-            self._on_wire(chunk)
-
-    def _after_layer(self, data: bytes, was_established: bool) -> None:
-        layer = self._layer
-        self._write_wire()
-        if not layer.established:
-            if not data:
-                self._abort_with(AuthenticationError("broker closed during the handshake"))
+            await asyncio.sleep(policy.delay(attempt))
+            attempt += 1
+            try:
+                link = await self._dial()
+            except (OSError, TimeoutError, ConnectionClosed) as exc:
+                last = exc
+                log.info("reconnect attempt %d failed: %s", attempt, exc)
+                continue
+            except AuthenticationError as exc:
+                last = exc
+                if exc.reason in _TRANSIENT_AUTH:
+                    log.info("reconnect attempt %d failed: %s", attempt, exc)
+                    continue
+                log.warning("reconnect refused, giving up: %s", exc)
+                break
+            self._link = link
+            self.reconnects += 1
+            self._resume(link)
+            self._set_state(ConnectionState.CONNECTED)
+            log.info("reconnected after %d attempt(s)", attempt)
             return
-        if not was_established:
-            self._send(Hello(client=CLIENT_NAME))
-        plain = layer.read()
-        if plain or not data:
-            events = self._conn.receive_data(plain if data else b"", self._loop.time())
-            self._handle(events)
-        if self._conn.has_data_to_send:
-            self._flush()
+        if not self._closing:
+            err = (
+                last
+                if isinstance(last, ConnectionClosed)
+                else ConnectionClosedError(_code_of(last), f"gave up reconnecting: {last}")
+            )
+            self._finish(err)
 
-    def _handle(self, events: list[Any]) -> None:
+    def _resume(self, link: Link) -> None:
+        """After a reconnect: subscribe again, resend unacknowledged and buffered publishes."""
+        for sid, sub in self._subs.items():
+            link.send(Subscribe(sid, sub.pattern))
+        for ack_id in sorted(self._acks):
+            entry = self._acks[ack_id]
+            if entry.sent:
+                link.send(entry.event)
+        while self._outq:
+            event = self._outq.popleft()
+            link.send(event)
+            if event.ack is not None and event.ack in self._acks:
+                self._acks[event.ack].sent = True
+        self._outq_bytes = 0
+
+    def _enqueue(self, event: Publish) -> None:
+        policy = self._reconnect
+        if policy is None:
+            raise self._final or ConnectionClosedError(ErrorCode.NORMAL, "not connected")
+        size = len(event.payload)
+        if (
+            len(self._outq) >= policy.buffer_messages
+            or self._outq_bytes + size > policy.buffer_bytes
+        ):
+            raise PublishBufferFull(
+                f"disconnected and {len(self._outq)} publishes "
+                f"({self._outq_bytes} bytes) are already buffered"
+            )
+        self._outq.append(event)
+        self._outq_bytes += size
+
+    def _check_usable(self) -> None:
+        if self._final is not None:
+            raise self._final
+        if self._closing:
+            raise ConnectionClosedOK(ErrorCode.NORMAL, "client is closing")
+
+    def _set_state(self, state: ConnectionState, exc: TesseraError | None = None) -> None:
+        if self.state is state:
+            return
+        self.state = state
+        if self._on_state_change is not None:
+            try:
+                self._on_state_change(state, exc)
+            except Exception:
+                log.exception("on_state_change callback failed")
+
+    # --- link callbacks -------------------------------------------------------------------
+
+    def link_events(self, link: Link, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Message):
                 self._dispatch(event)
             elif isinstance(event, Ok):
                 self._resolve(event.sid, event.ack, None)
             elif isinstance(event, Error):
-                err = error_from_code(event.code, event.message)
-                if event.sid is None and event.ack is None:
-                    if self._welcome.done():
-                        self._report(err)
-                    else:
-                        self._abort_with(err)
-                else:
-                    self._resolve(event.sid, event.ack, err)
+                self._on_error_frame(link, event)
             elif isinstance(event, Welcome):
                 self.welcome = event
-                self._conn.mark_alive(self._loop.time())
-                if not self._welcome.done():
-                    self._welcome.set_result(event)
-                self._schedule_timer()
+                waiter = self._welcome_waiter
+                if link is self._dialing and waiter is not None and not waiter.done():
+                    waiter.set_result(event)
             elif isinstance(event, Close):
                 code = _code(event.code)
-                exc: ConnectionClosed
-                if code is ErrorCode.NORMAL:
-                    exc = ConnectionClosedOK(code, event.reason)
-                elif code is ErrorCode.AUTHENTICATION_FAILED:
-                    exc = ConnectionClosedError(code, event.reason)
-                else:
-                    exc = ConnectionClosedError(code, event.reason)
                 log.info("broker closed the connection: %s %s", code.name, event.reason)
-                self._abort_with(exc, graceful=True)
+                exc: ConnectionClosed = (
+                    ConnectionClosedOK(code, event.reason)
+                    if code is ErrorCode.NORMAL
+                    else ConnectionClosedError(code, event.reason)
+                )
+                self._link_error = self._link_error or exc
+                link.close()
             elif isinstance(event, ProtocolFailure):
                 log.warning("protocol error from broker: %s %s", event.code.name, event.message)
-                self._flush()
-                self._abort_with(ConnectionClosedError(event.code, event.message))
+                self._link_error = ConnectionClosedError(event.code, event.message)
+                link.flush()
+                link.abort()
             elif isinstance(event, Rejected):
                 log.warning("ignored a frame from the broker: %s", event.message)
             elif isinstance(event, EndOfStream):
-                self._abort_with(
-                    ConnectionClosedError(ErrorCode.NORMAL, "broker closed the connection")
-                )
+                link.close()
+
+    def _on_error_frame(self, link: Link, event: Error) -> None:
+        err = error_from_code(event.code, event.message)
+        if event.sid is not None or event.ack is not None:
+            self._resolve(event.sid, event.ack, err)
+        elif link is self._dialing:
+            # An error before welcome (e.g. unsupported version): the broker closes next.
+            self._link_error = err
+        else:
+            self._report(err)
+
+    def link_failed(self, link: Link, exc: BaseException) -> None:
+        if isinstance(exc, HandshakeError):
+            err: TesseraError = authentication_error(exc)
+        elif isinstance(exc, ConnectionLostError):
+            err = ConnectionClosedError(exc.code, exc.reason)
+        else:
+            err = ConnectionClosedError(ErrorCode.PROTOCOL_ERROR, str(exc))
+        self._link_error = self._link_error or err
+
+    def link_lost(self, link: Link, exc: Exception | None) -> None:
+        cause = self._link_error or ConnectionClosedError(
+            ErrorCode.NORMAL, f"connection lost: {exc}" if exc else "connection lost"
+        )
+        if link is self._dialing:
+            waiter = self._welcome_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(cause)
+            return
+        if link is not self._link:
+            return
+        self._link = None
+        if self._closing:
+            return
+        for sid, fut in list(self._unsub_waiters.items()):
+            # The broker forgets a lost connection's subscriptions: the unsubscribe is done.
+            if not fut.done():
+                fut.set_result(None)
+            del self._unsub_waiters[sid]
+        if self._reconnect is not None and _retryable(cause):
+            log.warning("connection lost (%s); reconnecting", cause)
+            self._set_state(ConnectionState.RECONNECTING, cause)
+            self._reconnect_task = self._loop.create_task(self._reconnect_loop(cause))
+        else:
+            self._finish(
+                cause
+                if isinstance(cause, ConnectionClosed)
+                else ConnectionClosedError(cause.code, str(cause))
+            )
+
+    # --- replies and deliveries -----------------------------------------------------------
 
     def _report(self, err: TesseraError) -> None:
         if self._on_error is not None:
-            self._on_error(err)
+            try:
+                self._on_error(err)
+            except Exception:
+                log.exception("on_error callback failed")
         else:
             log.warning("broker reported an error: %s", err)
 
     def _resolve(self, sid: int | None, ack: int | None, err: TesseraError | None) -> None:
-        fut = None
+        fut: asyncio.Future[None] | None = None
         if sid is not None:
-            fut = self._pending_subs.get(sid)
+            fut = self._sub_waiters.get(sid) or self._unsub_waiters.pop(sid, None)
+            if fut is None and err is not None and sid in self._subs:
+                # A re-subscription after a reconnect was refused (the ACL changed).
+                sub = self._subs.pop(sid)
+                self._dispatch_cache.clear()
+                sub._end(err)
+                self._report(err)
+                return
         elif ack is not None:
-            fut = self._pending_acks.get(ack)
+            entry = self._acks.get(ack)
+            fut = entry.future if entry is not None else None
         if fut is None or fut.done():
             if err is not None:
                 self._report(err)
@@ -480,60 +673,44 @@ class Client:
         for sub in subs:
             sub._put(delivery)
 
-    def _schedule_timer(self) -> None:
-        hb = self._conn.heartbeat
-        if hb is None:
-            return
-        self._timer = self._loop.call_later(max(0.25, hb / 4), self._on_timer)
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        self._subs.pop(sub.sid, None)
+        self._dispatch_cache.clear()
+        sub._end(None)
+        link = self._link
+        if self.state is not ConnectionState.CONNECTED or link is None:
+            return  # not subscribed on any broker connection now; _resume will not renew it
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._unsub_waiters[sub.sid] = fut
+        try:
+            link.send(Unsubscribe(sub.sid))
+            await fut
+        finally:
+            self._unsub_waiters.pop(sub.sid, None)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._conn.state is not State.OPEN:
-            return
-        self._conn.handle_timer(self._loop.time())
-        if self._conn.closed:
-            self._flush()
-            self._abort_with(
-                ConnectionClosedError(ErrorCode.HEARTBEAT_TIMEOUT, "broker stopped responding")
-            )
-            return
-        self._flush()
-        self._schedule_timer()
-
-    def _abort_with(self, exc: TesseraError, graceful: bool = False) -> None:
-        if self._close_exc is None:
-            self._close_exc = (
-                exc
-                if isinstance(exc, ConnectionClosed)
-                else ConnectionClosedError(exc.code, str(exc))
-            )
-        if not self._welcome.done():
-            self._welcome.set_exception(exc)
-            self._welcome.exception()  # mark retrieved; connect() re-raises it
-        self._fail_all(self._close_exc)
-        if self._transport is not None and not self._transport.is_closing():
-            if graceful:
-                self._transport.close()
-            else:
-                self._transport.abort()
-
-    def _fail_all(self, exc: ConnectionClosed) -> None:
-        for fut in (*self._pending_subs.values(), *self._pending_acks.values()):
+    def _finish(self, exc: ConnectionClosed) -> None:
+        """Closed for good: fail what waits, end every subscription, drop buffers."""
+        if self._final is None:
+            self._final = exc
+        self._set_state(
+            ConnectionState.CLOSED, None if isinstance(exc, ConnectionClosedOK) else exc
+        )
+        for fut in (
+            *self._sub_waiters.values(),
+            *self._unsub_waiters.values(),
+            *(a.future for a in self._acks.values()),
+        ):
             if not fut.done():
                 fut.set_exception(exc)
-        self._pending_subs.clear()
-        self._pending_acks.clear()
+        self._sub_waiters.clear()
+        self._unsub_waiters.clear()
+        self._acks.clear()
+        self._outq.clear()
+        self._outq_bytes = 0
         for sub in self._subs.values():
             sub._end(exc)
         self._subs.clear()
         self._dispatch_cache.clear()
-
-    def _on_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._close_exc is None:
-            reason = f"connection lost: {exc}" if exc else "connection lost"
-            self._abort_with(ConnectionClosedError(ErrorCode.NORMAL, reason))
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -543,6 +720,16 @@ def _code(value: int) -> ErrorCode:
         return ErrorCode(value)
     except ValueError:
         return ErrorCode.INTERNAL_ERROR
+
+
+def _code_of(exc: BaseException) -> ErrorCode:
+    return exc.code if isinstance(exc, TesseraError) else ErrorCode.NORMAL
+
+
+def _retryable(exc: TesseraError) -> bool:
+    if isinstance(exc, AuthenticationError):
+        return exc.reason in _TRANSIENT_AUTH
+    return isinstance(exc, ConnectionClosed) and exc.code in _RETRYABLE_CODES
 
 
 def authentication_error(exc: HandshakeError) -> AuthenticationError:
@@ -579,6 +766,10 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
     ``<service>/<host>`` (default: the URL's host). Raises :class:`AuthenticationError` (with a
     ``reason`` code) when either side rejects the other, ``OSError`` when the broker cannot be
     reached, ``TimeoutError`` after ``timeout`` seconds.
+
+    Once connected, a lost connection is re-established automatically (``reconnect``: a
+    :class:`Reconnect` policy, ``True`` for the default one, ``False`` for none);
+    ``on_state_change(state, error)`` is told about every :class:`ConnectionState` change.
     """
 
     def __init__(
@@ -593,7 +784,9 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         service: str = "tessera",
         server_hostname: str | None = None,
         timeout: float = 10.0,
+        reconnect: bool | Reconnect = True,
         on_error: Callable[[TesseraError], None] | None = None,
+        on_state_change: Callable[[ConnectionState, TesseraError | None], None] | None = None,
     ) -> None:
         self._url = url
         self._scheme, self._host, self._port = _parse_url(url)
@@ -611,7 +804,11 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         self._service = service
         self._server_hostname = server_hostname or self._host
         self._timeout = timeout
+        if reconnect is True:
+            reconnect = Reconnect()
+        self._reconnect: Reconnect | None = reconnect or None
         self._on_error = on_error
+        self._on_state_change = on_state_change
         self._client: Client | None = None
 
     def _make_layer(self) -> SecurityLayer:
@@ -647,27 +844,16 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         return StackedLayer(TLSLayer(self._ctx, server_side=False, server_hostname=host), inner)
 
     async def _connect(self) -> Client:
-        loop = asyncio.get_running_loop()
-        layer = self._make_layer()
-        client = Client(layer, on_error=self._on_error)
-        async with asyncio.timeout(self._timeout):
-            try:
-                await loop.create_connection(
-                    lambda: _ClientProtocol(client), self._host, self._port
-                )
-                try:
-                    if layer.blocking_handshake:
-                        await asyncio.to_thread(layer.start)
-                    else:
-                        layer.start()
-                except HandshakeError as exc:
-                    raise authentication_error(exc) from None
-                client._write_wire()
-                await asyncio.shield(client._welcome)
-            except BaseException:
-                if client._transport is not None:
-                    client._transport.abort()
-                raise
+        client = Client(
+            self._make_layer,
+            self._host,
+            self._port,
+            timeout=self._timeout,
+            reconnect=self._reconnect,
+            on_error=self._on_error,
+            on_state_change=self._on_state_change,
+        )
+        await client._open()
         self._client = client
         return client
 

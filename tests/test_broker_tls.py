@@ -368,7 +368,11 @@ async def test_refusal_logs_carry_no_secrets(broker: BrokerProcess, pki: Any) ->
 
 async def test_sigterm_sends_going_away_and_exits_0(broker_factory: Any, pki: Any) -> None:
     broker = broker_factory.start(shutdown_timeout=5)
-    async with connect(broker, pki, "alice") as alice, connect(broker, pki, "bob") as bob:
+    # Reconnection off: this test is about what the broker's close tells the application.
+    async with (
+        connect(broker, pki, "alice", reconnect=False) as alice,
+        connect(broker, pki, "bob", reconnect=False) as bob,
+    ):
         sub_a = await alice.subscribe("bye.>")
         sub_b = await bob.subscribe("bye.*")
         await alice.publish("bye.now", b"last")
@@ -395,7 +399,7 @@ async def test_sigterm_sends_going_away_and_exits_0(broker_factory: Any, pki: An
 
 async def test_sigint_also_stops_cleanly(broker_factory: Any, pki: Any) -> None:
     broker = broker_factory.start()
-    async with connect(broker, pki, "alice") as alice:
+    async with connect(broker, pki, "alice", reconnect=False) as alice:
         sub = await alice.subscribe("x")
         broker.send_signal(signal.SIGINT)
         with pytest.raises(ConnectionClosedError) as info:

@@ -1,0 +1,258 @@
+"""One transport to the broker: socket -> security layer -> protocol core, and back.
+
+A :class:`Link` lives from TCP connect to connection loss; the :class:`~client_sdk.Client`
+survives it and opens a new link when it reconnects. The link is a thin ``asyncio.Protocol``
+driver around the sans-I/O pieces: it never interprets requests, it hands every event to its
+owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from auth.errors import AuthError, HandshakeError, HandshakeReason
+from auth.layer import SecurityLayer
+from client_sdk.protocol import (
+    Close,
+    Connection,
+    ErrorCode,
+    Event,
+    Hello,
+    Publish,
+    Role,
+    State,
+    Subscribe,
+    Unsubscribe,
+)
+from client_sdk.protocol.errors import LocalProtocolError
+
+__all__ = ["CLIENT_NAME", "Link", "LinkOwner"]
+
+log = logging.getLogger("tessera.client")
+
+CLIENT_NAME = "tessera-py/0.1.0"
+
+
+class LinkOwner(Protocol):
+    """What a link reports to (the client)."""
+
+    def link_events(self, link: Link, events: list[Event]) -> None: ...
+
+    def link_failed(self, link: Link, exc: BaseException) -> None:
+        """The security layer failed (a handshake refusal, a broken record)."""
+
+    def link_lost(self, link: Link, exc: Exception | None) -> None:
+        """The transport is gone."""
+
+
+class Link(asyncio.Protocol):
+    """The client's side of one connection."""
+
+    def __init__(self, owner: LinkOwner, layer: SecurityLayer) -> None:
+        self.owner = owner
+        self.layer = layer
+        self.conn = Connection(Role.CLIENT)
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        self.writable: asyncio.Future[None] | None = None
+        self._flush_scheduled = False
+        self._stepping = False
+        self._pending_in: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost_deferred: tuple[Exception | None] | None = None
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._on_wire(data)
+
+    def eof_received(self) -> bool:
+        self._on_wire(b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stepping:
+            # A handshake step is still running on bytes that arrived before the loss (the
+            # broker's refusal, say): report the loss after it, so its verdict is known.
+            self._lost_deferred = (exc,)
+            return
+        self._report_lost(exc)
+
+    def _report_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiter = self.writable
+        self.writable = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.owner.link_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter = self.writable
+        self.writable = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- handshake ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin the security handshake (off the loop when it may block on a KDC)."""
+        if self.layer.blocking_handshake:
+            await asyncio.to_thread(self.layer.start)
+        else:
+            self.layer.start()
+        self.write_wire()
+
+    # --- inbound --------------------------------------------------------------------------
+
+    def _on_wire(self, data: bytes) -> None:
+        if self._stepping:
+            self._pending_in.append(data)
+            return
+        layer = self.layer
+        was_established = layer.established
+        if layer.blocking_handshake and not was_established:
+            # A handshake step may block: run it off the loop, keep later bytes behind it.
+            self._stepping = True
+            fut = self.loop.run_in_executor(None, layer.receive_data, data)
+            fut.add_done_callback(lambda f: self._step_done(f, data))
+            return
+        try:
+            layer.receive_data(data)
+        except AuthError as exc:
+            self._layer_failed(exc)
+            return
+        self._after_layer(data, was_established)
+
+    def _step_done(self, fut: asyncio.Future[None], data: bytes) -> None:
+        self._stepping = False
+        exc = fut.exception()
+        if exc is not None:
+            self._pending_in.clear()
+            self._layer_failed(exc)
+        else:
+            self._after_layer(data, False)
+            pending, self._pending_in = self._pending_in, []
+            for chunk in pending:
+                self._on_wire(chunk)  # queues behind a new step again if one starts
+        deferred = self._lost_deferred
+        if deferred is not None and not self._stepping:
+            self._lost_deferred = None
+            self._report_lost(deferred[0])
+
+    def _layer_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, HandshakeError):
+            with contextlib.suppress(Exception):
+                self.write_wire()  # the layer may have an alert or error record for the peer
+        self.owner.link_failed(self, exc)
+        self.abort()
+
+    def _after_layer(self, data: bytes, was_established: bool) -> None:
+        layer = self.layer
+        self.write_wire()
+        if not layer.established:
+            if not data:
+                self._layer_failed(
+                    HandshakeError(HandshakeReason.CLOSED, "broker closed during the handshake")
+                )
+            return
+        if not was_established:
+            self.send(Hello(client=CLIENT_NAME))
+        plain = layer.read()
+        if plain or not data:
+            events = self.conn.receive_data(plain if data else b"", self.loop.time())
+            if events:
+                self.owner.link_events(self, events)
+        if self.conn.has_data_to_send:
+            self.flush()
+
+    # --- outbound -------------------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.conn.state is State.OPEN and not self.lost.done()
+
+    def send(self, event: Publish | Subscribe | Unsubscribe | Hello) -> None:
+        """Queue a request; written at the end of this loop turn with everything else queued."""
+        self.conn.send(event)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        data = self.conn.data_to_send()
+        if data and self.layer.established:
+            try:
+                self.layer.send(data)
+            except AuthError as exc:
+                self._layer_failed(exc)
+                return
+        self.write_wire()
+
+    def write_wire(self) -> None:
+        out = self.layer.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    # --- heartbeats and closing ----------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        hb = self.conn.heartbeat
+        if hb is not None and self._timer is None and not self.lost.done():
+            self._timer = self.loop.call_later(max(0.25, hb / 4), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.conn.state is not State.OPEN:
+            return
+        self.conn.handle_timer(self.loop.time())
+        self.flush()
+        if self.conn.closed:
+            log.warning("broker stopped answering heartbeats; dropping the connection")
+            self.owner.link_failed(
+                self,
+                ConnectionLostError(ErrorCode.HEARTBEAT_TIMEOUT, "broker stopped responding"),
+            )
+            self.abort()
+            return
+        self.start_heartbeat()
+
+    def close(self) -> None:
+        """Send a normal close frame and close the transport."""
+        if self.conn.state in (State.OPEN, State.HANDSHAKE):
+            with contextlib.suppress(LocalProtocolError):
+                self.conn.send(Close(ErrorCode.NORMAL, ""))
+            self.flush()
+            with contextlib.suppress(AuthError):
+                self.layer.close()
+            self.write_wire()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class ConnectionLostError(Exception):
+    """Internal: why a link went down when no frame said so."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
