@@ -137,6 +137,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, broker.request_stop)
+    loop.add_signal_handler(signal.SIGUSR1, broker.log_info)
     addresses = []
     for lst in broker.listeners:
         host, port = lst.address

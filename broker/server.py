@@ -6,6 +6,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -38,6 +39,21 @@ _HANDSHAKE_WORKERS = 4
 
 #: How often the heartbeat sweep runs, as a fraction of the heartbeat interval.
 _SWEEP_FRACTION = 0.25
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 @dataclass
@@ -278,7 +294,7 @@ class Broker:
         for session in dirty:
             session.flush()
 
-    async def _sweep(self) -> None:
+    async def _sweep(self) -> None:  # one task for all connections, not one per connection
         interval = max(0.25, self.config.limits.heartbeat_interval * _SWEEP_FRACTION)
         while True:
             await asyncio.sleep(interval)
@@ -287,9 +303,15 @@ class Broker:
                 session.on_timer(now)
 
     def info(self) -> dict[str, Any]:
-        """Counters for operators and tests."""
+        """Counters for operators and tests (also logged as JSON on SIGUSR1)."""
         return {
             "connections": len(self.sessions),
             "subscriptions": self.router.subscription_count,
+            "tasks": len(asyncio.all_tasks(self.loop)),
+            "open_fds": _open_fds(),
+            "rss_bytes": _rss_bytes(),
             **self.stats,
         }
+
+    def log_info(self) -> None:
+        log.info("stats %s", json.dumps(self.info(), sort_keys=True))

@@ -44,6 +44,15 @@ __all__ = ["Session"]
 
 log = logging.getLogger("tessera.broker")
 
+
+def _attempted_mechanism(layer: SecurityLayer) -> str | None:
+    """The SPNEGO mechanism a connection uses or is trying (``kerberos``, ``ntlm``), for the log
+    and audit lines of a failed handshake; ``None`` for TLS or before the first token."""
+    inner = getattr(layer, "inner", None)  # StackedLayer (tls+negotiate): the SPNEGO layer
+    mechanism = getattr(inner if inner is not None else layer, "mechanism", None)
+    return mechanism if isinstance(mechanism, str) else None
+
+
 #: Decisions cached per connection ((action, subject) -> allowed); cleared when full.
 _ACL_CACHE_ENTRIES = 256
 
@@ -122,6 +131,10 @@ class Session(asyncio.BufferedProtocol):
         if ident is not None:
             fields["identity"] = str(ident)
             fields["mechanism"] = ident.mechanism
+        else:
+            mechanism = _attempted_mechanism(self.layer)
+            if mechanism is not None:
+                fields["mechanism"] = mechanism
         return fields
 
     # --- asyncio callbacks ----------------------------------------------------------------
@@ -210,6 +223,9 @@ class Session(asyncio.BufferedProtocol):
         exc = fut.exception()  # always retrieve it, even when the connection is gone
         if self.transport is None or self.transport.is_closing():
             self._pending_in.clear()
+            if isinstance(exc, HandshakeError):
+                # The client closed right after its token (a scanner does): audit it anyway.
+                self._audit_auth_failure(exc)
             return
         if isinstance(exc, HandshakeError):
             self._pending_in.clear()
@@ -259,12 +275,21 @@ class Session(asyncio.BufferedProtocol):
         if plain or not data:
             self._handle(self.conn.receive_data(plain if data else b"", self.broker.loop.time()))
 
-    def _auth_failed(self, exc: HandshakeError) -> None:
+    def _audit_auth_failure(self, exc: HandshakeError) -> None:
         self._close_code = "auth_failure"
         self.broker.audit.record(
             "auth_failure", self, level=logging.WARNING, reason=exc.reason.value
         )
-        log.info("%s handshake failed: %s", self._who(), exc)
+        mechanism = _attempted_mechanism(self.layer)
+        log.info(
+            "%s handshake failed: %s%s",
+            self._who(),
+            exc,
+            f" (mechanism: {mechanism})" if mechanism else "",
+        )
+
+    def _auth_failed(self, exc: HandshakeError) -> None:
+        self._audit_auth_failure(exc)
         # Flush any alert the layer produced, then drop the connection.
         try:
             out = self.layer.data_to_send()
