@@ -1,0 +1,160 @@
+"""Package boundaries (STYLE.md section 1), checked in fresh interpreters.
+
+* ``client_sdk.protocol`` is pure: importing it pulls in no ``auth``, ``broker``, ``asyncio``,
+  ``socket`` or ``ssl``;
+* ``auth`` does not import ``client_sdk`` or ``broker``, nor ``asyncio`` or ``socket``; only
+  ``auth.tls`` touches ``ssl`` (which itself imports ``socket``);
+* the SDK (``client_sdk``) never imports the broker.
+
+Each probe imports modules in a new interpreter and reports the modules that appeared plus, for
+every ``import`` statement executed by one of our own modules, who imported what. Where a
+third-party dependency legitimately pulls in ``socket`` (``cryptography.x509`` imports
+``email.utils``), the rule is checked on our own import statements.
+"""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = ("auth", "broker", "certs", "client_sdk")
+WATCHED = ("asyncio", "socket", "ssl", *OURS)
+
+_PROBE = r"""
+import builtins, importlib, json, sys
+
+ours = set(sys.argv[1].split(","))
+watched = set(sys.argv[2].split(","))
+baseline = set(sys.modules)
+edges = set()
+real_import = builtins.__import__
+
+def hook(name, globals=None, locals=None, fromlist=(), level=0):
+    importer = (globals or {}).get("__name__") or "?"
+    if level == 0 and importer.split(".")[0] in ours:
+        targets = [name] + [f"{name}.{f}" for f in fromlist or () if f != "*"]
+        for target in targets:
+            if target.split(".")[0] in watched:
+                edges.add((importer, target))
+    return real_import(name, globals, locals, fromlist, level)
+
+builtins.__import__ = hook
+for module in sys.argv[3:]:
+    importlib.import_module(module)
+builtins.__import__ = real_import
+print(json.dumps({
+    "baseline": sorted(baseline),
+    "new": sorted(set(sys.modules) - baseline),
+    "edges": sorted(edges),
+}))
+"""
+
+
+@cache
+def probe(*modules: str) -> dict[str, Any]:
+    """Import ``modules`` in a fresh interpreter (cwd = repository root); see _PROBE."""
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, ",".join(OURS), ",".join(WATCHED), *modules],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    baseline = {m.split(".")[0] for m in data["baseline"]}
+    assert not baseline & set(WATCHED), f"the bare interpreter already imported {baseline}"
+    return data
+
+
+def tops(names: list[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+def submodules(package: str) -> list[str]:
+    path = ROOT.joinpath(*package.split("."))
+    return [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(path)])]
+
+
+def culprits(data: dict[str, Any], tops_: set[str]) -> list[tuple[str, str]]:
+    """Which of our modules imported something under ``tops_`` (for assertion messages)."""
+    return [(i, t) for i, t in data["edges"] if t.split(".")[0] in tops_]
+
+
+# --- client_sdk.protocol ----------------------------------------------------------------------
+
+PROTOCOL_MODULES = ["client_sdk.protocol", *submodules("client_sdk.protocol")]
+
+
+def test_protocol_modules_import_only_the_protocol() -> None:
+    # Every import statement in client_sdk/protocol/ names the protocol package itself (or a
+    # module outside ours): never auth, broker, the SDK client, asyncio, socket or ssl.
+    data = probe(*PROTOCOL_MODULES)
+    bad = [
+        (importer, target)
+        for importer, target in data["edges"]
+        if importer.startswith("client_sdk.protocol")
+        and not target.startswith("client_sdk.protocol")
+    ]
+    assert bad == []
+
+
+def test_importing_the_protocol_pulls_in_nothing_else() -> None:
+    data = probe(*PROTOCOL_MODULES)
+    new = set(data["new"])
+    forbidden = {"auth", "broker", "asyncio", "socket", "ssl"}
+    assert tops(data["new"]) & forbidden == set(), culprits(data, forbidden)
+    assert {m for m in new if m.startswith("client_sdk.") and ".protocol" not in m} == set()
+
+
+# --- auth ---------------------------------------------------------------------------------------
+
+AUTH_MODULES = ["auth", *submodules("auth")]
+#: Modules whose third-party dependencies import socket/ssl (ssl itself; cryptography.x509
+#: via email.utils; pyspnego). Every other auth module must not pull either in at all.
+AUTH_WITH_NETWORK_DEPENDENCIES = {"auth.tls", "auth.negotiate"}
+
+
+def test_auth_modules_include_the_core() -> None:
+    assert {"auth.acl", "auth.identity", "auth.tls", "auth.errors", "auth.layer"} <= set(
+        AUTH_MODULES
+    )
+
+
+def test_auth_imports_neither_the_sdk_nor_the_broker_nor_asyncio() -> None:
+    data = probe(*AUTH_MODULES)
+    forbidden = {"client_sdk", "broker", "asyncio"}
+    assert tops(data["new"]) & forbidden == set(), culprits(data, forbidden)
+
+
+def test_auth_without_tls_imports_no_socket_or_ssl() -> None:
+    data = probe(*(m for m in AUTH_MODULES if m not in AUTH_WITH_NETWORK_DEPENDENCIES))
+    forbidden = {"socket", "ssl"}
+    assert tops(data["new"]) & forbidden == set(), culprits(data, forbidden)
+
+
+def test_only_auth_tls_touches_ssl_and_no_auth_module_imports_socket() -> None:
+    data = probe(*AUTH_MODULES)
+    assert ["auth.tls", "ssl"] in data["edges"]  # the probe does see import statements
+    for importer, target in data["edges"]:
+        if not importer.startswith("auth"):
+            continue
+        top = target.split(".")[0]
+        assert top not in {"socket", "asyncio", "client_sdk", "broker"}, (importer, target)
+        if top == "ssl":
+            assert importer == "auth.tls", (importer, target)
+
+
+# --- the SDK never imports the broker ---------------------------------------------------------
+
+
+def test_sdk_does_not_import_the_broker() -> None:
+    data = probe("client_sdk", *submodules("client_sdk"), *PROTOCOL_MODULES)
+    assert "broker" not in tops(data["new"]), culprits(data, {"broker"})
