@@ -1,7 +1,7 @@
 """SPNEGO security layers (Kerberos, and NTLM when enabled) on pyspnego, sans-I/O.
 
 :class:`NegotiateServerLayer` (acceptor) and :class:`NegotiateClientLayer` (initiator) implement
-:class:`auth.layer.SecurityLayer`. The wire format is specified in ``docs/protocol-negotiate.md``:
+:class:`auth.layer.SecurityLayer`. The wire format is specified in ``docs/protocol.md`` section 2.2:
 
 * handshake: records ``len(4, big-endian) | type(1) | body`` with type TOKEN (a SPNEGO token),
   DONE (acceptor only: the context is complete and accepted; body = last token, may be empty) or
@@ -767,13 +767,13 @@ class NegotiateServerLayer(_NegotiateLayer):
         # No renegotiation: the initiator's preferred mechanism, which its optimistic token is
         # for, must be allowed here. The completed context is checked again in _accept().
         chosen = _mechanism_of(init.mech_types[0])
+        self._chosen = chosen  # known from here on, also for the log line of a refusal
         if chosen is None or chosen not in self._mechanisms:
             self._fail(
                 HandshakeReason.MECHANISM_REFUSED,
                 f"client offered {chosen or 'an unknown mechanism'} first; "
                 f"allowed: {', '.join(sorted(self._mechanisms))}",
             )
-        self._chosen = chosen
         try:
             inner: GSSAPIProxy | NTLMProxy
             if chosen == "kerberos":
