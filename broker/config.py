@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 SECURITY_MODES = ("tls", "negotiate", "tls+negotiate")
-SLOW_CONSUMER_POLICIES = ("disconnect",)
+SLOW_CONSUMER_POLICIES = ("disconnect", "drop")
 
 
 class ConfigError(ValueError):
@@ -94,7 +94,9 @@ class LimitsConfig:
     max_pending_messages: int = 65_536
     """Messages queued for one subscriber before the slow-consumer policy applies."""
     slow_consumer: str = "disconnect"
-    """What happens to a subscriber over its pending limits: ``disconnect`` (close code 11)."""
+    """What happens to a subscriber over its pending limits: ``disconnect`` (close code 11) or
+    ``drop`` (new deliveries are discarded and counted; the client is told how many in an
+    ``error`` frame with code 11 and ``dropped`` once its outbox has drained)."""
     max_subscriptions: int = 1024
     """Live subscriptions per connection."""
     max_connections: int = 100_000
@@ -273,6 +275,13 @@ def _limits(raw: object, source: str) -> LimitsConfig:
         raise _err(source, "limits.max_frame_bytes", "may not exceed 64 MiB")
     if result.max_frame_bytes_before_hello > result.max_frame_bytes:
         raise _err(source, "limits.max_frame_bytes_before_hello", "may not exceed max_frame_bytes")
+    if result.max_frame_bytes < wire.MAX_FRAME_BYTES_BEFORE_HELLO:
+        raise _err(
+            source,
+            "limits.max_frame_bytes",
+            f"must be at least {wire.MAX_FRAME_BYTES_BEFORE_HELLO} "
+            "(clients refuse a smaller limit)",
+        )
     if result.max_frame_bytes_before_hello < 1024:
         raise _err(source, "limits.max_frame_bytes_before_hello", "must be at least 1024")
     if (

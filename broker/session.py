@@ -35,7 +35,9 @@ from client_sdk.protocol import (
     Unsubscribe,
     Welcome,
 )
+from client_sdk.protocol.codec import encode_frame
 from client_sdk.protocol.errors import LocalProtocolError
+from client_sdk.protocol.limits import MAX_ID
 
 if TYPE_CHECKING:
     from broker.server import Broker, Listener
@@ -66,6 +68,7 @@ class Session(asyncio.BufferedProtocol):
         "_close_timer",
         "_deadline",
         "_dirty",
+        "_dropped",
         "_outbox",
         "_outbox_bytes",
         "_paused",
@@ -112,6 +115,7 @@ class Session(asyncio.BufferedProtocol):
         self._recv_buf = broker.recv_buffer
         self._stepping = False
         self._close_code: str | None = None
+        self._dropped = 0
         self._pending_in: list[bytes] = []
 
     # --- logging ------------------------------------------------------------------------
@@ -448,20 +452,37 @@ class Session(asyncio.BufferedProtocol):
             # Replies this session queued earlier in the same batch (its welcome, an ok) go
             # first: a client that pipelines hello, sub and pub must see the welcome first.
             self._flush_conn()
-        self._outbox.append(frame)
-        self._outbox_bytes += len(frame)
         limits = self.broker.config.limits
         if (
-            self._outbox_bytes > limits.max_pending_bytes
-            or len(self._outbox) > limits.max_pending_messages
+            self._outbox_bytes + len(frame) > limits.max_pending_bytes
+            or len(self._outbox) >= limits.max_pending_messages
         ):
-            self._slow_consumer()
+            if limits.slow_consumer == "drop":
+                self._drop(frame)
+            else:
+                self._slow_consumer(len(frame))
             return
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
         if not self._dirty:
             self._mark_dirty()
 
-    def _slow_consumer(self) -> None:
-        pending, count = self._outbox_bytes, len(self._outbox)
+    def _drop(self, frame: bytes) -> None:
+        """Slow-consumer policy ``drop``: discard this delivery, count it, tell the client later."""
+        if self._dropped == 0:
+            self.broker.audit.record(
+                "slow_consumer",
+                self,
+                level=logging.WARNING,
+                policy="drop",
+                pending_bytes=self._outbox_bytes,
+                pending_messages=len(self._outbox),
+            )
+        self._dropped += 1
+        self.broker.stats["slow_consumer_drops"] += 1
+
+    def _slow_consumer(self, incoming: int) -> None:
+        pending, count = self._outbox_bytes + incoming, len(self._outbox) + 1
         self._outbox.clear()
         self._outbox_bytes = 0
         self.broker.stats["slow_consumer_disconnects"] += 1
@@ -493,6 +514,18 @@ class Session(asyncio.BufferedProtocol):
         if self._paused or not self._outbox or self.transport is None:
             return
         outbox = self._outbox
+        if self._dropped:
+            # The backlog is going out: tell the client how many deliveries it missed.
+            dropped, self._dropped = self._dropped, 0
+            outbox.append(
+                encode_frame(
+                    Error(
+                        ErrorCode.SLOW_CONSUMER,
+                        f"{dropped} deliveries dropped: this connection fell behind",
+                        dropped=min(dropped, MAX_ID),
+                    )
+                )
+            )
         data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
         outbox.clear()
         self._outbox_bytes = 0

@@ -290,6 +290,9 @@ class Client:
         self.welcome: Welcome | None = None
         #: Successful reconnections so far.
         self.reconnects = 0
+        #: Deliveries the broker discarded because this connection fell behind (its
+        #: ``slow_consumer = "drop"`` policy); each such report also goes to ``on_error``.
+        self.broker_dropped = 0
 
     # --- public API -----------------------------------------------------------------------
 
@@ -578,6 +581,9 @@ class Client:
 
     def _on_error_frame(self, link: Link, event: Error) -> None:
         err = error_from_code(event.code, event.message)
+        if event.code == ErrorCode.SLOW_CONSUMER and event.dropped:
+            # The broker's slow-consumer policy is "drop": it discarded deliveries for us.
+            self.broker_dropped += event.dropped
         if event.sid is not None or event.ack is not None:
             self._resolve(event.sid, event.ack, err)
         elif link is self._dialing:

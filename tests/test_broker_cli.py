@@ -160,7 +160,7 @@ INVALID: dict[str, tuple[Any, str]] = {
         "limits.handshake_timeout",
     ),
     "unknown slow-consumer policy": (
-        lambda pki: _listener(pki) + "[limits]\nslow_consumer = 'drop'\n",
+        lambda pki: _listener(pki) + "[limits]\nslow_consumer = 'discard'\n",
         "limits.slow_consumer",
     ),
     "unknown limit": (lambda pki: _listener(pki) + "[limits]\nspeed = 3\n", "limits"),

@@ -112,6 +112,7 @@ def _to_map(event: Event) -> dict[str, Any]:
         _put_optional(d, "sid", event.sid)
         _put_optional(d, "ack", event.ack)
         _put_optional(d, "topic", event.topic)
+        _put_optional(d, "dropped", event.dropped)
     elif isinstance(event, Hello):
         d = {"op": "hello", "version": event.version, "client": event.client}
         _put_optional(d, "heartbeat_ms", event.heartbeat_ms)
@@ -292,6 +293,7 @@ def _d_error(d: Mapping[str, Any]) -> Event:
         sid=_opt_uint(d, "sid", "error"),
         ack=_opt_uint(d, "ack", "error"),
         topic=None if topic is None else _topic_str(topic, "topic", "error"),
+        dropped=_opt_uint(d, "dropped", "error"),
     )
 
 

@@ -43,6 +43,7 @@ from client_sdk.protocol.limits import (
     MAX_REASON_BYTES,
     MAX_TOPIC_BYTES,
     MAX_TOPIC_TOKENS,
+    MIN_HEARTBEAT_MS,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
 )
@@ -282,7 +283,10 @@ class Connection:
             self.state = State.OPEN
             self.peer_max_frame = event.max_frame
             self._decoder.max_frame = max(self.max_frame, event.max_frame)
-            self._heartbeat = event.heartbeat_ms / 1000 if event.heartbeat_ms else None
+            # A broker cannot make us ping more often than the protocol minimum.
+            self._heartbeat = (
+                max(event.heartbeat_ms, MIN_HEARTBEAT_MS) / 1000 if event.heartbeat_ms else None
+            )
             return event
         return event
 

@@ -103,6 +103,7 @@ class Error:
     sid: int | None = None
     ack: int | None = None
     topic: str | None = None
+    dropped: int | None = None  #: with SLOW_CONSUMER: deliveries the broker discarded for us
 
 
 @dataclass(frozen=True, slots=True)
