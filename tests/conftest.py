@@ -194,3 +194,4 @@ def module_broker_factory(
 # wants E402 and F401 silenced on that line: it is a fixture, imported for pytest to find).
 # Keep this section last; do not add fixtures below it.
 # ------------------------------------------------------------------------------------------------
+from kdc import kdc  # noqa: E402, F401
