@@ -37,7 +37,7 @@ from client_sdk.protocol import (
 )
 from client_sdk.protocol.codec import encode_frame
 from client_sdk.protocol.errors import LocalProtocolError
-from client_sdk.protocol.limits import MAX_ID
+from client_sdk.protocol.limits import MAX_ID, MIN_HEARTBEAT_MS
 
 if TYPE_CHECKING:
     from broker.server import Broker, Listener
@@ -57,6 +57,15 @@ def _attempted_mechanism(layer: SecurityLayer) -> str | None:
 
 #: Decisions cached per connection ((action, subject) -> allowed); cleared when full.
 _ACL_CACHE_ENTRIES = 256
+
+
+def _heartbeat_ms(requested: int | None, configured_s: float) -> int:
+    """The interval announced in welcome: the client may ask for a shorter one (to notice a dead
+    broker sooner), never below the protocol minimum nor above the broker's own."""
+    configured = int(configured_s * 1000)
+    if requested is None:
+        return configured
+    return max(MIN_HEARTBEAT_MS, min(requested, configured))
 
 
 class Session(asyncio.BufferedProtocol):
@@ -352,7 +361,7 @@ class Session(asyncio.BufferedProtocol):
                 mechanism=ident.mechanism if ident else "anonymous",
                 identity=ident.name if ident else "",
                 max_frame=limits.max_frame_bytes,
-                heartbeat_ms=int(limits.heartbeat_interval * 1000),
+                heartbeat_ms=_heartbeat_ms(event.heartbeat_ms, limits.heartbeat_interval),
             )
         )
         self.conn.mark_alive(self.broker.loop.time())

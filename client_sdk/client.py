@@ -257,6 +257,7 @@ class Client:
         port: int,
         *,
         timeout: float = 10.0,
+        heartbeat: float | None = None,
         reconnect: Reconnect | None = Reconnect(),
         on_error: Callable[[TesseraError], None] | None = None,
         on_state_change: Callable[[ConnectionState, TesseraError | None], None] | None = None,
@@ -265,6 +266,7 @@ class Client:
         self._host = host
         self._port = port
         self._timeout = timeout
+        self._heartbeat_ms = None if heartbeat is None else int(heartbeat * 1000)
         self._reconnect = reconnect
         self._on_error = on_error
         self._on_state_change = on_state_change
@@ -436,7 +438,7 @@ class Client:
         self._set_state(ConnectionState.CONNECTED)
 
     async def _dial(self) -> Link:
-        link = Link(self, self._make_layer())
+        link = Link(self, self._make_layer(), self._heartbeat_ms)
         self._dialing = link
         self._link_error = None
         waiter: asyncio.Future[Welcome] = self._loop.create_future()
@@ -776,6 +778,8 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
     Once connected, a lost connection is re-established automatically (``reconnect``: a
     :class:`Reconnect` policy, ``True`` for the default one, ``False`` for none);
     ``on_state_change(state, error)`` is told about every :class:`ConnectionState` change.
+    ``heartbeat`` asks the broker for a shorter heartbeat interval in seconds (it grants at
+    least 1 s and at most its own configured interval).
     """
 
     def __init__(
@@ -790,6 +794,7 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         service: str = "tessera",
         server_hostname: str | None = None,
         timeout: float = 10.0,
+        heartbeat: float | None = None,
         reconnect: bool | Reconnect = True,
         on_error: Callable[[TesseraError], None] | None = None,
         on_state_change: Callable[[ConnectionState, TesseraError | None], None] | None = None,
@@ -810,6 +815,7 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         self._service = service
         self._server_hostname = server_hostname or self._host
         self._timeout = timeout
+        self._heartbeat = heartbeat
         if reconnect is True:
             reconnect = Reconnect()
         self._reconnect: Reconnect | None = reconnect or None
@@ -855,6 +861,7 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
             self._host,
             self._port,
             timeout=self._timeout,
+            heartbeat=self._heartbeat,
             reconnect=self._reconnect,
             on_error=self._on_error,
             on_state_change=self._on_state_change,

@@ -51,8 +51,12 @@ class LinkOwner(Protocol):
 class Link(asyncio.Protocol):
     """The client's side of one connection."""
 
-    def __init__(self, owner: LinkOwner, layer: SecurityLayer) -> None:
+    def __init__(
+        self, owner: LinkOwner, layer: SecurityLayer, heartbeat_ms: int | None = None
+    ) -> None:
         self.owner = owner
+        #: The heartbeat interval asked for in hello (the broker decides; None: its default).
+        self.heartbeat_ms = heartbeat_ms
         self.layer = layer
         self.conn = Connection(Role.CLIENT)
         self.transport: asyncio.Transport | None = None
@@ -171,7 +175,7 @@ class Link(asyncio.Protocol):
                 )
             return
         if not was_established:
-            self.send(Hello(client=CLIENT_NAME))
+            self.send(Hello(client=CLIENT_NAME, heartbeat_ms=self.heartbeat_ms))
         plain = layer.read()
         if plain or not data:
             events = self.conn.receive_data(plain if data else b"", self.loop.time())

@@ -308,3 +308,11 @@ def test_sync_facade(restartable: Restartable, pki: Any) -> None:
         msg = sub.get(timeout=TIMEOUT)
         assert (msg.topic, msg.payload) == ("sync.a", b"1")
         sub.unsubscribe()
+
+
+async def test_client_may_ask_for_a_shorter_heartbeat(broker_factory: Any, pki: Any) -> None:
+    broker = broker_factory.start()  # configured heartbeat: the default 30 s
+    for asked, granted in ((2.0, 2000), (0.2, 1000), (60.0, 30_000), (None, 30_000)):
+        async with _connect(broker.url, pki, "alice", heartbeat=asked) as client:
+            assert client.welcome is not None
+            assert client.welcome.heartbeat_ms == granted, asked
