@@ -2,9 +2,13 @@
 
 Lookup walks only the branches a topic can reach (its literal tokens, ``*`` and ``>``), so its cost
 does not grow with the number of unrelated subscriptions; results are cached per topic until the
-subscription set changes. Fan-out is synchronous: a publish is encoded once and the same bytes are
-handed to every matching subscriber (STYLE §4). A :class:`Backplane` sees every local publish and
-may inject publishes from elsewhere (other broker processes or nodes).
+subscription set changes. Fan-out is synchronous and never awaits (STYLE §4): a publish is encoded
+once. With a ``schedule`` callback (the broker's mode) consecutive publishes that reach the same
+subscriber set are joined into one block at the end of the event-loop turn and that block is
+handed to each subscriber once: the Python work per delivery becomes work per subscriber per turn,
+and publish order is kept (a new block starts whenever the subscriber set changes). Without one,
+each frame is handed over at once. A :class:`Backplane` sees every local publish and may inject
+publishes from elsewhere (other broker processes or nodes).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ _MATCH_CACHE_ENTRIES = 8192
 class Subscriber(Protocol):
     """What the router delivers to (a broker session)."""
 
-    def deliver(self, frame: bytes) -> None:
-        """Queue one encoded delivery frame; never blocks, never awaits."""
+    def deliver(self, data: bytes, count: int) -> None:
+        """Queue ``count`` encoded delivery frames, concatenated in ``data``; never blocks,
+        never awaits. The same ``data`` object is handed to every subscriber of the block."""
 
 
 class Backplane(Protocol):
@@ -65,8 +70,16 @@ class _Node:
 class Router:
     """Subscriptions and fan-out for one broker process."""
 
-    def __init__(self, backplane: Backplane | None = None) -> None:
+    def __init__(
+        self,
+        backplane: Backplane | None = None,
+        schedule: Callable[[], None] | None = None,
+    ) -> None:
         self._root = _Node()
+        #: Called once when the first block of a loop turn is started; the caller then runs
+        #: :meth:`flush_pending` later in the same turn.
+        self._schedule = schedule
+        self._pending: list[tuple[tuple[Subscriber, ...], list[bytes]]] = []
         self._cache: dict[str, tuple[Subscriber, ...]] = {}
         self._count = 0
         self.backplane: Backplane = backplane or LocalBackplane()
@@ -172,9 +185,30 @@ class Router:
         if not subscribers:
             return 0
         frame = encode_message_frame(topic, payload, headers)
-        for subscriber in subscribers:
-            subscriber.deliver(frame)
+        if self._schedule is None:
+            for subscriber in subscribers:
+                subscriber.deliver(frame, 1)
+            return len(subscribers)
+        pending = self._pending
+        if pending and pending[-1][0] is subscribers:
+            pending[-1][1].append(frame)
+        else:
+            if not pending:
+                self._schedule()
+            pending.append((subscribers, [frame]))
         return len(subscribers)
+
+    def flush_pending(self) -> None:
+        """Hand every block started this turn to its subscribers (in publish order)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        for subscribers, frames in pending:
+            count = len(frames)
+            data = frames[0] if count == 1 else b"".join(frames)
+            for subscriber in subscribers:
+                subscriber.deliver(data, count)
 
     def publish(self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None) -> int:
         """A publish accepted from a local client: deliver locally and tell the backplane."""

@@ -170,7 +170,7 @@ class Broker:
         if ntlm_files:
             # pyspnego reads NTLM accounts only from this process-wide variable.
             os.environ["NTLM_USER_FILE"] = str(ntlm_files.pop())
-        self.router = Router(backplane)
+        self.router = Router(backplane, schedule=self._schedule_flush)
         self.audit = Audit(config.audit_file)
         self._per_identity: collections.Counter[str] = collections.Counter()
         self.listeners = [Listener(c, _layer_factory(c)) for c in config.listeners]
@@ -182,7 +182,13 @@ class Broker:
         self.handshake_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=_HANDSHAKE_WORKERS, thread_name_prefix="tessera-handshake"
         )
-        self._dirty: list[Session] = []
+        #: Sessions with queued output this turn (appended by the sessions themselves).
+        self.dirty: list[Session] = []
+        limits = config.limits
+        # Read on the fan-out path for every subscriber: kept as plain attributes.
+        self.max_pending_bytes = limits.max_pending_bytes
+        self.max_pending_msgs = limits.max_pending_messages
+        self.drop_slow_consumers = limits.slow_consumer == "drop"
         self._flush_scheduled = False
         self._next_id = 0
         self._sweeper: asyncio.Task[None] | None = None
@@ -282,15 +288,21 @@ class Broker:
                     del self._per_identity[key]
 
     def mark_dirty(self, session: Session) -> None:
-        self._dirty.append(session)
+        self.dirty.append(session)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_dirty)
 
     def _flush_dirty(self) -> None:
+        """Once per loop turn: hand this turn's delivery blocks to their subscribers, then write
+        every session with something queued, each in one TLS write."""
         self._flush_scheduled = False
-        dirty = self._dirty
-        self._dirty = []
+        self.router.flush_pending()
+        dirty = self.dirty
+        self.dirty = []
         for session in dirty:
             session.flush()
 

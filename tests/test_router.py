@@ -16,6 +16,7 @@ from broker import router as router_module
 from broker.router import LocalBackplane, Router
 from client_sdk.protocol.codec import decode
 from client_sdk.protocol.events import Message
+from client_sdk.protocol.framing import FrameDecoder
 from client_sdk.protocol.topics import matches, validate_pattern, validate_topic
 
 
@@ -26,7 +27,8 @@ class Sink:
         self.name = name
         self.frames: list[bytes] = []
 
-    def deliver(self, frame: bytes) -> None:
+    def deliver(self, frame: bytes, count: int) -> None:
+        assert count == 1  # a router without a scheduler hands over one frame at a time
         self.frames.append(frame)
 
     def __repr__(self) -> str:
@@ -336,3 +338,43 @@ def test_router_matches_brute_force(ops: list[tuple[bool, int, str]], probes: li
             router.unsubscribe(sinks[who], pattern)
     assert router.subscription_count == 0
     assert node_count(router) == 0
+
+
+# --- batched mode (the broker's): blocks per subscriber set, publish order kept --------------
+
+
+class BlockSink:
+    def __init__(self) -> None:
+        self.blocks: list[tuple[bytes, int]] = []
+
+    def deliver(self, data: bytes, count: int) -> None:
+        self.blocks.append((data, count))
+
+    def topics(self) -> list[str]:
+        out = []
+        for data, count in self.blocks:
+            decoder = FrameDecoder()
+            bodies = decoder.feed(data)
+            assert len(bodies) == count
+            out += [msgpack.unpackb(b, raw=False)["topic"] for b in bodies]
+        return out
+
+
+def test_batched_fan_out_joins_consecutive_publishes_and_keeps_order() -> None:
+    scheduled: list[int] = []
+    router = Router(schedule=lambda: scheduled.append(1))
+    a, b = BlockSink(), BlockSink()
+    router.subscribe(a, "s.>")
+    router.subscribe(b, "s.x")
+    for topic in ("s.x", "s.x", "s.y", "s.x"):
+        router.deliver_local(topic, b"p")
+    assert scheduled == [1]  # one flush per turn, asked for once
+    assert a.blocks == [] and b.blocks == []  # nothing before the flush
+    router.flush_pending()
+    # a is in every block; the s.y publish starts a new block, so order is kept for a.
+    assert a.topics() == ["s.x", "s.x", "s.y", "s.x"]
+    assert [count for _, count in a.blocks] == [2, 1, 1]
+    assert b.topics() == ["s.x", "s.x", "s.x"]
+    assert a.blocks[0][0] is b.blocks[0][0]  # one bytes object shared by the block's subscribers
+    router.flush_pending()  # nothing pending: nothing happens
+    assert len(a.blocks) == 3
