@@ -115,10 +115,16 @@ class Link(asyncio.Protocol):
 
     async def start(self) -> None:
         """Begin the security handshake (off the loop when it may block on a KDC)."""
-        if self.layer.blocking_handshake:
-            await asyncio.to_thread(self.layer.start)
-        else:
-            self.layer.start()
+        try:
+            if self.layer.blocking_handshake:
+                await asyncio.to_thread(self.layer.start)
+            else:
+                self.layer.start()
+        except HandshakeError:
+            # Tell the broker why (the layer may have queued an ERROR record) before closing.
+            with contextlib.suppress(Exception):
+                self.write_wire()
+            raise
         self.write_wire()
 
     # --- inbound --------------------------------------------------------------------------
