@@ -358,6 +358,8 @@ class Session(asyncio.BufferedProtocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        if self.conn.state is not State.OPEN:
+            return  # hello and close in one read: nothing to welcome
         limits = self.broker.config.limits
         ident = self.identity
         self.conn.send(
@@ -373,6 +375,12 @@ class Session(asyncio.BufferedProtocol):
         self.conn.mark_alive(self.broker.loop.time())
         self._open = True
         log.info("%s session open (client %r)", self._who(), event.client[:64])
+
+    def _reply(self, event: Ok | Error) -> None:
+        """Answer a request, unless the client closed in the same read (its close frame came
+        after the request): the request is still carried out, there is just no one to tell."""
+        if self.conn.state is State.OPEN:
+            self.conn.send(event)
 
     def _allowed(self, action: Action, subject: str) -> bool:
         key = (action, subject)
@@ -400,7 +408,7 @@ class Session(asyncio.BufferedProtocol):
     def _on_publish(self, event: Publish) -> None:
         if not self._allowed(Action.PUBLISH, event.topic):
             log.info("%s publish to %r denied", self._who(), event.topic)
-            self.conn.send(
+            self._reply(
                 Error(
                     ErrorCode.PERMISSION_DENIED,
                     f"not allowed to publish to {event.topic!r}",
@@ -411,17 +419,17 @@ class Session(asyncio.BufferedProtocol):
             return
         self.broker.router.publish(event.topic, event.payload, event.headers)
         if event.ack is not None:
-            self.conn.send(Ok(ack=event.ack))
+            self._reply(Ok(ack=event.ack))
 
     def _on_subscribe(self, event: Subscribe) -> None:
         sid = event.sid
         if sid in self.subs:
-            self.conn.send(
+            self._reply(
                 Error(ErrorCode.INVALID_SUBSCRIPTION, f"subscription id {sid} is in use", sid=sid)
             )
             return
         if len(self.subs) >= self.broker.config.limits.max_subscriptions:
-            self.conn.send(
+            self._reply(
                 Error(
                     ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                     f"at most {self.broker.config.limits.max_subscriptions} subscriptions",
@@ -431,7 +439,7 @@ class Session(asyncio.BufferedProtocol):
             return
         if not self._allowed(Action.SUBSCRIBE, event.pattern):
             log.info("%s subscribe to %r denied", self._who(), event.pattern)
-            self.conn.send(
+            self._reply(
                 Error(
                     ErrorCode.PERMISSION_DENIED,
                     f"not allowed to subscribe to {event.pattern!r}",
@@ -441,13 +449,13 @@ class Session(asyncio.BufferedProtocol):
             return
         self.subs[sid] = event.pattern
         self.broker.router.subscribe(self, event.pattern)
-        self.conn.send(Ok(sid=sid))
+        self._reply(Ok(sid=sid))
         log.debug("%s subscribed sid=%d %r", self._who(), sid, event.pattern)
 
     def _on_unsubscribe(self, event: Unsubscribe) -> None:
         pattern = self.subs.pop(event.sid, None)
         if pattern is None:
-            self.conn.send(
+            self._reply(
                 Error(
                     ErrorCode.INVALID_SUBSCRIPTION,
                     f"no subscription with id {event.sid}",
@@ -456,7 +464,7 @@ class Session(asyncio.BufferedProtocol):
             )
             return
         self.broker.router.unsubscribe(self, pattern)
-        self.conn.send(Ok(sid=event.sid))
+        self._reply(Ok(sid=event.sid))
 
     # --- outbound -------------------------------------------------------------------------
 
