@@ -50,9 +50,11 @@ from client_sdk.protocol.errors import (
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
+    LocalProtocolError,
     TesseraError,
     error_from_code,
 )
+from client_sdk.protocol.limits import MAX_HEADER_FIELD_BYTES, MAX_HEADERS
 from client_sdk.protocol.topics import matches, split_pattern, validate_pattern, validate_topic
 
 __all__ = [
@@ -332,7 +334,7 @@ class Client:
         """
         validate_topic(topic)
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
-        hdrs = dict(headers) if headers else None
+        hdrs = _checked_headers(headers) if headers else None
         self._check_usable()
         link = self._link if self.state is ConnectionState.CONNECTED else None
         if not ack:
@@ -721,6 +723,25 @@ class Client:
         self._dispatch_cache.clear()
         if not self._closed.done():
             self._closed.set_result(None)
+
+
+def _checked_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Headers as the protocol allows them (checked here: the broker would close the whole
+    connection with PROTOCOL_ERROR instead of refusing one publish)."""
+    hdrs = dict(headers)
+    if len(hdrs) > MAX_HEADERS:
+        raise LocalProtocolError(f"at most {MAX_HEADERS} headers per message")
+    for k, v in hdrs.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise LocalProtocolError("header names and values must be strings")
+        if (
+            len(k.encode("utf-8", "surrogatepass")) > MAX_HEADER_FIELD_BYTES
+            or len(v.encode("utf-8", "surrogatepass")) > MAX_HEADER_FIELD_BYTES
+        ):
+            raise LocalProtocolError(
+                f"header {k[:32]!r}: longer than {MAX_HEADER_FIELD_BYTES} bytes"
+            )
+    return hdrs
 
 
 def _code(value: int) -> ErrorCode:

@@ -21,6 +21,7 @@ from client_sdk import (
     ConnectionClosedError,
     ConnectionState,
     ErrorCode,
+    LocalProtocolError,
     PublishBufferFull,
     Reconnect,
 )
@@ -316,3 +317,16 @@ async def test_client_may_ask_for_a_shorter_heartbeat(broker_factory: Any, pki: 
         async with _connect(broker.url, pki, "alice", heartbeat=asked) as client:
             assert client.welcome is not None
             assert client.welcome.heartbeat_ms == granted, asked
+
+
+async def test_bad_headers_are_refused_locally_and_the_connection_stays(
+    restartable: Restartable, pki: Any
+) -> None:
+    async with _connect(restartable.url, pki, "alice") as client:
+        with pytest.raises(LocalProtocolError):
+            await client.publish("h", b"", headers={f"k{i}": "v" for i in range(33)})
+        with pytest.raises(LocalProtocolError):
+            await client.publish("h", b"", headers={"k": "v" * 2000})
+        sub = await client.subscribe("h")
+        await client.publish("h", b"ok", headers={"k": "v"})
+        assert (await sub.get(timeout=TIMEOUT)).headers == {"k": "v"}
