@@ -37,6 +37,9 @@ _RECV_BUFFER_BYTES = 256 * 1024
 #: Threads for blocking handshake steps (Kerberos acceptor steps take ~0.1-0.3 ms each).
 _HANDSHAKE_WORKERS = 4
 
+#: Connections the heartbeat sweep visits between two yields to the event loop.
+_SWEEP_SLICE = 1000
+
 #: How often the heartbeat sweep runs, as a fraction of the heartbeat interval.
 _SWEEP_FRACTION = 0.25
 
@@ -311,8 +314,10 @@ class Broker:
         while True:
             await asyncio.sleep(interval)
             now = self.loop.time()
-            for session in list(self.sessions):
+            for i, session in enumerate(list(self.sessions)):
                 session.on_timer(now)
+                if i % _SWEEP_SLICE == _SWEEP_SLICE - 1:
+                    await asyncio.sleep(0)  # 100k connections must not stall the loop at once
 
     def info(self) -> dict[str, Any]:
         """Counters for operators and tests (also logged as JSON on SIGUSR1)."""
