@@ -53,6 +53,8 @@ class Audit:
         level: int = logging.INFO,
         **fields: object,
     ) -> None:
+        if not self.logger.isEnabledFor(level):
+            return  # nothing is built for a disabled trail (it runs for every connection)
         entry: dict[str, object] = {
             "ts": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
             "event": event,
@@ -60,8 +62,7 @@ class Audit:
         if who is not None:
             entry.update(who.audit_fields)
         entry.update(fields)
-        if self.logger.isEnabledFor(level):
-            self.logger.log(level, "%s", json.dumps(entry, ensure_ascii=False, default=str))
+        self.logger.log(level, "%s", json.dumps(entry, ensure_ascii=False, default=str))
 
     def close(self) -> None:
         if self._handler is not None:

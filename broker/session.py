@@ -170,7 +170,8 @@ class Session(asyncio.BufferedProtocol):
         self._deadline = loop.call_later(
             self.broker.config.limits.handshake_timeout, self._handshake_timeout
         )
-        log.debug("%s accepted on %s", self._who(), self.listener.label)
+        if log.isEnabledFor(logging.DEBUG):  # _who() formats eagerly
+            log.debug("%s accepted on %s", self._who(), self.listener.label)
         self.layer.start()
         self._write_wire(self.layer.data_to_send())
 
@@ -201,7 +202,8 @@ class Session(asyncio.BufferedProtocol):
             self.conn.state = State.CLOSED
         self.broker.forget(self)
         self.broker.audit.record("close", self, code=self._close_code)
-        log.debug("%s connection lost%s", self._who(), f": {exc}" if exc else "")
+        if log.isEnabledFor(logging.DEBUG):  # _who() formats eagerly
+            log.debug("%s connection lost%s", self._who(), f": {exc}" if exc else "")
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -345,7 +347,8 @@ class Session(asyncio.BufferedProtocol):
                 return
             elif isinstance(event, Close):
                 self._close_code = self._close_code or "client_close"
-                log.debug("%s client closed: code=%s", self._who(), event.code)
+                if log.isEnabledFor(logging.DEBUG):  # _who() formats eagerly
+                    log.debug("%s client closed: code=%s", self._who(), event.code)
                 self._begin_close()
                 return
             elif isinstance(event, EndOfStream):
@@ -450,7 +453,8 @@ class Session(asyncio.BufferedProtocol):
         self.subs[sid] = event.pattern
         self.broker.router.subscribe(self, event.pattern)
         self._reply(Ok(sid=sid))
-        log.debug("%s subscribed sid=%d %r", self._who(), sid, event.pattern)
+        if log.isEnabledFor(logging.DEBUG):  # _who() formats eagerly
+            log.debug("%s subscribed sid=%d %r", self._who(), sid, event.pattern)
 
     def _on_unsubscribe(self, event: Unsubscribe) -> None:
         pattern = self.subs.pop(event.sid, None)

@@ -820,7 +820,6 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         on_error: Callable[[TesseraError], None] | None = None,
         on_state_change: Callable[[ConnectionState, TesseraError | None], None] | None = None,
     ) -> None:
-        self._url = url
         self._scheme, self._host, self._port = _parse_url(url)
         if self._scheme == "negotiate":
             if ca is not None or cert is not None or ssl_context is not None:

@@ -192,10 +192,6 @@ class Link(asyncio.Protocol):
 
     # --- outbound -------------------------------------------------------------------------
 
-    @property
-    def open(self) -> bool:
-        return self.conn.state is State.OPEN and not self.lost.done()
-
     def send(self, event: Publish | Subscribe | Unsubscribe | Hello) -> None:
         """Queue a request; written at the end of this loop turn with everything else queued."""
         self.conn.send(event)
