@@ -105,6 +105,10 @@ class HubPort(Protocol):
     ) -> Outcome:
         """Run ``pub`` through the pipeline (decide, store, route, other nodes)."""
 
+    def route_plain(self, topic: str, payload: bytes, frame: bytes | None) -> bool:
+        """Route an already allowed plain publish at once if nothing else wants it (no store,
+        no other node); False: the caller runs :meth:`publish` instead."""
+
     def subscribe(self, handler: RequestHandler, pattern: str) -> None: ...
 
     def unsubscribe(self, handler: RequestHandler, pattern: str) -> None: ...
@@ -145,6 +149,7 @@ class RequestHandler:
         "_busy",
         "_deadline",
         "_dirty",
+        "_pub_allowed",
         "_suspended",
         "_write_paused",
         "authed",
@@ -209,6 +214,9 @@ class RequestHandler:
         self._dirty = False
         self._write_paused = False
         self._deadline: float | None = None
+        #: The last topic this connection was allowed to publish to (fast path; see recheck).
+        self._pub_allowed: str | None = None
+        self.conn.publish_sink = self._publish_plain
 
     # --- identity and logging ---------------------------------------------------------------
 
@@ -422,6 +430,25 @@ class RequestHandler:
                 )
             )
 
+    def _publish_plain(
+        self, topic: str, payload: bytes, ack: int | None, frame: bytes | None
+    ) -> bool:
+        """The connection's fast path for a plain publish (no headers; see
+        :data:`~client_sdk.protocol.connection.PublishSink`): no event, no Publication when the
+        hub can route it at once; anything else goes through :meth:`_on_publish`."""
+        if self._suspended or self._backlog or self.closing:
+            return False  # it must queue behind what waits: the caller makes an event of it
+        if topic is not self._pub_allowed and topic != self._pub_allowed:
+            if not self.allowed(Action.PUBLISH, topic):
+                self._on_publish(Publish(topic, payload, None, ack))  # denied: the full answer
+                return True
+            self._pub_allowed = topic
+        if not self.hub.route_plain(topic, payload, frame):
+            self._on_publish(Publish(topic, payload, None, ack))
+        elif ack is not None:
+            self._reply(Ok(ack=ack))
+        return True
+
     def _stored(self, ack: int | None, exc: BaseException | None) -> None:
         """The store finished the publish this connection waits for: answer, then go on."""
         self._suspended = False
@@ -487,6 +514,7 @@ class RequestHandler:
         longer allows, telling the client (an ``error`` naming the subscription). Returns how
         many were removed."""
         self._acl_cache.clear()
+        self._pub_allowed = None
         removed = 0
         for sid, pattern in list(self.subs.items()):
             if self.allowed(Action.SUBSCRIBE, pattern):

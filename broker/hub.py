@@ -121,6 +121,18 @@ class Hub:
         self._route(pub)
         return Outcome.DONE
 
+    def route_plain(self, topic: str, payload: bytes, frame: bytes | None) -> bool:
+        """The same pipeline for a plain publish the handler has already allowed, without a
+        :class:`Publication`: when nothing is stored and nothing crosses to other nodes
+        (:class:`NullStore`, :class:`LocalBackplane`), deciding is all there is before routing.
+        ``frame`` is the delivery frame if the connection built it. False: not that case, the
+        handler runs :meth:`publish` instead."""
+        if type(self.store) is not NullStore or type(self.backplane) is not LocalBackplane:
+            return False
+        self.publishes_in += 1
+        self.deliveries_out += self.router.route_frame(topic, payload, frame)
+        return True
+
     def _route(self, pub: Publication) -> None:
         self.deliveries_out += self.router.route(pub.topic, pub.payload, pub.headers)
         if not self.backplane.publish(pub):

@@ -153,10 +153,26 @@ class Router:
 
     def route(self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None) -> int:
         """Encode once, hand the same bytes to every local subscriber; returns how many."""
-        subscribers = self.match(topic)
+        subscribers = self._cache.get(topic)
+        if subscribers is None:
+            subscribers = self.match(topic)
         if not subscribers:
             return 0
-        frame = encode_message_frame(topic, payload, headers)
+        return self._queue(subscribers, encode_message_frame(topic, payload, headers))
+
+    def route_frame(self, topic: str, payload: bytes, frame: bytes | None) -> int:
+        """:meth:`route` without headers, with the delivery ``frame`` already built (``None``:
+        encode it here, only if someone subscribes)."""
+        subscribers = self._cache.get(topic)
+        if subscribers is None:
+            subscribers = self.match(topic)
+        if not subscribers:
+            return 0
+        if frame is None:
+            frame = encode_message_frame(topic, payload)
+        return self._queue(subscribers, frame)
+
+    def _queue(self, subscribers: tuple[Subscriber, ...], frame: bytes) -> int:
         if self._schedule is None:
             for subscriber in subscribers:
                 subscriber.deliver(frame, 1)

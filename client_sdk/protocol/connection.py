@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
+
+import msgpack
 
 from client_sdk.protocol import codec
 from client_sdk.protocol.errors import (
@@ -41,6 +44,7 @@ from client_sdk.protocol.limits import (
     MAX_FRAME_BYTES,
     MAX_FRAME_BYTES_BEFORE_HELLO,
     MAX_FRAME_BYTES_CEILING,
+    MAX_ID,
     MAX_REASON_BYTES,
     MAX_TOPIC_BYTES,
     MAX_TOPIC_TOKENS,
@@ -50,7 +54,24 @@ from client_sdk.protocol.limits import (
 )
 from client_sdk.protocol.topics import validate_pattern, validate_topic
 
-__all__ = ["Connection", "Role", "State", "negotiate_version"]
+__all__ = ["Connection", "PublishSink", "Role", "State", "negotiate_version"]
+
+#: The fast path for plain publishes (see :attr:`Connection.publish_sink`): called with
+#: ``(topic, payload, ack, delivery_frame)``, the topic already validated; ``delivery_frame`` is
+#: the ``msg`` frame of this publish when it could be built from the ``pub`` frame's own bytes,
+#: else ``None``. Returns True if it took the publish, False to have it delivered as a
+#: :class:`Publish` event instead.
+PublishSink = Callable[[str, bytes, int | None, bytes | None], bool]
+
+#: A plain publish body starts with a map header, then ``"op": "pub"`` (every encoder that puts
+#: ``op`` first, as the SDK does). Bodies that do not take the general path.
+_PUB_OP = b"\xa2op\xa3pub"
+#: With exactly three entries (op, topic, payload) the delivery body is the publish body with
+#: ``pub`` renamed ``msg`` (same length): the topic and payload bytes are reused as they came.
+_PUB_MAP3 = 0x83
+_MSG_HEAD = b"\x83\xa2op\xa3msg"
+_PUB_HEAD_BYTES = len(_MSG_HEAD)
+_unpackb = msgpack.unpackb
 
 
 class Role(enum.Enum):
@@ -116,12 +137,14 @@ class Connection:
         "_out",
         "_ping_outstanding",
         "_too_large",
+        "_valid_topic",
         "_welcome_sent",
         "failure",
         "max_frame",
         "max_topic_bytes",
         "max_topic_tokens",
         "peer_max_frame",
+        "publish_sink",
         "role",
         "state",
         "version",
@@ -168,6 +191,12 @@ class Connection:
         self._heartbeat: float | None = None
         self._last_rx = 0.0
         self._ping_outstanding = False
+        #: The last topic a plain publish named that passed :func:`validate_topic`.
+        self._valid_topic: str | None = None
+        #: A server's fast path for plain publishes (:data:`PublishSink`): while the session is
+        #: open, a ``pub`` frame with no headers is handed to it without building an event, as
+        #: long as no other event precedes it in the same batch (so order is kept).
+        self.publish_sink: PublishSink | None = None
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -207,12 +236,22 @@ class Connection:
         events: list[Event] = []
         bodies = self._bodies
         taken = 0
+        sink = self.publish_sink
         while True:
             while bodies:
                 if max_events is not None and taken >= max_events:
                     return events
                 taken += 1
-                event = self._receive_frame(bodies.popleft())
+                body = bodies.popleft()
+                if (
+                    sink is not None
+                    and not events
+                    and body.startswith(_PUB_OP, 1)
+                    and self.state is State.OPEN
+                    and self._plain_publish(body, sink)
+                ):
+                    continue
+                event = self._receive_frame(body)
                 if event is not None:
                     events.append(event)
                 if self.closed:
@@ -235,6 +274,41 @@ class Connection:
         except FrameTooLarge as exc:
             self._bodies.extend(exc.frames)
             self._too_large = exc
+
+    def _plain_publish(self, body: bytes, sink: PublishSink) -> bool:
+        """Hand a plain, valid ``pub`` to ``sink`` without building an event. False (nothing
+        done) for anything else (headers, unknown fields, bad values, a topic that fails
+        validation): the general path then decodes it and answers as it always does."""
+        try:
+            d = _unpackb(body, raw=False, use_list=True, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            return False
+        if type(d) is not dict or d.get("op") != "pub":
+            return False
+        topic = d.get("topic")
+        payload = d.get("payload")
+        if type(topic) is not str or type(payload) is not bytes:
+            return False
+        entries = len(d)
+        ack = None
+        if entries == 4:
+            ack = d.get("ack")
+            if type(ack) is not int or not 0 <= ack <= MAX_ID:
+                return False
+        elif entries != 3:
+            return False
+        if topic != self._valid_topic:
+            try:
+                validate_topic(
+                    topic, max_bytes=self.max_topic_bytes, max_tokens=self.max_topic_tokens
+                )
+            except InvalidTopic:
+                return False
+            self._valid_topic = topic
+        frame = None
+        if entries == 3 and body[0] == _PUB_MAP3:
+            frame = b"".join((len(body).to_bytes(4, "big"), _MSG_HEAD, body[_PUB_HEAD_BYTES:]))
+        return sink(topic, payload, ack, frame)
 
     def _receive_frame(self, body: bytes) -> Event | None:
         try:
