@@ -170,7 +170,19 @@ class Router:
             return 0
         if frame is None:
             frame = encode_message_frame(topic, payload)
-        return self._queue(subscribers, frame)
+        # _queue, inlined: this is the one-subscriber hot path
+        if self._schedule is None:
+            for subscriber in subscribers:
+                subscriber.deliver(frame, 1)
+            return len(subscribers)
+        pending = self._pending
+        if pending and pending[-1][0] is subscribers:
+            pending[-1][1].append(frame)
+        else:
+            if not pending:
+                self._schedule()
+            pending.append((subscribers, [frame]))
+        return len(subscribers)
 
     def _queue(self, subscribers: tuple[Subscriber, ...], frame: bytes) -> int:
         if self._schedule is None:

@@ -242,16 +242,18 @@ class Connection:
                 if max_events is not None and taken >= max_events:
                     return events
                 taken += 1
-                body = bodies.popleft()
-                if (
-                    sink is not None
-                    and not events
-                    and body.startswith(_PUB_OP, 1)
-                    and self.state is State.OPEN
-                    and self._plain_publish(body, sink)
-                ):
-                    continue
-                event = self._receive_frame(body)
+                if sink is not None and not events and self.state is State.OPEN:
+                    # Plain publishes first, in a tight loop, until anything else comes.
+                    limit = len(bodies) if max_events is None else max_events - taken + 1
+                    done = self._plain_publishes(bodies, limit, sink)
+                    if done:
+                        taken += done - 1
+                        if self.closed:
+                            bodies.clear()
+                            self._too_large = None
+                            return events
+                        continue
+                event = self._receive_frame(bodies.popleft())
                 if event is not None:
                     events.append(event)
                 if self.closed:
@@ -274,6 +276,21 @@ class Connection:
         except FrameTooLarge as exc:
             self._bodies.extend(exc.frames)
             self._too_large = exc
+
+    def _plain_publishes(self, bodies: deque[bytes], limit: int, sink: PublishSink) -> int:
+        """Hand up to ``limit`` leading plain publishes of ``bodies`` to ``sink``; how many."""
+        done = 0
+        plain = self._plain_publish
+        popleft = bodies.popleft
+        while done < limit and bodies:
+            body = bodies[0]
+            if not body.startswith(_PUB_OP, 1) or not plain(body, sink):
+                break
+            popleft()
+            done += 1
+            if self.state is not State.OPEN:
+                break
+        return done
 
     def _plain_publish(self, body: bytes, sink: PublishSink) -> bool:
         """Hand a plain, valid ``pub`` to ``sink`` without building an event. False (nothing
