@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from auth.errors import AuthError, HandshakeError
 from auth.layer import SecurityLayer
@@ -63,10 +63,10 @@ class Session(asyncio.BufferedProtocol):
     # --- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's is not an asyncio.Transport subclass, only alike)
+        self.transport = cast(asyncio.Transport, transport)
         handler = self.handler
-        peer = transport.get_extra_info("peername")
+        peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             handler.peer = f"{peer[0]}:{peer[1]}"
         if not self.hub.admit(handler):
