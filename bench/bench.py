@@ -561,7 +561,7 @@ def profile(args: argparse.Namespace, certs: Path) -> None:
         broker = BrokerProc("tessera", certs, args.python)
         try:
             raw = RESULTS / f"profile-{stamp}-{name}.txt"
-            cmd = [pyspy, "record", "--pid", str(broker.pid), "--rate", "200", "--format", "raw",
+            cmd = [pyspy, "record", "--pid", str(broker.pid), "--rate", "500", "--format", "raw",
                    "--output", str(raw), "--nonblocking"]  # fmt: skip
             spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)

@@ -109,6 +109,9 @@ class HubPort(Protocol):
         """Route an already allowed plain publish at once if nothing else wants it (no store,
         no other node); False: the caller runs :meth:`publish` instead."""
 
+    def route_block(self, topic: str, frames: bytes, count: int) -> bool:
+        """:meth:`route_plain` for ``count`` publishes at once (delivery frames encoded)."""
+
     def subscribe(self, handler: RequestHandler, pattern: str) -> None: ...
 
     def unsubscribe(self, handler: RequestHandler, pattern: str) -> None: ...
@@ -217,6 +220,7 @@ class RequestHandler:
         #: The last topic this connection was allowed to publish to (fast path; see recheck).
         self._pub_allowed: str | None = None
         self.conn.publish_sink = self._publish_plain
+        self.conn.block_sink = self._publish_block
 
     # --- identity and logging ---------------------------------------------------------------
 
@@ -448,6 +452,14 @@ class RequestHandler:
         elif ack is not None:
             self._reply(Ok(ack=ack))
         return True
+
+    def _publish_block(self, topic: str, frames: bytes, count: int) -> bool:
+        """The connection's fast path for a run of plain publishes to one topic (no acks):
+        taken only when this connection was already allowed that topic and the hub can route
+        at once; False: the connection hands them over one by one instead."""
+        if self._suspended or self._backlog or self.closing or topic != self._pub_allowed:
+            return False
+        return self.hub.route_block(topic, frames, count)
 
     def _stored(self, ack: int | None, exc: BaseException | None) -> None:
         """The store finished the publish this connection waits for: answer, then go on."""

@@ -47,6 +47,17 @@ class _Node:
         return not (self.children or self.rest or self.subs)
 
 
+class _Block:
+    """Consecutive deliveries of one turn to one subscriber set."""
+
+    __slots__ = ("chunks", "count", "subscribers")
+
+    def __init__(self, subscribers: tuple[Subscriber, ...], chunk: bytes, count: int) -> None:
+        self.subscribers = subscribers
+        self.chunks = [chunk]  #: encoded frames, joined at the flush
+        self.count = count  #: frames in ``chunks``
+
+
 class Router:
     """Subscriptions and fan-out for one broker process."""
 
@@ -55,7 +66,8 @@ class Router:
         #: Called once when the first block of a loop turn is started; the caller then runs
         #: :meth:`flush_pending` later in the same turn.
         self._schedule = schedule
-        self._pending: list[tuple[tuple[Subscriber, ...], list[bytes]]] = []
+        #: This turn's blocks, in publish order.
+        self._pending: list[_Block] = []
         self._cache: dict[str, tuple[Subscriber, ...]] = {}
         self._count = 0
 
@@ -176,26 +188,40 @@ class Router:
                 subscriber.deliver(frame, 1)
             return len(subscribers)
         pending = self._pending
-        if pending and pending[-1][0] is subscribers:
-            pending[-1][1].append(frame)
+        if pending and pending[-1].subscribers is subscribers:
+            block = pending[-1]
+            block.chunks.append(frame)
+            block.count += 1
         else:
             if not pending:
                 self._schedule()
-            pending.append((subscribers, [frame]))
+            pending.append(_Block(subscribers, frame, 1))
         return len(subscribers)
 
-    def _queue(self, subscribers: tuple[Subscriber, ...], frame: bytes) -> int:
+    def route_block(self, topic: str, frames: bytes, count: int) -> int:
+        """Queue ``count`` delivery frames to ``topic``, already encoded back to back in
+        ``frames``; returns how many deliveries (``count`` per subscriber)."""
+        subscribers = self._cache.get(topic)
+        if subscribers is None:
+            subscribers = self.match(topic)
+        if not subscribers:
+            return 0
+        return self._queue(subscribers, frames, count) * count
+
+    def _queue(self, subscribers: tuple[Subscriber, ...], frame: bytes, count: int = 1) -> int:
         if self._schedule is None:
             for subscriber in subscribers:
-                subscriber.deliver(frame, 1)
+                subscriber.deliver(frame, count)
             return len(subscribers)
         pending = self._pending
-        if pending and pending[-1][0] is subscribers:
-            pending[-1][1].append(frame)
+        if pending and pending[-1].subscribers is subscribers:
+            block = pending[-1]
+            block.chunks.append(frame)
+            block.count += count
         else:
             if not pending:
                 self._schedule()
-            pending.append((subscribers, [frame]))
+            pending.append(_Block(subscribers, frame, count))
         return len(subscribers)
 
     def flush_pending(self) -> None:
@@ -204,8 +230,9 @@ class Router:
         if not pending:
             return
         self._pending = []
-        for subscribers, frames in pending:
-            count = len(frames)
-            data = frames[0] if count == 1 else b"".join(frames)
-            for subscriber in subscribers:
+        for block in pending:
+            chunks = block.chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            count = block.count
+            for subscriber in block.subscribers:
                 subscriber.deliver(data, count)

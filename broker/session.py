@@ -71,7 +71,7 @@ class Session(asyncio.BufferedProtocol):
             handler.peer = f"{peer[0]}:{peer[1]}"
         if not self.hub.admit(handler):
             log.warning("%s refused: max_connections reached", handler.who())
-            transport.abort()
+            self.transport.abort()
             return
         handler.start(self.hub.now())
         if log.isEnabledFor(logging.DEBUG):  # who() formats eagerly

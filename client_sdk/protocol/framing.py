@@ -48,6 +48,17 @@ class FrameDecoder:
         """Bytes held for an incomplete frame."""
         return len(self._buf)
 
+    def needed(self) -> int:
+        """Bytes still missing from the frame being buffered (0: nothing is buffered); while
+        its length prefix is incomplete, the bytes missing from the prefix."""
+        buf = self._buf
+        have = len(buf)
+        if have == 0:
+            return 0
+        if have < FRAME_HEADER_BYTES:
+            return FRAME_HEADER_BYTES - have
+        return FRAME_HEADER_BYTES + int(_unpack_length(buf, 0)[0]) - have
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add ``data`` and return the bodies of all frames now complete, in order.
 
