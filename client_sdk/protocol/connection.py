@@ -277,15 +277,27 @@ class Connection:
             if self._too_large is not None:
                 break
             need = decoder.needed()
-        events: list[Event] = []
-        if self._bodies or self._too_large is not None:
-            events = self.receive_backlog(now, max_events)
-            if events or self._bodies or self._too_large is not None or need:
+        if self._bodies:
+            # That frame first: on with the run only if it was a plain publish the sink took.
+            sink = self.publish_sink
+            if (
+                self._too_large is not None
+                or sink is None
+                or len(self._bodies) != 1
+                or not self._plain_publishes(self._bodies, 1, sink)
+            ):
                 self._feed(data[pos:])
-                return events
-        if pos >= end or self.state is not State.OPEN or self._run_head is None:
+                return self.receive_backlog(now, max_events)
+            if max_events is not None:
+                max_events = max(1, max_events - 1)
+        if (
+            pos >= end
+            or self._too_large is not None
+            or self.state is not State.OPEN
+            or self._run_head is None
+        ):
             self._feed(data[pos:])
-            return events + self.receive_backlog(now, max_events)
+            return self.receive_backlog(now, max_events)
         limit = end if max_events is None else max_events * RUN_FRAMES_PER_EVENT
         count, stop = self._take_run(data, pos, limit)
         if count:
@@ -293,7 +305,7 @@ class Connection:
             if max_events is not None:
                 max_events = max(1, max_events + (-count // RUN_FRAMES_PER_EVENT))
         self._feed(data[pos:] if pos else data)
-        return events + self.receive_backlog(now, max_events)
+        return self.receive_backlog(now, max_events)
 
     def _take_run(self, data: bytes, pos: int, limit: int) -> tuple[int, int]:
         """Find up to ``limit`` frames from ``pos`` on whose bodies are :attr:`_run_head` and a
