@@ -219,8 +219,7 @@ class RequestHandler:
         self._deadline: float | None = None
         #: The last topic this connection was allowed to publish to (fast path; see recheck).
         self._pub_allowed: str | None = None
-        self.conn.publish_sink = self._publish_plain
-        self.conn.block_sink = self._publish_block
+        self.conn.publish_sink = self  # publish_plain / publish_run
 
     # --- identity and logging ---------------------------------------------------------------
 
@@ -434,7 +433,7 @@ class RequestHandler:
                 )
             )
 
-    def _publish_plain(
+    def publish_plain(
         self, topic: str, payload: bytes, ack: int | None, frame: bytes | None
     ) -> bool:
         """The connection's fast path for a plain publish (no headers; see
@@ -453,7 +452,7 @@ class RequestHandler:
             self._reply(Ok(ack=ack))
         return True
 
-    def _publish_block(self, topic: str, frames: bytes, count: int) -> bool:
+    def publish_run(self, topic: str, frames: bytes, count: int) -> bool:
         """The connection's fast path for a run of plain publishes to one topic (no acks):
         taken only when this connection was already allowed that topic and the hub can route
         at once; False: the connection hands them over one by one instead."""

@@ -1,7 +1,7 @@
 """The publish fast paths (issue #14) change nothing a client can see.
 
 A plain ``pub`` frame skips the event object (``Connection.publish_sink``), and a run of them to
-one topic is taken from a read in one piece (``Connection.block_sink``), relabelled ``pub`` ->
+one topic is taken from a read in one piece (``PublishSink.publish_run``), relabelled ``pub`` ->
 ``msg`` in place of being decoded and re-encoded. These tests drive the real hub, handlers and
 router in-process (tests/test_hub.py's fake clock) and compare, for the same byte stream cut at
 the same places, what every client receives with the fast paths on and with them off (the
@@ -35,7 +35,6 @@ def raw(body: bytes) -> bytes:
 
 def general_path_only(handler: RequestHandler) -> None:
     handler.conn.publish_sink = None
-    handler.conn.block_sink = None
 
 
 def run(stream: bytes, cuts: list[int], fast: bool) -> tuple[list[Event], list[Event], Any]:

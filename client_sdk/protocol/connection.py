@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
-from collections.abc import Callable
+from typing import Protocol
 
 import msgpack
 
@@ -56,19 +56,24 @@ from client_sdk.protocol.limits import (
 )
 from client_sdk.protocol.topics import validate_pattern, validate_topic
 
-__all__ = ["BlockSink", "Connection", "PublishSink", "Role", "State", "negotiate_version"]
+__all__ = ["Connection", "PublishSink", "Role", "State", "negotiate_version"]
 
-#: The fast path for plain publishes (see :attr:`Connection.publish_sink`): called with
-#: ``(topic, payload, ack, delivery_frame)``, the topic already validated; ``delivery_frame`` is
-#: the ``msg`` frame of this publish when it could be built from the ``pub`` frame's own bytes,
-#: else ``None``. Returns True if it took the publish, False to have it delivered as a
-#: :class:`Publish` event instead.
-PublishSink = Callable[[str, bytes, int | None, bytes | None], bool]
 
-#: The fast path for a run of plain publishes to one topic (see :attr:`Connection.block_sink`):
-#: called with ``(topic, delivery_frames, count)``, ``delivery_frames`` being ``count`` ``msg``
-#: frames back to back. Returns True if it took them all, False to have them handled one by one.
-BlockSink = Callable[[str, bytes, int], bool]
+class PublishSink(Protocol):
+    """A server's fast path for plain publishes (see :attr:`Connection.publish_sink`)."""
+
+    def publish_plain(
+        self, topic: str, payload: bytes, ack: int | None, frame: bytes | None
+    ) -> bool:
+        """One plain publish, its topic already validated; ``frame`` is its ``msg`` frame when
+        it could be built from the ``pub`` frame's own bytes, else ``None``. True if taken;
+        False to have it delivered as a :class:`Publish` event instead."""
+
+    def publish_run(self, topic: str, frames: bytes, count: int) -> bool:
+        """``count`` plain publishes to ``topic`` without ``ack``, as ``count`` ``msg`` frames
+        back to back in ``frames``. True if all were taken; False to have them handed over one
+        by one instead."""
+
 
 #: A run of publishes is taken from a read in one piece, at a fraction of the Python work per
 #: frame of an event; for the per-turn budget (``max_events``) this many run frames count as one.
@@ -159,7 +164,6 @@ class Connection:
         "_too_large",
         "_valid_topic",
         "_welcome_sent",
-        "block_sink",
         "failure",
         "max_frame",
         "max_topic_bytes",
@@ -214,13 +218,11 @@ class Connection:
         self._ping_outstanding = False
         #: The last topic a plain publish named that passed :func:`validate_topic`.
         self._valid_topic: str | None = None
-        #: A server's fast path for plain publishes (:data:`PublishSink`): while the session is
-        #: open, a ``pub`` frame with no headers is handed to it without building an event, as
-        #: long as no other event precedes it in the same batch (so order is kept).
+        #: A server's fast path for plain publishes (:class:`PublishSink`): while the session
+        #: is open, a ``pub`` frame with no headers is handed to it without building an event,
+        #: as long as no other event precedes it in the same batch (so order is kept), and a
+        #: run of them to one topic goes in one piece, straight from the read.
         self.publish_sink: PublishSink | None = None
-        #: With :attr:`publish_sink`: where a run of plain publishes to one topic goes in one
-        #: piece (:data:`BlockSink`), taken straight from a read without splitting it first.
-        self.block_sink: BlockSink | None = None
         #: The body of the last canonical plain publish up to its payload (map, op, topic,
         #: ``payload`` key): a frame whose body starts with it and ends in a ``bin`` that fills
         #: it is a valid publish to :attr:`_run_topic` (validated when it was learned).
@@ -254,7 +256,7 @@ class Connection:
         self._ping_outstanding = False
         if (
             self._run_head is not None
-            and self.block_sink is not None
+            and self.publish_sink is not None
             and self.state is State.OPEN
             and not self._bodies
             and self._too_large is None
@@ -309,10 +311,10 @@ class Connection:
 
     def _take_run(self, data: bytes, pos: int, limit: int) -> tuple[int, int]:
         """Find up to ``limit`` frames from ``pos`` on whose bodies are :attr:`_run_head` and a
-        ``bin`` filling the rest, relabel them ``msg`` and hand them to :attr:`block_sink`.
+        ``bin`` filling the rest, relabel them ``msg`` and hand them to :attr:`publish_sink`.
         Returns (frames taken, position after them); (0, pos) if none or the sink refused."""
         head = self._run_head
-        sink = self.block_sink
+        sink = self.publish_sink
         topic = self._run_topic
         assert head is not None and sink is not None and topic is not None
         hl = len(head)
@@ -349,7 +351,7 @@ class Connection:
         shift = FRAME_HEADER_BYTES + _PUB_HEAD_BYTES - 3 - start
         for at in starts:  # "pub" -> "msg", at the same place in every frame of the run
             block[at + shift : at + shift + 3] = b"msg"
-        if not sink(topic, bytes(block), len(starts)):
+        if not sink.publish_run(topic, bytes(block), len(starts)):
             return 0, start
         return len(starts), pos
 
@@ -454,13 +456,13 @@ class Connection:
             frame = b"".join((len(body).to_bytes(4, "big"), _MSG_HEAD, body[_PUB_HEAD_BYTES:]))
             if topic != self._run_topic or not body.startswith(self._run_head or b"\0"):
                 self._learn_run(body, topic)
-        return sink(topic, payload, ack, frame)
+        return sink.publish_plain(topic, payload, ack, frame)
 
     def _learn_run(self, body: bytes, topic: str) -> None:
         """Remember the head of ``body`` (a valid canonical plain publish to the validated
         ``topic``: map of 3, op, topic, then the payload last) for :meth:`_take_run`."""
         self._run_head = self._run_topic = None
-        if self.block_sink is None or not body.startswith(_TOPIC_KEY, _PUB_HEAD_BYTES):
+        if not body.startswith(_TOPIC_KEY, _PUB_HEAD_BYTES):
             return
         at = _PUB_HEAD_BYTES + len(_TOPIC_KEY)
         marker = body[at]
