@@ -88,6 +88,9 @@ _PUB_MAP3 = 0x83
 _MSG_HEAD = b"\x83\xa2op\xa3msg"
 _PUB_HEAD_BYTES = len(_MSG_HEAD)
 _unpackb = msgpack.unpackb
+#: Shared by every connection with no decoded frame waiting (an empty deque is ~760 bytes, and
+#: most connections are idle); never appended to: :meth:`Connection._feed` makes a new one.
+_NO_BODIES: deque[bytes] = deque()
 _unpack_u16 = struct.Struct(">H").unpack_from
 _unpack_u32 = struct.Struct(">I").unpack_from
 #: The canonical body (the SDK's and msgpack's own order): op, topic, payload.
@@ -203,7 +206,7 @@ class Connection:
         #: requests that were complete before the fatal frame (docs/protocol.md 3).
         self._final: bytes | None = None
         #: Frame bodies decoded but not yet turned into events (see ``max_events``).
-        self._bodies: deque[bytes] = deque()
+        self._bodies: deque[bytes] = _NO_BODIES  # a deque of its own once there are some
         #: An oversize prefix seen after the bodies in ``_bodies``; judged once they are.
         self._too_large: FrameTooLarge | None = None
         #: Frames the core answered with (pong, error) while a server had not yet sent its
@@ -362,6 +365,12 @@ class Connection:
 
     def receive_backlog(self, now: float = 0.0, max_events: int | None = None) -> list[Event]:
         """Continue :meth:`receive_data` with frames it left pending (at most ``max_events``)."""
+        events = self._receive_backlog(now, max_events)
+        if not self._bodies:
+            self._bodies = _NO_BODIES
+        return events
+
+    def _receive_backlog(self, now: float, max_events: int | None) -> list[Event]:
         events: list[Event] = []
         bodies = self._bodies
         taken = 0
@@ -398,13 +407,19 @@ class Connection:
                 return events
             # hello/welcome in this batch raised the limit: decode the rest under the new one.
             self._feed(b"")
+            bodies = self._bodies
 
     def _feed(self, data: bytes) -> None:
         try:
-            self._bodies.extend(self._decoder.feed(data))
+            frames = self._decoder.feed(data)
         except FrameTooLarge as exc:
-            self._bodies.extend(exc.frames)
+            frames = exc.frames
             self._too_large = exc
+        if frames:
+            if self._bodies is _NO_BODIES:
+                self._bodies = deque(frames)
+            else:
+                self._bodies.extend(frames)
 
     def _plain_publishes(self, bodies: deque[bytes], limit: int, sink: PublishSink) -> int:
         """Hand up to ``limit`` leading plain publishes of ``bodies`` to ``sink``; how many."""
