@@ -57,6 +57,9 @@ log = logging.getLogger("tessera.broker")
 #: so that a flooding client cannot raise everyone else's latency (issue #8, measured in bench/).
 EVENTS_PER_TURN = 128
 
+#: The backlog of every connection that has none (never appended to: see ``_defer``).
+_NO_BACKLOG: deque[Event] = deque()
+
 #: Decisions cached per connection ((action, subject) -> allowed); cleared when full.
 _ACL_CACHE_ENTRIES = 256
 
@@ -211,7 +214,7 @@ class RequestHandler:
         self.describe_mechanism: Callable[[], str | None] = lambda: None
         self._acl_cache: dict[tuple[Action, str], bool] = {}
         #: Events decoded but not yet handled (the turn's budget ran out, or the store is busy).
-        self._backlog: deque[Event] = deque()
+        self._backlog: deque[Event] = _NO_BACKLOG  # see _defer
         self._busy = False  #: a continuation is scheduled
         self._suspended = False  #: waiting for the store to finish a publish
         self._dirty = False
@@ -273,7 +276,7 @@ class RequestHandler:
             return
         if self._backlog or self._suspended:
             # Reading is paused while a backlog exists; bytes still in flight queue behind it.
-            self._backlog.extend(self.conn.receive_data(data, now))
+            self._defer(self.conn.receive_data(data, now))
             return
         self._handle(self.conn.receive_data(data, now, EVENTS_PER_TURN), now)
         self._after_turn(now)
@@ -290,6 +293,15 @@ class RequestHandler:
             self._busy = False
             self.io.resume_reading()
 
+    def _defer(self, events: list[Event]) -> None:
+        """Queue events behind the backlog (a deque of its own only while one exists: an empty
+        deque is ~760 bytes, and most connections are idle)."""
+        if events:
+            if self._backlog is _NO_BACKLOG:
+                self._backlog = deque(events)
+            else:
+                self._backlog.extend(events)
+
     def _continue(self) -> None:
         self._busy = False
         if self._suspended or self.closing:
@@ -298,6 +310,8 @@ class RequestHandler:
         backlog = self._backlog
         if backlog:
             take = [backlog.popleft() for _ in range(min(len(backlog), EVENTS_PER_TURN))]
+            if not backlog:
+                self._backlog = _NO_BACKLOG
         else:
             take = self.conn.receive_backlog(now, EVENTS_PER_TURN)
         self._handle(take, now)
@@ -326,7 +340,7 @@ class RequestHandler:
     def _handle(self, events: list[Event], now: float) -> None:
         for i, event in enumerate(events):
             if self._suspended:
-                self._backlog.extend(events[i:])
+                self._defer(events[i:])
                 break
             kind = type(event)
             if kind is Publish:

@@ -58,7 +58,10 @@ class Session(asyncio.BufferedProtocol):
         self._recv = recv_buffer
         self._close_timer: asyncio.TimerHandle | None = None
         self.handler = RequestHandler(hub, self, conn_id, peer="?", listener=label)
-        self.handler.describe_mechanism = lambda: attempted_mechanism(layer)
+        self.handler.describe_mechanism = self._mechanism  # a bound method: no closure
+
+    def _mechanism(self) -> str | None:
+        return attempted_mechanism(self.layer)
 
     # --- asyncio callbacks ------------------------------------------------------------------
 
