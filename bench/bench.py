@@ -83,9 +83,12 @@ def _tessera_limits() -> str:
     except ImportError:
         return ""
     names = {f.name for f in fields(LimitsConfig)}
+    lines = []
     if "max_connections_per_identity" in names:
-        return "\n[limits]\nmax_connections_per_identity = 1000000\n"
-    return ""
+        lines.append("max_connections_per_identity = 1000000")
+    if "max_connections" in names:  # the 100,000-connection run needs one more (warm-up)
+        lines.append("max_connections = 1000000")
+    return "\n[limits]\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def write_configs(d: Path, port: int, peer: str) -> Path:
@@ -349,8 +352,9 @@ def run_all(args: argparse.Namespace, certs: Path) -> dict[str, dict[str, list[d
                     res = run_loadgen(
                         args.python, "idle", broker, certs,
                         ["--conns", str(n), "--concurrency", str(args.concurrency),
-                         "--settle", str(args.settle)],
-                        600,
+                         "--settle", str(args.settle), "--rest", str(args.rest),
+                         "--source-addrs", args.source_addrs],
+                        max(600.0, n / 50 + args.rest + 60),
                     )  # fmt: skip
                     raw[peer][f"idle_{n}"].append(res)
                     report_one(peer, f"idle_{n}", res)
@@ -392,6 +396,7 @@ def report_one(peer: str, key: str, r: dict[str, Any]) -> None:
             f"  {peer} {key}: {r['establish_s']:.2f} s to establish, "
             f"{r['rss_per_conn_kb']:.1f} KB RSS/conn, loadgen cpu {r['gen_cpu']:.0%}, "
             f"broker cpu {r['broker_cpu']:.0%}, foreign cpu {r.get('foreign_cpu', 0):.0%}"
+            + (f"; at rest broker cpu {r['rest_broker_cpu']:.1%}" if r.get("rest_s") else "")
         )
 
 
@@ -427,6 +432,9 @@ def metrics(args: argparse.Namespace) -> list[tuple[str, str, str, str, bool]]:
         rows.append((f"RSS per idle TLS conn, N={n}", f"idle_{n}", "rss_per_conn_kb", "KB", False))
         rows.append((f"time to establish N={n}", f"idle_{n}", "establish_s", "s", False))
         cpu_rows(f"idle_{n}")
+        if args.rest > 0:
+            rows.append((f"  broker CPU at rest ({args.rest:g} s), N={n}", f"idle_{n}",
+                         "rest_broker_cpu", "%", False))  # fmt: skip
     return rows
 
 
@@ -639,6 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--settle", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=64, help="handshakes in flight")
+    p.add_argument(
+        "--source-addrs",
+        default="",
+        help="idle: client source addresses, e.g. 127.0.0.2-127.0.0.9 (past ~28,000 conns)",
+    )
+    p.add_argument("--rest", type=float, default=0.0, help="idle: seconds of broker CPU at rest")
     p.add_argument("--python", default=sys.executable, help="interpreter for broker and loadgen")
     p.add_argument("--smoke", action="store_true", help="a seconds-long check of the machinery")
     p.add_argument("--profile", action="store_true", help="py-spy the Tessera fan-out instead")
@@ -694,6 +708,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.cpu_count() and os.cpu_count() < 2:  # type: ignore[operator]
         log("fewer than 2 cores: broker and load generator will share one")
     os.sched_setaffinity(0, {int(LOADGEN_CORE)})
+    sys.path.insert(0, str(HERE))
+    from loadgen import raise_fd_limit  # noqa: PLC0415
+
+    raise_fd_limit(max([*args.conns, *args.tessera_conns, 0]) + 16)  # brokers inherit it
     certs = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
     try:
         provision(certs)
