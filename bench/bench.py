@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -711,7 +712,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     from loadgen import raise_fd_limit  # noqa: PLC0415
 
-    raise_fd_limit(max([*args.conns, *args.tessera_conns, 0]) + 16)  # brokers inherit it
+    most = max([*args.conns, *args.tessera_conns, 0])
+    raise_fd_limit(most + 16)  # brokers inherit it
+    fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if most + 64 > fds:
+        log(
+            f"{most} connections need about {most + 64} descriptors per process; this one may "
+            f"open {fds} (raising the hard limit needs CAP_SYS_RESOURCE): expect failures"
+        )
     certs = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
     try:
         provision(certs)
