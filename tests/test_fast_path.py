@@ -199,3 +199,13 @@ def test_fake_io_is_the_one_from_test_hub() -> None:
     io = FakeIO()
     io.write(encode_message_frame("t.x", b"1"))
     assert io.events() == [Message("t.x", b"1")]
+
+
+def test_an_equal_size_frame_to_another_topic_inside_a_run_keeps_its_place() -> None:
+    # the same size and the same bytes but for the topic: the strided check must see it
+    stream = pub("t.a") * 50 + pub("t.c", b"\1" * len(PAYLOAD)) + pub("t.a") * 50
+    _, theirs, _ = same_either_way(stream, [10])
+    assert [m.topic for m in theirs if isinstance(m, Message)] == ["t.a"] * 50 + ["t.c"] + [
+        "t.a"
+    ] * 50
+    assert theirs[50] == Message("t.c", b"\1" * len(PAYLOAD))

@@ -312,6 +312,41 @@ class Connection:
         self._feed(data[pos:] if pos else data)
         return self.receive_backlog(now, max_events)
 
+    @staticmethod
+    def _equal_run(
+        data: bytes, pos: int, limit: int, head: bytes, max_frame: int
+    ) -> tuple[int, int]:
+        """(k, size) if the ``k`` >= 2 frames from ``pos`` on (at most ``limit``) all have the
+        size and every byte up to the payload of the first, which is ``head`` and a ``bin``
+        filling the frame: then all are valid, and checking it takes one strided slice per
+        header byte (C speed) instead of a Python iteration per frame. (0, 0) otherwise."""
+        end = len(data)
+        if end - pos < FRAME_HEADER_BYTES:
+            return 0, 0
+        (n,) = _unpack_u32(data, pos)
+        size = FRAME_HEADER_BYTES + n
+        k = min((end - pos) // size, limit)
+        body = pos + FRAME_HEADER_BYTES
+        hl = len(head)
+        if k < 2 or n > max_frame or n < hl + 2 or not data.startswith(head, body):
+            return 0, 0
+        mark = body + hl
+        rest = n - hl
+        marker = data[mark]
+        if marker == _BIN8 and data[mark + 1] == rest - 2:
+            fixed = 2
+        elif marker == _BIN16 and rest >= 3 and _unpack_u16(data, mark + 1)[0] == rest - 3:
+            fixed = 3
+        elif marker == _BIN32 and rest >= 5 and _unpack_u32(data, mark + 1)[0] == rest - 5:
+            fixed = 5
+        else:
+            return 0, 0
+        stop = pos + k * size
+        for i in range(pos, mark + fixed):  # length prefix, head, bin marker and length
+            if data[i:stop:size].count(data[i]) != k:
+                return 0, 0
+        return k, size
+
     def _take_run(self, data: bytes, pos: int, limit: int) -> tuple[int, int]:
         """Find up to ``limit`` frames from ``pos`` on whose bodies are :attr:`_run_head` and a
         ``bin`` filling the rest, relabel them ``msg`` and hand them to :attr:`publish_sink`.
@@ -324,6 +359,18 @@ class Connection:
         end = len(data)
         max_frame = self._decoder.max_frame
         start = pos
+        equal, size = self._equal_run(data, pos, limit, head, max_frame)
+        if equal:
+            # Every frame alike but for its payload bytes: relabel with strided assignments.
+            pos = start + equal * size
+            block = bytearray(data[start:pos])
+            at = FRAME_HEADER_BYTES + _PUB_HEAD_BYTES - 3
+            block[at::size] = b"m" * equal
+            block[at + 1 :: size] = b"s" * equal
+            block[at + 2 :: size] = b"g" * equal
+            if not sink.publish_run(topic, bytes(block), equal):
+                return 0, start
+            return equal, pos
         starts: list[int] = []
         while len(starts) < limit and end - pos >= FRAME_HEADER_BYTES:
             (n,) = _unpack_u32(data, pos)
