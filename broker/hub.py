@@ -127,7 +127,7 @@ class Hub:
         (:class:`NullStore`, :class:`LocalBackplane`), deciding is all there is before routing.
         ``frame`` is the delivery frame if the connection built it. False: not that case, the
         handler runs :meth:`publish` instead."""
-        if type(self.store) is not NullStore or type(self.backplane) is not LocalBackplane:
+        if not self._plain_routable(topic):
             return False
         self.publishes_in += 1
         self.deliveries_out += self.router.route_frame(topic, payload, frame)
@@ -136,11 +136,18 @@ class Hub:
     def route_block(self, topic: str, frames: bytes, count: int) -> bool:
         """:meth:`route_plain` for ``count`` plain publishes to one topic at once, their
         delivery frames already encoded back to back in ``frames``."""
-        if type(self.store) is not NullStore or type(self.backplane) is not LocalBackplane:
+        if not self._plain_routable(topic):
             return False
         self.publishes_in += count
         self.deliveries_out += self.router.route_block(topic, frames, count)
         return True
+
+    def _plain_routable(self, topic: str) -> bool:
+        """May a plain publish to ``topic`` skip the :class:`Publication` and go out as the
+        connection encoded it? Only if nothing else would look at it or change its delivery
+        frame: no store, no other node. (Anything that adds per-publish fields to deliveries,
+        or chooses subscribers by more than the topic, must say no here.)"""
+        return type(self.store) is NullStore and type(self.backplane) is LocalBackplane
 
     def _route(self, pub: Publication) -> None:
         self.deliveries_out += self.router.route(pub.topic, pub.payload, pub.headers)
