@@ -442,11 +442,11 @@ def test_wrapped_record_attacks(
 @pytest.mark.kdc
 def test_unsealed_record_is_refused(realm: Realm) -> None:
     c, s = established_pair(realm)
-    assert c._context is not None
-    signed_only = c._context.wrap(b"\x00not secret", encrypt=False)
+    assert c._gss is not None
+    signed_only = gssapi.raw.wrap(c._gss, b"\x00not secret", False)
     assert not signed_only.encrypted
     with pytest.raises(IntegrityError, match="not sealed"):
-        s.receive_data(len(signed_only.data).to_bytes(4, "big") + signed_only.data)
+        s.receive_data(len(signed_only.message).to_bytes(4, "big") + signed_only.message)
 
 
 @pytest.mark.kdc
