@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import json
 import logging
@@ -21,6 +20,7 @@ from auth.layer import SecurityLayer
 from auth.tls import TLSLayer, server_context
 from broker.audit import Audit
 from broker.config import BrokerConfig, ListenerConfig
+from broker.handshake_pool import HandshakePool
 from broker.router import Backplane, Router
 from broker.session import Session
 from client_sdk.protocol import ErrorCode
@@ -35,7 +35,7 @@ SERVER_NAME = "tessera/0.1.0"
 _RECV_BUFFER_BYTES = 256 * 1024
 
 #: Threads for blocking handshake steps (Kerberos acceptor steps take ~0.1-0.3 ms each).
-_HANDSHAKE_WORKERS = 4
+_HANDSHAKE_WORKERS = 4  # see broker/handshake_pool.py for the per-source bounds
 
 #: Connections the heartbeat sweep visits between two yields to the event loop.
 _SWEEP_SLICE = 1000
@@ -126,6 +126,8 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
                 mechanisms=mechanisms,
                 max_token_bytes=cfg.max_handshake_token_bytes,
                 max_legs=cfg.max_handshake_legs,
+                max_clock_skew=cfg.max_clock_skew,
+                ntlm_user_file=cfg.ntlm_user_file,
             )
 
         make_gss()  # configuration errors surface at start-up, not per connection
@@ -147,6 +149,8 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
                 protect_frames=False,
                 max_token_bytes=cfg.max_handshake_token_bytes,
                 max_legs=cfg.max_handshake_legs,
+                max_clock_skew=cfg.max_clock_skew,
+                ntlm_user_file=cfg.ntlm_user_file,
             ),
         )
 
@@ -169,10 +173,6 @@ class Broker:
         if policy is None:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
         self.policy = policy
-        ntlm_files = {c.ntlm_user_file for c in config.listeners if c.ntlm_user_file is not None}
-        if ntlm_files:
-            # pyspnego reads NTLM accounts only from this process-wide variable.
-            os.environ["NTLM_USER_FILE"] = str(ntlm_files.pop())
         self.router = Router(backplane, schedule=self._schedule_flush)
         self.audit = Audit(config.audit_file)
         self._per_identity: collections.Counter[str] = collections.Counter()
@@ -180,11 +180,9 @@ class Broker:
         self.sessions: set[Session] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))
-        #: Worker threads for handshake steps that may block (GSS); bounded so a flood of
-        #: handshakes queues instead of spawning threads.
-        self.handshake_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=_HANDSHAKE_WORKERS, thread_name_prefix="tessera-handshake"
-        )
+        #: Worker threads for handshake steps that may block (GSS): a bounded queue per peer
+        #: address, served round-robin, so one source cannot monopolise them (issue 13).
+        self.handshake_pool = HandshakePool(_HANDSHAKE_WORKERS)
         #: Sessions with queued output this turn (appended by the sessions themselves).
         self.dirty: list[Session] = []
         limits = config.limits
@@ -257,7 +255,7 @@ class Broker:
         for lst in self.listeners:
             if lst.server is not None:
                 await lst.server.wait_closed()
-        self.handshake_executor.shutdown(wait=False, cancel_futures=True)
+        self.handshake_pool.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
         log.info("stopped")
 
@@ -327,6 +325,7 @@ class Broker:
             "tasks": len(asyncio.all_tasks(self.loop)),
             "open_fds": _open_fds(),
             "rss_bytes": _rss_bytes(),
+            **{f"handshake_pool_{k}": v for k, v in self.handshake_pool.stats().items()},
             **self.stats,
         }
 

@@ -9,6 +9,7 @@ event-loop turn, so a burst of deliveries becomes one TLS write and one syscall.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 from typing import TYPE_CHECKING
@@ -85,6 +86,7 @@ class Session(asyncio.BufferedProtocol):
         "_paused",
         "_pending_in",
         "_recv_buf",
+        "_step_future",
         "_stepping",
         "broker",
         "conn",
@@ -127,6 +129,7 @@ class Session(asyncio.BufferedProtocol):
         self._acl_cache: dict[tuple[Action, str], bool] = {}
         self._recv_buf = broker.recv_buffer
         self._stepping = False
+        self._step_future: concurrent.futures.Future[None] | None = None  # handshake-pool
         self._close_code: str | None = None
         self._dropped = 0
         self._pending_in: list[bytes] = []
@@ -183,9 +186,13 @@ class Session(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._on_wire(b"")
-        return False
+        # handshake-pool: a half-closed peer still gets (and is audited with) its verdict; the
+        # transport is closed once the queued step is done, or at the handshake deadline.
+        return self._stepping
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._step_future is not None:  # handshake-pool: a queued step of ours never runs
+            self._step_future.cancel()
         for timer in (self._deadline, self._close_timer):
             if timer is not None:
                 timer.cancel()
@@ -223,10 +230,19 @@ class Session(asyncio.BufferedProtocol):
         layer = self.layer
         was_established = layer.established
         if layer.blocking_handshake and not was_established:
-            self._stepping = True
-            fut = self.broker.loop.run_in_executor(
-                self.broker.handshake_executor, layer.receive_data, data
+            # handshake-pool (issue 13): fair per peer address, skipped once we are gone/late.
+            deadline = self._deadline.when() if self._deadline is not None else None
+            step = self.broker.handshake_pool.submit(
+                self.peer.rpartition(":")[0], layer.receive_data, data, deadline=deadline
             )
+            if step is None:  # this address has too many handshakes in progress: refuse early
+                self._close_code = "handshake_busy"
+                self.broker.stats["handshakes_refused_busy"] += 1
+                self._abort()
+                return
+            self._stepping = True
+            self._step_future = step
+            fut = asyncio.wrap_future(step, loop=self.broker.loop)
             fut.add_done_callback(lambda f: self._step_done(f, data))
             return
         try:
@@ -241,6 +257,11 @@ class Session(asyncio.BufferedProtocol):
 
     def _step_done(self, fut: asyncio.Future[None], data: bytes) -> None:
         self._stepping = False
+        self._step_future = None
+        if fut.cancelled():  # handshake-pool: skipped (connection gone or past its deadline)
+            self._pending_in.clear()
+            self._abort()
+            return
         exc = fut.exception()  # always retrieve it, even when the connection is gone
         if self.transport is None or self.transport.is_closing():
             self._pending_in.clear()
