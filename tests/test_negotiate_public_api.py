@@ -65,9 +65,12 @@ def violations(path: Path) -> list[str]:
                 root = _root(target) if isinstance(target, ast.Attribute) else None
                 if isinstance(root, ast.Name) and root.id in modules:
                     found.append(f"{where(node)}: assignment to {root.id}.* (a library patch)")
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id in {"setattr", "delattr"}:
-                found.append(f"{where(node)}: {node.func.id}()")
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in {"setattr", "delattr"}
+        ):
+            found.append(f"{where(node)}: {node.func.id}()")
         if isinstance(node, ast.keyword) and node.arg and _private(node.arg):
             found.append(f"{where(node)}: private keyword argument {node.arg}=")
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
