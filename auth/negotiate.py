@@ -1236,7 +1236,7 @@ class NegotiateServerLayer(_NegotiateLayer):
         name = gssapi.raw.import_name(self._principal.encode(), gssapi.NameType.kerberos_principal)
         try:
             if self._keytab is not None:
-                store: dict[bytes | str, bytes | str] = {"keytab": self._keytab}
+                store = _cred_store(keytab=self._keytab)
                 return gssapi.raw.acquire_cred_from(
                     store, name=name, mechs=[_KRB5_MECH], usage="accept"
                 ).creds
@@ -1520,6 +1520,14 @@ class NegotiateClientLayer(_NegotiateLayer):
         self._established("kerberos", identity)
 
 
+def _cred_store(**elements: str) -> dict[bytes | str, bytes | str]:
+    """A GSS credential store (RFC 5588 ext.) with *bytes* keys and values. python-gssapi's raw
+    ``acquire_cred_from`` keeps only C pointers into the objects it is given: str values would be
+    encoded into temporaries freed before MIT reads them (seen as a random fallback to the
+    default keytab under load), so the bytes are made here and live as long as the dict."""
+    return {key.encode(): value.encode() for key, value in elements.items()}
+
+
 def _kerberos_credential(credential: Kerberos) -> gssapi.raw.Creds | None:
     """The Kerberos 5 initiator credential: from a password, a client keytab, a credential
     cache, or None for GSS's default choice (cache, then client keytab)."""
@@ -1540,15 +1548,11 @@ def _kerberos_credential(credential: Kerberos) -> gssapi.raw.Creds | None:
         # tickets, and reconnecting does not leak a new cache each time.
         keytab = os.fspath(credential.keytab)
         key = hashlib.sha256(f"{credential.principal}\0{keytab}".encode()).hexdigest()[:32]
-        store: dict[bytes | str, bytes | str] = {
-            "client_keytab": keytab,
-            "ccache": f"MEMORY:tessera-{key}",
-        }
+        store = _cred_store(client_keytab=keytab, ccache=f"MEMORY:tessera-{key}")
         return gssapi.raw.acquire_cred_from(store, name=name, mechs=mechs, usage="initiate").creds
     if credential.ccache is not None:
-        return gssapi.raw.acquire_cred_from(
-            {"ccache": credential.ccache}, name=name, mechs=mechs, usage="initiate"
-        ).creds
+        store = _cred_store(ccache=credential.ccache)
+        return gssapi.raw.acquire_cred_from(store, name=name, mechs=mechs, usage="initiate").creds
     if name is not None:
         return gssapi.raw.acquire_cred(name, mechs=mechs, usage="initiate").creds
     return None
