@@ -18,6 +18,7 @@ import asyncio
 import base64
 import errno
 import json
+import logging
 import os
 import socket
 import ssl
@@ -102,6 +103,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where the dev credentials are (default: $TESSERA_DEV_DIR, the running dev "
         "broker's directory, ./tessera-dev)",
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print the SDK's log (reconnects, warnings) on standard error",
     )
     g.add_argument(
         "--timeout",
@@ -518,6 +525,12 @@ def _fail(exc: BaseException, as_json: bool, url: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     as_json = bool(getattr(args, "json", False))
+    sdk_log = logging.getLogger("tessera.client")
+    if getattr(args, "verbose", False):
+        logging.basicConfig(level=logging.DEBUG, format="tessera: %(levelname)s: %(message)s")
+    else:  # the one error line says what went wrong; the SDK's own warnings would repeat it
+        sdk_log.addHandler(logging.NullHandler())
+        sdk_log.propagate = False
     try:
         if args.command == "context":
             return _context_command(args)
