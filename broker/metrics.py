@@ -86,6 +86,10 @@ _GAUGES = (
     ("open_fds", "tessera_open_fds", "Open file descriptors."),
     ("rss_bytes", "tessera_resident_memory_bytes", "Resident memory (bytes)."),
 )
+#: Keys of ``Broker.stats`` (a Counter: absent until the first event, so absent means 0).
+_STATS_COUNTERS = frozenset(
+    {"connections_accepted", "slow_consumer_drops", "slow_consumer_disconnects"}
+)
 _REFUSED = {
     "connections_refused": "max_connections",
     "connections_refused_identity": "per_identity",
@@ -120,8 +124,9 @@ class BrokerCollector:
 
         info = self._info()
         for key, name, doc in _COUNTERS:
-            if _number(info.get(key)):
-                yield CounterMetricFamily(name, doc, value=info[key])
+            value = info.get(key, 0 if key in _STATS_COUNTERS else None)
+            if _number(value):
+                yield CounterMetricFamily(name, doc, value=value)
         refused = CounterMetricFamily(
             "tessera_connections_refused", "Connections refused by a limit.", labels=["reason"]
         )
