@@ -143,7 +143,8 @@ def test_collector_tolerates_missing_and_new_keys() -> None:
     assert got[("tessera_messages_in_total", ())] == 7
     assert got[("tessera_bytes_out_total", ())] == 100
     assert got[("tessera_auth_failures_total", (("reason", "tls_bad_cert"),))] == 3
-    assert got[("tessera_listener_connections", (("listener", "0.0.0.0:7443"), ("mechanism", "x509")))] == 2  # fmt: skip
+    by_listener = (("listener", "0.0.0.0:7443"), ("mechanism", "x509"))
+    assert got[("tessera_listener_connections", by_listener)] == 2
     assert got[("tessera_event_loop_lag_seconds", ())] == 0.002
     assert got[("tessera_brand_new_gauge", ())] == 5
     assert not any("not_a_number" in name for name, _ in got)
