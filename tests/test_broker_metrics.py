@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokerproc import BrokerProcess
+from brokerproc import BrokerProcess, RawClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import client_sdk
+from auth.tls import client_context
 from broker.metrics import BrokerCollector
 
 TIMEOUT = 5.0
@@ -169,3 +170,43 @@ async def test_json_logs(broker_factory: Any, pki: Any) -> None:
     audits = [r["audit"] for r in records if r["logger"] == "tessera.audit"]
     assert any(a["event"] == "auth_success" and a["identity"] == "x509:alice" for a in audits)
     assert "secret payload" not in broker.log()
+
+
+async def test_slow_consumer_disconnects_are_counted(broker_factory: Any, pki: Any) -> None:
+    broker = start(
+        broker_factory,
+        '\n[metrics]\nbind = "127.0.0.1:0"\n',
+        limits={"max_pending_bytes": 128 * 1024},
+    )
+    address = metrics_address(broker)
+    mark = broker.log_mark()
+    cred = pki.clients["mallory"]
+
+    def subscribe_and_stall() -> RawClient:
+        raw = RawClient(
+            broker.host,
+            broker.port,
+            client_context(pki.ca, cred.cert, cred.key),
+            recv_buffer_bytes=4096,
+            timeout=TIMEOUT,
+        )
+        raw.hello()
+        raw.send(op="sub", sid=1, pattern="slow.>")
+        raw.recv_until("ok")
+        return raw  # and now it stops reading
+
+    raw = await asyncio.to_thread(subscribe_and_stall)
+    with raw:
+        async with client_sdk.connect(broker.url, timeout=TIMEOUT, **pki.client("alice")) as alice:
+            for sent in range(2048):
+                await alice.publish("slow.data", b"x" * 16 * 1024)
+                if sent % 16 == 0 and any(
+                    e["event"] == "slow_consumer" for e in broker.audit_events(mark)
+                ):
+                    break
+            else:
+                pytest.fail("the stalled subscriber was never disconnected")
+            got = await asyncio.to_thread(samples, address)
+    assert got[("tessera_slow_consumer_disconnects_total", ())] == 1
+    assert got[("tessera_slow_consumer_dropped_total", ())] == 0
+    assert got[("tessera_connections_accepted_total", ())] == 2

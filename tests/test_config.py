@@ -5,8 +5,12 @@ refuse (each case also run through a real ``serve`` that must fail the same way)
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -341,3 +345,60 @@ def test_the_key_file_mode_is_a_warning(tmp_path: Path, pki: Any) -> None:
     result = json.loads(run_cli("check-config", str(path), "--json").stdout)
     assert result["valid"] is True
     assert any("chmod 600" in w for w in result["warnings"])
+
+
+def test_serve_names_the_listener_whose_port_is_taken(tmp_path: Path, pki: Any) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        path = tmp_path / "broker.toml"
+        text = _config(pki).replace("127.0.0.1:0", f"127.0.0.1:{port}")
+        path.write_text(text + f"[acl]\nfile = {_q(tmp_path / 'acl.toml')}\n", encoding="utf-8")
+        (tmp_path / "acl.toml").write_text("", encoding="utf-8")
+        serve = run_cli("serve", "--config", str(path))
+    assert serve.returncode == 1
+    assert f"listeners[0] (127.0.0.1:{port}): cannot listen: Address already in use" in (
+        serve.stderr
+    ), serve.stderr
+    assert "Traceback" not in serve.stderr
+
+
+@pytest.mark.kdc
+def test_check_config_looks_the_service_principal_up_in_the_keytab(
+    tmp_path: Path, kdc: Any
+) -> None:
+    """NegotiateServerLayer only checks that the keytab exists: serve would start and refuse
+    every Kerberos login. check-config reads the keytab."""
+    wanted = kdc.add_principal("tessera/kt.tessera.test")
+    other = kdc.add_principal("other/kt.tessera.test")
+    wrong = kdc.export_keytab(tmp_path / "wrong.keytab", [other])
+    right = kdc.export_keytab(tmp_path / "right.keytab", [wanted])
+    (tmp_path / "acl.toml").write_text("", encoding="utf-8")
+    env = {**os.environ, **kdc.env(), "PYTHONPATH": str(REPO)}
+
+    def check(keytab: Path) -> dict[str, Any]:
+        path = tmp_path / "broker.toml"
+        path.write_text(
+            '[[listeners]]\nbind = "127.0.0.1:0"\nsecurity = "negotiate"\n'
+            f'service_principal = "{wanted}"\nkeytab = {_q(keytab)}\n'
+            f"[acl]\nfile = {_q(tmp_path / 'acl.toml')}\n",
+            encoding="utf-8",
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "broker.cli", "check-config", str(path), "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        out: dict[str, Any] = json.loads(result.stdout)
+        assert (result.returncode == 0) == out["valid"], result.stderr
+        return out
+
+    bad = check(wrong)
+    (error,) = bad["problems"]
+    assert error["key"] == "listeners[0].keytab" and error["line"] == 5
+    assert f"has no key for {wanted}" in error["message"] and str(wrong) in error["message"]
+    assert check(right)["valid"] is True
