@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tessera-broker",
         description="Tessera message broker: authenticated pub/sub over TLS.",
+        epilog="exit codes: 0 ok (or a clean shutdown), 1 the configuration, a file it names "
+        "or a listener is not usable, 2 usage (docs/configuration.md).",
     )
     p.add_argument("--version", action="version", version=SERVER_NAME)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -141,7 +141,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tessera", description="Publish to and subscribe on a Tessera broker."
+        prog="tessera",
+        description="Publish to and subscribe on a Tessera broker.",
+        epilog="exit codes: 0 ok, 1 other error, 2 usage, 3 unreachable, 4 authentication, "
+        "5 permission denied, 6 protocol error, 7 timeout, 130 interrupted (docs/sdk.md). "
+        "Environment: TESSERA_URL, TESSERA_CA, TESSERA_CERT, TESSERA_KEY, TESSERA_CONTEXT, "
+        "TESSERA_DEV_DIR.",
     )
     p.add_argument("--version", action="version", version="tessera 0.1.0")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
