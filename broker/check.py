@@ -12,6 +12,7 @@ Every problem names the listener (``listeners[0] (0.0.0.0:7443)``) and the file.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import ssl
 from collections.abc import Mapping
@@ -53,11 +54,19 @@ class _Report:
         return any(p.severity == "error" and p.where.startswith(prefix) for p in self.problems)
 
 
-def preflight(cfg: BrokerConfig, lines: _Lines | None = None) -> list[Problem]:
-    """Every problem (``severity`` error or warning) with the files ``cfg`` names."""
+def preflight(
+    cfg: BrokerConfig, lines: _Lines | None = None, *, serving: bool = False
+) -> list[Problem]:
+    """Every problem (``severity`` error or warning) with the files ``cfg`` names. ``serving``:
+    leave out the warnings the broker logs itself as it starts (NTLM allowed)."""
     report = _Report(str(cfg.source) if cfg.source else None, lines or {})
+    ntlm_files = {lst.ntlm_user_file for lst in cfg.listeners if lst.ntlm_user_file is not None}
+    if ntlm_files:
+        # As the broker does before building its listeners: pyspnego reads NTLM accounts only
+        # from this process-wide variable (one file per process; config.py enforces it).
+        os.environ["NTLM_USER_FILE"] = str(next(iter(ntlm_files)))
     for i, lst in enumerate(cfg.listeners):
-        _listener(report, i, lst)
+        _listener(report, i, lst, serving=serving)
     if cfg.acl_file is None:
         report.add(("acl",), "no [acl] file: every publish and subscribe will be denied", "warning")
     elif _readable(report, ("acl", "file"), cfg.acl_file, "ACL"):
@@ -106,7 +115,7 @@ def _writable(report: _Report, path: tuple[str | int, ...], file: Path) -> None:
         report.add(path, f"cannot create {file}: directory not writable")
 
 
-def _listener(report: _Report, i: int, lst: ListenerConfig) -> None:
+def _listener(report: _Report, i: int, lst: ListenerConfig, *, serving: bool) -> None:
     base: tuple[str | int, ...] = ("listeners", i)
     name = _name(i, lst)
     certs: list[x509.Certificate] = []
@@ -138,6 +147,16 @@ def _listener(report: _Report, i: int, lst: ListenerConfig) -> None:
     if report.errors_for(f"listeners[{i}]"):
         return  # the file problems above say it better than the library would
     # Last, exactly what `serve` does for this listener (TLS context, SPNEGO acceptor).
+    if not serving and "ntlm" in lst.mechanisms and lst.security in ("negotiate", "tls+negotiate"):
+        report.add(
+            (*base, "mechanisms"),
+            f"{name} allows NTLM: NTLM sealing is RC4 and NTLM can be relayed; prefer Kerberos, "
+            'and keep NTLM inside TLS (security = "tls+negotiate")',
+            "warning",
+        )
+    server_log = logging.getLogger("tessera.broker")
+    quiet = _DropAll()
+    server_log.addFilter(quiet)  # the broker logs its own start-up warnings when it starts
     try:
         from broker.server import _layer_factory  # noqa: PLC0415 - server imports this module's callers
 
@@ -153,6 +172,13 @@ def _listener(report: _Report, i: int, lst: ListenerConfig) -> None:
         )
     except (OSError, ValueError) as exc:
         report.add(base, f"{name}: {exc}")
+    finally:
+        server_log.removeFilter(quiet)
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
 
 
 def _subject(cert: x509.Certificate) -> str:

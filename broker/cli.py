@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validate(path: Path) -> tuple[BrokerConfig | None, list[Problem]]:
+def _validate(path: Path, *, serving: bool = False) -> tuple[BrokerConfig | None, list[Problem]]:
     """Load ``path`` and check every file it names, as ``serve`` would; (config, problems)."""
     try:
         cfg = load_config(path)
@@ -100,7 +100,7 @@ def _validate(path: Path) -> tuple[BrokerConfig | None, list[Problem]]:
         lines = key_lines(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         lines = {}
-    return cfg, preflight(cfg, lines)
+    return cfg, preflight(cfg, lines, serving=serving)
 
 
 def _check_config(path: Path, as_json: bool) -> int:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print("tessera-broker: error: --bind goes with --dev", file=sys.stderr)
             return EXIT_USAGE
         config_path = args.config
-    cfg, problems = _validate(config_path)
+    cfg, problems = _validate(config_path, serving=True)
     level = args.log_level or (cfg.log_level if cfg else "info")
     setup_logging(level, cfg.log_format if cfg else "text")
     errors = [p for p in problems if p.severity == "error"]
