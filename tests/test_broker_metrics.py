@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,21 @@ async def test_slow_consumer_disconnects_are_counted(broker_factory: Any, pki: A
     assert got[("tessera_slow_consumer_disconnects_total", ())] == 1
     assert got[("tessera_slow_consumer_dropped_total", ())] == 0
     assert got[("tessera_connections_accepted_total", ())] == 2
+
+
+def test_the_metrics_listener_bounds_bad_requests(broker_factory: Any) -> None:
+    """A request head without an end, or larger than 8 KiB, is dropped without an answer; the
+    listener keeps serving."""
+    broker = start(broker_factory, '\n[metrics]\nbind = "127.0.0.1:0"\n')
+    address = metrics_address(broker)
+    with socket.create_connection(address, timeout=TIMEOUT) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 16_384)
+        try:
+            assert s.recv(1024) == b""  # closed, nothing sent
+        except ConnectionResetError:
+            pass  # closed with unread bytes: a reset, also nothing sent
+    with socket.create_connection(address, timeout=TIMEOUT) as s:
+        s.sendall(b"NOT HTTP\r\n\r\n")
+        assert s.recv(1024).startswith(b"HTTP/1.1 400 ")
+    assert get(address, "/healthz")[0] == 200
+    assert broker.unexpected_log_lines() == []
