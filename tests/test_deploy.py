@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 from broker.cli import _parser as broker_parser
@@ -185,3 +186,31 @@ def test_mypy_strict_sees_the_sdk_types_through_the_editable_install(tmp_path: P
     assert re.search(r'Revealed type is "def \(topic: (builtins\.)?str, payload', result.stdout), (
         result.stdout
     )
+
+
+def test_the_wheel_installs_what_docs_deploy_md_says(tmp_path: Path) -> None:
+    """Build the wheel (pip, isolated build) and read what it would install."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    assert wheel.name.startswith("tessera_mq-")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = z.read(metadata).decode()
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = z.read(entry_points).decode()
+    assert "\nName: tessera-mq\n" in meta
+    assert {"Provides-Extra: metrics", "Provides-Extra: negotiate"} <= set(meta.splitlines())
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"auth", "broker", "certs", "client_sdk"}  # the list in docs/deploy.md
+    assert {f"{t}/py.typed" for t in top} <= set(names)
+    for script in ("tessera-broker = broker.cli:main", "tessera = client_sdk.cli:main"):
+        assert script in scripts
+    assert not any(n.startswith(("tests/", "bench/", "deploy/")) for n in names)
