@@ -162,6 +162,11 @@ async def _serve(
     try:
         await broker.start()
     except OSError as exc:
+        for lst in broker.listeners:  # free the ports bound so far, then find the culprit
+            if lst.server is not None:
+                lst.server.close()
+                await lst.server.wait_closed()
+        broker.handshake_executor.shutdown(wait=False)
         raise _StartError(_busy_listener(cfg) or f"cannot listen: {exc}") from None
     metrics: MetricsServer | None = None
     if cfg.metrics.bind is not None:

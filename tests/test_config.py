@@ -402,3 +402,27 @@ def test_check_config_looks_the_service_principal_up_in_the_keytab(
     assert error["key"] == "listeners[0].keytab" and error["line"] == 5
     assert f"has no key for {wanted}" in error["message"] and str(wrong) in error["message"]
     assert check(right)["valid"] is True
+
+
+def test_serve_names_the_second_listener_when_only_its_port_is_taken(
+    tmp_path: Path, pki: Any
+) -> None:
+    (tmp_path / "acl.toml").write_text("", encoding="utf-8")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with socket.socket() as probe:  # a fixed port for the first listener, free now
+            probe.bind(("127.0.0.1", 0))
+            first_port = probe.getsockname()[1]
+        # The first listener binds; the broker must free it before naming the culprit.
+        first = _config(pki).replace("127.0.0.1:0", f"127.0.0.1:{first_port}")
+        second = _config(pki).replace("127.0.0.1:0", f"127.0.0.1:{port}")
+        path = tmp_path / "broker.toml"
+        path.write_text(
+            first + second + f"[acl]\nfile = {_q(tmp_path / 'acl.toml')}\n",
+            encoding="utf-8",
+        )
+        serve = run_cli("serve", "--config", str(path))
+    assert serve.returncode == 1
+    assert f"listeners[1] (127.0.0.1:{port}): cannot listen" in serve.stderr, serve.stderr
