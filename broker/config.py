@@ -19,6 +19,7 @@ from client_sdk.protocol import limits as wire
 __all__ = [
     "SECURITY_MODES",
     "BrokerConfig",
+    "ClusterConfig",
     "ConfigError",
     "LimitsConfig",
     "ListenerConfig",
@@ -111,6 +112,68 @@ class LimitsConfig:
     """Seconds a closing connection may take to flush before it is aborted."""
 
 
+# --- [cluster] (issue #11: workers and nodes sharing one topic space; docs/scaling.md) -------
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: share the topic space with other broker processes and nodes via Redis."""
+
+    redis: str
+    """``redis://host:port[/db]`` or ``rediss://`` (TLS 1.2+, server certificate verified);
+    no password in the URL (use ``password_file``)."""
+    username: str | None = None
+    """Redis ACL user (``AUTH username password``); default: Redis' ``default`` user."""
+    password_file: Path | None = None
+    """File whose first line is the Redis password (keep it ``chmod 600``)."""
+    tls_ca: Path | None = None
+    """``rediss://``: PEM CA bundle to verify Redis with (default: the system's)."""
+    channel_prefix: str = "tessera"
+    """Prefix of the Redis channels; brokers sharing one topic space use the same one."""
+    max_queue_messages: int = 10_000
+    """Publications queued for Redis before further ones are delivered locally only (and
+    counted in ``backplane.refused_queue_full``)."""
+
+
+def _cluster(raw: object, base: Path, source: str) -> ClusterConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _err(source, "cluster", "must be a table")
+    _check_keys(raw, {f.name for f in fields(ClusterConfig)}, source, "cluster")
+    url = raw.get("redis")
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://")):
+        raise _err(source, "cluster.redis", 'required, as "redis://host:port" or "rediss://..."')
+    authority = url.split("://", 1)[1].split("/", 1)[0]
+    if "@" in authority:
+        raise _err(
+            source, "cluster.redis", "no credentials in the URL: use username and password_file"
+        )
+    username = raw.get("username")
+    if username is not None and (not isinstance(username, str) or not username):
+        raise _err(source, "cluster.username", "must be a non-empty string")
+    prefix = raw.get("channel_prefix", "tessera")
+    if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+        raise _err(source, "cluster.channel_prefix", "must be a non-empty string without spaces")
+    max_queue = raw.get("max_queue_messages", 10_000)
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue <= 0:
+        raise _err(source, "cluster.max_queue_messages", "must be a positive integer")
+    paths = {
+        key: _path(raw[key], base, source, f"cluster.{key}") if key in raw else None
+        for key in ("password_file", "tls_ca")
+    }
+    if paths["tls_ca"] is not None and not url.startswith("rediss://"):
+        raise _err(source, "cluster.tls_ca", "goes with a rediss:// URL")
+    return ClusterConfig(
+        redis=url,
+        username=username,
+        password_file=paths["password_file"],
+        tls_ca=paths["tls_ca"],
+        channel_prefix=prefix,
+        max_queue_messages=max_queue,
+    )
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """The whole broker configuration."""
@@ -127,6 +190,8 @@ class BrokerConfig:
     """Seconds to flush clients on SIGTERM before exiting."""
     source: Path | None = None
     """The file this was loaded from, if any."""
+    cluster: ClusterConfig | None = None
+    """``[cluster]``: the Redis backplane (docs/scaling.md); None for a single process."""
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -303,7 +368,7 @@ def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> Bro
     """Build and validate a :class:`BrokerConfig` from parsed TOML."""
     _check_keys(
         data,
-        {"listeners", "acl", "audit", "limits", "log", "shutdown_timeout"},
+        {"listeners", "acl", "audit", "limits", "log", "shutdown_timeout", "cluster"},
         source,
         "top level",
     )
@@ -346,6 +411,7 @@ def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> Bro
         limits=_limits(data.get("limits"), source),
         log_level=level,
         shutdown_timeout=float(shutdown),
+        cluster=_cluster(data.get("cluster"), base, source),
     )
 
 
@@ -369,6 +435,7 @@ def load_config(path: str | Path) -> BrokerConfig:
         log_level=cfg.log_level,
         shutdown_timeout=cfg.shutdown_timeout,
         source=p,
+        cluster=cfg.cluster,
     )
 
 
@@ -386,4 +453,12 @@ def check_files(cfg: BrokerConfig) -> list[str]:
             )
     if cfg.acl_file is not None and not cfg.acl_file.is_file():
         problems.append(f"acl.file: {cfg.acl_file} does not exist")
+    if cfg.cluster is not None:
+        for key in ("password_file", "tls_ca"):
+            cp: Path | None = getattr(cfg.cluster, key)
+            if cp is not None and not cp.is_file():
+                problems.append(f"cluster.{key}: {cp} does not exist")
+        pw = cfg.cluster.password_file
+        if pw is not None and pw.is_file() and pw.stat().st_mode & 0o077:
+            problems.append(f"cluster.password_file: {pw} is readable by group/others (chmod 600)")
     return problems
