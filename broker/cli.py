@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from auth.acl import AclError, Policy
+from broker.backplane import Backplane
 from broker.config import BrokerConfig, ConfigError, check_files, load_config
 from broker.dev import DEFAULT_DEV_BIND, DEFAULT_DEV_DIR, DEV_CLIENT, ensure_dev_setup
 from broker.server import SERVER_NAME, Broker
@@ -53,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
         help=f"with --dev: where to listen (default: {DEFAULT_DEV_BIND})",
     )
     serve.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="broker processes sharing each listening port (default 1; 'auto' = one per CPU); "
+        "above 1 needs [cluster] redis (docs/scaling.md)",
+    )
+    # Internal: how the --workers supervisor (broker/workers.py) starts each worker.
+    serve.add_argument("--worker-binds", default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default=None,
@@ -69,10 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: int | None = None) -> None:
+    tag = "" if worker is None else f"[worker {worker}] "
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -127,10 +140,54 @@ def _check_config(path: Path, as_json: bool) -> int:
     return 1 if errors else 0
 
 
+def _backplane(cfg: BrokerConfig) -> Backplane | None:
+    """The Redis backplane when ``[cluster]`` is configured (imported only then)."""
+    cluster = cfg.cluster
+    if cluster is None:
+        return None
+    try:
+        import redis  # noqa: F401, PLC0415
+
+        from broker.cluster import RedisBackplane  # noqa: PLC0415 - the optional extra
+    except ImportError:
+        raise SystemExit(
+            "tessera-broker: error: [cluster] needs the cluster extra: "
+            "pip install 'tessera[cluster]'"
+        ) from None
+    password = None
+    if cluster.password_file is not None:
+        try:
+            lines = cluster.password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SystemExit(
+                f"tessera-broker: error: cluster.password_file: {exc.strerror}"
+            ) from None
+        password = lines[0] if lines else ""
+    return RedisBackplane(
+        cluster.redis,
+        username=cluster.username,
+        password=password,
+        tls_ca=str(cluster.tls_ca) if cluster.tls_ca is not None else None,
+        channel_prefix=cluster.channel_prefix,
+        max_queue_messages=cluster.max_queue_messages,
+    )
+
+
+def _as_worker(cfg: BrokerConfig, binds_json: str) -> BrokerConfig:
+    """A worker of ``--workers``: listen on the supervisor's reserved addresses, SO_REUSEPORT."""
+    binds = json.loads(binds_json)
+    assert isinstance(binds, list) and len(binds) == len(cfg.listeners), binds
+    Broker.reuse_port = True
+    listeners = tuple(
+        dataclasses.replace(lst, bind=str(b)) for lst, b in zip(cfg.listeners, binds, strict=True)
+    )
+    return dataclasses.replace(cfg, listeners=listeners)
+
+
 async def _serve(
     cfg: BrokerConfig, policy: Policy | None, dev_hint: Callable[[str], str] | None
 ) -> None:
-    broker = Broker(cfg, policy=policy)
+    broker = Broker(cfg, policy=policy, backplane=_backplane(cfg))
     await broker.start()
     # Handle SIGTERM/SIGINT before announcing readiness: a supervisor (or a test) that signals
     # right after the "listening" line must get a graceful shutdown, not the default action.
@@ -173,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.file, args.json)
 
+    from broker import workers  # noqa: PLC0415
+
+    try:
+        n_workers = workers.parse_workers(args.workers)
+    except ValueError as exc:
+        print(f"tessera-broker: error: {exc}", file=sys.stderr)
+        return workers.EXIT_USAGE
     hint: Callable[[str], str] | None = None
     if args.dev:
         bind = args.bind or DEFAULT_DEV_BIND
@@ -188,15 +252,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         config_path = args.config
     cfg, errors, warnings = _validate(config_path)
-    _setup_logging(args.log_level or (cfg.log_level if cfg else "info"))
+    _setup_logging(args.log_level or (cfg.log_level if cfg else "info"), args.worker_index)
     for w in warnings:
         log.warning("config: %s", w)
     if errors or cfg is None:
         for e in errors:
             print(f"tessera-broker: error: {e}", file=sys.stderr)
         return 1
+    if n_workers > 1 and args.worker_binds is None:
+        argv = ["serve", "--config", str(config_path)]
+        if args.log_level:
+            argv += ["--log-level", args.log_level]
+        return workers.supervise(argv, cfg, n_workers)
+    if args.worker_binds is not None:
+        cfg = _as_worker(cfg, args.worker_binds)
+    from broker.cluster import BackplaneError  # noqa: PLC0415 - no third-party import
+
     try:
         asyncio.run(_serve(cfg, None, hint))
+    except BackplaneError as exc:
+        print(f"tessera-broker: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
         return 1
