@@ -17,15 +17,18 @@ Channels and interest
     routed to nobody (one trie walk).
 
 Exactly once, in order
-    Each node has a random id and numbers its publications (one counter per process). Every
+    Each node has a random id and numbers its Redis messages (one counter per process). Every
     node reads all its channels over one connection, so publications from one origin arrive in
-    the order they were sent; a node drops any publication whose number is not above the last
-    one seen from that origin (the same publication arriving over a channel and the glob during
-    a switch between the two) and any publication of its own (no echo).
+    the order they were sent; a node drops any message whose number is not above the last
+    one seen from that origin (the same message arriving over a channel and the glob during
+    a switch between the two) and any message of its own (no echo).
 
 Encoding
-    One msgpack array per publication: ``[1, node, seq, topic, payload, headers, sender,
-    retain, extra]`` (``headers``/``extra`` ``nil`` when empty). docs/scaling.md shows the bytes.
+    One Redis message carries the consecutive publications of one writer round to one channel:
+    ``[1, node, seq, [[topic, payload, headers, sender, retain, extra], ...]]`` in msgpack
+    (``headers``/``extra`` ``nil`` when empty); each publication is encoded once, at
+    ``publish``. Under load a batch holds many publications, so Redis' cost and the node's
+    per-message cost are paid per batch, not per publication. docs/scaling.md shows the bytes.
 
 Outage
     ``publish`` queues (bounded by ``max_queue_messages``) for one writer task that sends
@@ -46,7 +49,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -63,7 +66,8 @@ __all__ = [
     "DEFAULT_MAX_QUEUE_MESSAGES",
     "BackplaneError",
     "RedisBackplane",
-    "decode_publication",
+    "decode_batch",
+    "encode_batch",
     "encode_publication",
     "glob_escape",
 ]
@@ -75,8 +79,12 @@ DEFAULT_CHANNEL_PREFIX = "tessera"
 #: Publications queued for Redis before ``publish`` refuses (centrifuge's Redis broker and
 #: NATS' per-connection pending limit bound the same queue; at ~1 KiB each this is ~10 MiB).
 DEFAULT_MAX_QUEUE_MESSAGES = 10_000
-#: Publications sent in one pipelined round trip.
+#: Publications taken from the queue for one pipelined round trip; consecutive ones to the same
+#: channel travel as one Redis message (a batch), up to :data:`_BATCH_BYTES` each.
 _BATCH_MESSAGES = 512
+#: Bytes of publications in one Redis message: well under Redis' pub/sub output buffer limits
+#: (``client-output-buffer-limit pubsub 32mb 8mb 60`` by default).
+_BATCH_BYTES = 256 * 1024
 #: Origins whose last sequence number is remembered (one per broker process ever seen; a
 #: restarted process has a new id). Least recently heard is forgotten first.
 _MAX_ORIGINS = 4096
@@ -109,13 +117,10 @@ def glob_escape(text: str) -> str:
     return "".join(out)
 
 
-def encode_publication(node: bytes, seq: int, pub: Publication) -> bytes:
-    """The message a node sends to Redis for ``pub``."""
+def encode_publication(pub: Publication) -> bytes:
+    """One publication as Redis carries it, inside a batch (see :func:`encode_batch`)."""
     return msgpack.packb(  # type: ignore[no-any-return]
         [
-            _WIRE_VERSION,
-            node,
-            seq,
             pub.topic,
             pub.payload,
             dict(pub.headers) if pub.headers else None,
@@ -127,39 +132,62 @@ def encode_publication(node: bytes, seq: int, pub: Publication) -> bytes:
     )
 
 
-def decode_publication(data: bytes) -> tuple[bytes, int, Publication]:
-    """``(node, seq, publication)`` from a Redis message; raises ValueError if malformed."""
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def encode_batch(node: bytes, seq: int, items: Sequence[bytes]) -> bytes:
+    """One Redis message: ``[1, node, seq, [publication, ...]]`` from pre-encoded
+    publications (:func:`encode_publication`), joined without decoding them again."""
+    head: bytes = msgpack.packb([_WIRE_VERSION, node, seq], use_bin_type=True)
+    # fixarray(3) -> fixarray(4): the batch array follows as the fourth element
+    return b"\x94" + head[1:] + _array_header(len(items)) + b"".join(items)
+
+
+def decode_batch(data: bytes) -> tuple[bytes, int, list[Publication]]:
+    """``(node, seq, publications)`` from a Redis message; raises ValueError if malformed."""
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ValueError(f"not msgpack: {type(exc).__name__}") from None
-    if not isinstance(obj, list) or len(obj) != 9 or obj[0] != _WIRE_VERSION:
-        raise ValueError("not a version-1 publication array")
-    _, node, seq, topic, payload, headers, sender, retain, extra = obj
-    if not (
-        isinstance(node, bytes)
-        and isinstance(seq, int)
-        and isinstance(topic, str)
-        and isinstance(payload, bytes)
-        and (headers is None or isinstance(headers, dict))
-        and (sender is None or isinstance(sender, str))
-        and isinstance(retain, bool)
-        and (extra is None or isinstance(extra, dict))
-    ):
-        raise ValueError("publication fields of the wrong type")
-    if headers is not None and not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise ValueError("headers must map strings to strings")
-    pub = Publication(
-        topic=topic,
-        payload=payload,
-        headers=headers,
-        sender=sender,
-        retain=retain,
-        extra=dict(extra) if extra else {},
-    )
-    return node, seq, pub
+    if not isinstance(obj, list) or len(obj) != 4 or obj[0] != _WIRE_VERSION:
+        raise ValueError("not a version-1 batch array")
+    _, node, seq, items = obj
+    if not (isinstance(node, bytes) and isinstance(seq, int) and isinstance(items, list)):
+        raise ValueError("batch fields of the wrong type")  # noqa: TRY004 - one error type
+    pubs = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 6:
+            raise ValueError("a publication is not a 6-element array")
+        topic, payload, headers, sender, retain, extra = item
+        if not (
+            isinstance(topic, str)
+            and isinstance(payload, bytes)
+            and (headers is None or isinstance(headers, dict))
+            and (sender is None or isinstance(sender, str))
+            and isinstance(retain, bool)
+            and (extra is None or isinstance(extra, dict))
+        ):
+            raise ValueError("publication fields of the wrong type")
+        if headers is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ValueError("headers must map strings to strings")
+        pubs.append(
+            Publication(
+                topic=topic,
+                payload=payload,
+                headers=headers,
+                sender=sender,
+                retain=retain,
+                extra=dict(extra) if extra else {},
+            )
+        )
+    return node, seq, pubs
 
 
 def _first_token(pattern: str) -> str:
@@ -272,9 +300,8 @@ class RedisBackplane:
         if len(self._queue) >= self.max_queue_messages:
             self.stats["refused_queue_full"] += 1
             return False
-        self._seq += 1
         channel = f"{self.prefix}:{_first_token(pub.topic)}"
-        self._queue.append((channel, encode_publication(self.node, self._seq, pub)))
+        self._queue.append((channel, encode_publication(pub)))
         if len(self._queue) == 1:
             self._wake_writer.set()
         return True
@@ -291,6 +318,7 @@ class RedisBackplane:
             "glob": self._globbed,
             "outages": self.stats["outages"],
             "published": self.stats["published"],
+            "redis_messages": self.stats["redis_messages"],
             "received": self.stats["received"],
             "refused_disconnected": self.stats["refused_disconnected"],
             "refused_queue_full": self.stats["refused_queue_full"],
@@ -439,16 +467,29 @@ class RedisBackplane:
                 await self._wake_writer.wait()
                 continue
             n = min(len(queue), _BATCH_MESSAGES)
-            batch = [queue.popleft() for _ in range(n)]
             pipe = client.pipeline(transaction=False)
-            for channel, data in batch:
-                pipe.publish(channel, data)
+            messages = 0
+            channel, data = queue.popleft()
+            run, size = [data], len(data)
+            for _ in range(n - 1):
+                nxt, data = queue.popleft()
+                if nxt != channel or size + len(data) > _BATCH_BYTES:
+                    self._seq += 1
+                    pipe.publish(channel, encode_batch(self.node, self._seq, run))
+                    messages += 1
+                    channel, run, size = nxt, [], 0
+                run.append(data)
+                size += len(data)
+            self._seq += 1
+            pipe.publish(channel, encode_batch(self.node, self._seq, run))
+            messages += 1
             try:
                 await asyncio.wait_for(pipe.execute(), _CONNECT_TIMEOUT_SECONDS)
             except BaseException:
                 self.stats["lost"] += n  # in flight: Redis may or may not have sent them
                 raise
             self.stats["published"] += n
+            self.stats["redis_messages"] += messages
 
     async def _syncer(self) -> None:
         while True:
@@ -494,7 +535,7 @@ class RedisBackplane:
 
     def _receive(self, data: bytes) -> None:
         try:
-            node, seq, pub = decode_publication(data)
+            node, seq, pubs = decode_batch(data)
         except ValueError as exc:
             self.stats["bad_messages"] += 1
             if self.stats["bad_messages"] % _BAD_MESSAGE_LOG_EVERY == 1:
@@ -510,12 +551,14 @@ class RedisBackplane:
         last = self._last_seq.get(node)
         if last is not None:
             if seq <= last:
-                self.stats["duplicates_dropped"] += 1
+                self.stats["duplicates_dropped"] += len(pubs)
                 return
             self._last_seq.move_to_end(node)
         elif len(self._last_seq) >= _MAX_ORIGINS:
             self._last_seq.popitem(last=False)
         self._last_seq[node] = seq
-        self.stats["received"] += 1
-        assert self._inject is not None
-        self._inject(pub)
+        self.stats["received"] += len(pubs)
+        inject = self._inject
+        assert inject is not None
+        for pub in pubs:
+            inject(pub)

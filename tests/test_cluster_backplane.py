@@ -16,7 +16,8 @@ from broker.backplane import Publication
 from broker.cluster import (
     BackplaneError,
     RedisBackplane,
-    decode_publication,
+    decode_batch,
+    encode_batch,
     encode_publication,
     glob_escape,
 )
@@ -200,12 +201,13 @@ async def test_malformed_messages_on_our_channels_are_counted_not_fatal(
     raw = aioredis.Redis.from_url(redis_server.url)
     try:
         await raw.publish("tessera:x", b"\xc1 not msgpack")
-        await raw.publish("tessera:x", msgpack.packb([1, b"n", "seq?", "x.y", b"", None, None]))
+        await raw.publish("tessera:x", msgpack.packb([1, b"n", "seq?", []]))
+        await raw.publish("tessera:x", msgpack.packb([1, b"n", 5, [["x.y", "not bytes"]]]))
     finally:
         await raw.aclose()
     assert a.bp.publish(Publication("x.y", b"fine"))
     await until(lambda: len(b.got) == 1)
-    assert b.bp.health()["bad_messages"] == 2
+    assert b.bp.health()["bad_messages"] == 3
     assert [p.payload for p in b.got] == [b"fine"]
     assert sum("malformed" in r.getMessage() for r in caplog.records) == 1  # not per message
 
@@ -276,10 +278,23 @@ async def test_password_auth(redis_server: RedisProcess) -> None:
 
 def test_encoding_round_trip_and_size() -> None:
     pub = Publication("status.eu", b"x" * 10, headers=None, sender="tls:alice")
-    data = encode_publication(b"\x01" * 8, 42, pub)
-    assert decode_publication(data) == (b"\x01" * 8, 42, pub)
-    # array(9) + version + bin8 node + seq + topic + bin payload + nil + sender + bool + nil
-    assert len(data) == 1 + 1 + 10 + 1 + 10 + 12 + 1 + 10 + 1 + 1
-    for bad in (b"", b"\x91\x02", msgpack.packb({"a": 1}), msgpack.packb([1] * 9)):
-        with pytest.raises(ValueError, match=r"msgpack|array|type"):
-            decode_publication(bad)
+    item = encode_publication(pub)
+    # array(6) + topic str(9) + bin8(10) + nil + sender str(9) + false + nil
+    assert len(item) == 1 + 10 + 12 + 1 + 10 + 1 + 1
+    data = encode_batch(b"\x01" * 8, 42, [item, item])
+    # array(4) + version + bin8 node + seq + array(2) + the two publications
+    assert len(data) == 1 + 1 + 10 + 1 + 1 + 2 * len(item)
+    assert decode_batch(data) == (b"\x01" * 8, 42, [pub, pub])
+    many = encode_batch(b"n", 2**40, [item] * 70_000)  # array16 -> array32 headers
+    node, seq, pubs = decode_batch(many)
+    assert (node, seq, len(pubs)) == (b"n", 2**40, 70_000)
+    for bad in (
+        b"",
+        b"\x91\x02",
+        msgpack.packb({"a": 1}),
+        msgpack.packb([1] * 4),
+        msgpack.packb([1, b"n", 1, [[1] * 6]]),
+        msgpack.packb([1, b"n", 1, [["t", b"", {"k": 1}, None, False, None]]]),
+    ):
+        with pytest.raises(ValueError, match=r"msgpack|array|type|headers"):
+            decode_batch(bad)
