@@ -215,6 +215,11 @@ class RedisBackplane:
         self.prefix = channel_prefix
         self.max_queue_messages = max_queue_messages
         self.node = node_id or os.urandom(_NODE_ID_BYTES)
+        if not 1 <= len(self.node) <= 255:
+            raise ValueError("node_id must be 1 to 255 bytes")
+        #: How our own messages start (array(4), version 1, bin8 node): echoes are recognised
+        #: and dropped without decoding them.
+        self._echo_prefix = bytes((0x94, _WIRE_VERSION, 0xC4, len(self.node))) + self.node
         self._inject: Callable[[Publication], None] | None = None
         self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
         self._seq = 0
@@ -534,6 +539,8 @@ class RedisBackplane:
                     self._receive(data)
 
     def _receive(self, data: bytes) -> None:
+        if data.startswith(self._echo_prefix):
+            return  # our own, echoed by Redis
         try:
             node, seq, pubs = decode_batch(data)
         except ValueError as exc:
