@@ -377,9 +377,10 @@ class RedisBackplane:
         self._channels = set()
         self._globbed = False
         # Something to read from even with no interest yet: redis-py's pub/sub wants one
-        # subscription before it reads; this channel never carries publications.
+        # subscription before it reads. Nothing publishes on this channel (under the prefix, so
+        # a Redis ACL of ``&<prefix>:*`` covers it); whatever does is counted as malformed.
         await asyncio.wait_for(
-            self._pubsub.subscribe(f"{self.prefix}\x00control"), _CONNECT_TIMEOUT_SECONDS
+            self._pubsub.subscribe(f"{self.prefix}:\x00idle"), _CONNECT_TIMEOUT_SECONDS
         )
         await asyncio.wait_for(self._sync_interest(), _CONNECT_TIMEOUT_SECONDS)
         self._connected = True
