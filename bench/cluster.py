@@ -234,10 +234,13 @@ async def _backplane_run(url: str, seconds: float, payload_bytes: int) -> dict[s
     c0 = loadgen._self_cpu()
     sent = 0
     while loop.time() - t0 < seconds:
+        full = False
         for _ in range(256):
-            if a.publish(pub):
-                sent += 1
-        await asyncio.sleep(0)
+            if not a.publish(pub):
+                full = True  # the queue is at its bound: let the writer catch up
+                break
+            sent += 1
+        await asyncio.sleep(0.001 if full else 0)
     while got < sent and loop.time() - t0 < seconds + 10:  # noqa: ASYNC110 - bounded drain
         await asyncio.sleep(0.01)
     wall = loop.time() - t0
@@ -250,6 +253,7 @@ async def _backplane_run(url: str, seconds: float, payload_bytes: int) -> dict[s
         "publications_per_s": got / wall,
         "node_cpu_us_per_publication": cpu_s / max(got, 1) * 1e6,
         "refused_queue_full": a.health()["refused_queue_full"],
+        "redis_messages": a.health()["redis_messages"],
     }
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import shlex
@@ -100,6 +101,8 @@ def _validate(path: Path) -> tuple[BrokerConfig | None, list[str], list[str]]:
     warnings: list[str] = []
     for problem in check_files(cfg):
         (warnings if "readable by" in problem else errors).append(problem)
+    if cfg.cluster is not None and importlib.util.find_spec("redis") is None:
+        errors.append("[cluster] needs the cluster extra: pip install 'tessera[cluster]'")
     if cfg.acl_file is None:
         warnings.append("no [acl] file: every publish and subscribe will be denied")
     elif cfg.acl_file.is_file():
