@@ -20,7 +20,7 @@ from auth.layer import SecurityLayer
 from auth.tls import TLSLayer, server_context
 from broker.audit import Audit
 from broker.config import BrokerConfig, ListenerConfig
-from broker.handshake_pool import HandshakePool
+from broker.handshake_pool import FailureGate, HandshakePool
 from broker.router import Backplane, Router
 from broker.session import Session
 from client_sdk.protocol import ErrorCode
@@ -183,6 +183,8 @@ class Broker:
         #: Worker threads for handshake steps that may block (GSS): a bounded queue per peer
         #: address, served round-robin, so one source cannot monopolise them (issue 13).
         self.handshake_pool = HandshakePool(_HANDSHAKE_WORKERS)
+        #: Per-address budget of failed handshakes: a flooding address is held, not read.
+        self.handshake_gate = FailureGate()
         #: Sessions with queued output this turn (appended by the sessions themselves).
         self.dirty: list[Session] = []
         limits = config.limits
@@ -326,6 +328,7 @@ class Broker:
             "open_fds": _open_fds(),
             "rss_bytes": _rss_bytes(),
             **{f"handshake_pool_{k}": v for k, v in self.handshake_pool.stats().items()},
+            "handshake_gate_held": self.handshake_gate.held,
             **self.stats,
         }
 

@@ -79,6 +79,7 @@ class Session(asyncio.BufferedProtocol):
         "_deadline",
         "_dirty",
         "_dropped",
+        "_gate_timer",
         "_open",
         "_outbox",
         "_outbox_bytes",
@@ -130,6 +131,7 @@ class Session(asyncio.BufferedProtocol):
         self._recv_buf = broker.recv_buffer
         self._stepping = False
         self._step_future: concurrent.futures.Future[None] | None = None  # handshake-pool
+        self._gate_timer: asyncio.TimerHandle | None = None  # handshake-pool: held, not read
         self._close_code: str | None = None
         self._dropped = 0
         self._pending_in: list[bytes] = []
@@ -175,8 +177,25 @@ class Session(asyncio.BufferedProtocol):
         )
         if log.isEnabledFor(logging.DEBUG):  # _who() formats eagerly
             log.debug("%s accepted on %s", self._who(), self.listener.label)
+        if self.layer.blocking_handshake:  # handshake-pool (issue 13): pace failing sources
+            self._gate_retry()
         self.layer.start()
         self._write_wire(self.layer.data_to_send())
+
+    def _gate_retry(self) -> None:
+        """handshake-pool (issue 13): read this connection only once its source may start a
+        handshake (broker/handshake_pool.py FailureGate); until then it is held, unread, and
+        the handshake deadline still applies."""
+        self._gate_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        wait = self.broker.handshake_gate.admit(self.peer.rpartition(":")[0])
+        if wait > 0:
+            transport.pause_reading()
+            self._gate_timer = self.broker.loop.call_later(wait, self._gate_retry)
+        elif not transport.is_reading():
+            transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._recv_buf
@@ -193,6 +212,8 @@ class Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._step_future is not None:  # handshake-pool: a queued step of ours never runs
             self._step_future.cancel()
+        if self._gate_timer is not None:  # handshake-pool
+            self._gate_timer.cancel()
         for timer in (self._deadline, self._close_timer):
             if timer is not None:
                 timer.cancel()
@@ -302,6 +323,8 @@ class Session(asyncio.BufferedProtocol):
         if not was_established:
             self.identity = layer.peer_identity
             self.broker.audit.record("auth_success", self)
+            if layer.blocking_handshake:  # handshake-pool: a good handshake costs no budget
+                self.broker.handshake_gate.succeeded(self.peer.rpartition(":")[0])
             if not self.broker.admit_identity(self):
                 self.broker.audit.record(
                     "limit_exceeded", self, level=logging.WARNING, reason="connections_per_identity"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.handshake_pool import HandshakePool
+from broker.handshake_pool import FailureGate, HandshakePool
 
 WAIT_SECONDS = 10.0  # generous bound for a worker thread to pick up a job on a loaded machine
 
@@ -151,3 +151,31 @@ def test_configuration_is_validated() -> None:
         HandshakePool(0)
     with pytest.raises(ValueError, match="positive"):
         HandshakePool(1, max_per_source=0)
+
+
+# -- FailureGate: pacing of addresses whose handshakes fail ---------------------------------
+
+
+def test_gate_admits_a_burst_then_paces_failures(clock: FakeClock) -> None:
+    gate = FailureGate(rate=10, burst=3, clock=clock)
+    assert [gate.admit("flood") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert gate.admit("flood") == pytest.approx(0.1)  # 1 token at 10/s
+    assert gate.admit("good") == 0.0  # other addresses have their own budget
+    clock.now += 0.1
+    assert gate.admit("flood") == 0.0
+    assert gate.admit("flood") == pytest.approx(0.1)  # one connection per token, no herd
+    assert gate.held == 2
+
+
+def test_gate_refunds_successful_handshakes(clock: FakeClock) -> None:
+    """Many good clients behind one address (a NAT) are never held."""
+    gate = FailureGate(rate=1, burst=2, clock=clock)
+    for _ in range(100):
+        assert gate.admit("nat") == 0.0
+        gate.succeeded("nat")
+    assert gate.held == 0
+
+
+def test_gate_configuration_is_validated() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        FailureGate(rate=0)

@@ -8,19 +8,16 @@ CPU 1, so what is measured is the broker, not this process starved by the flood.
 
 What is asserted, and why (the machine is a shared 2-core VM):
 
-* the flood really ran (hundreds of worst-case tokens answered);
-* a good client connects in under 100 ms (median of 10), and none takes a second (before the
+* the flood really ran: every one of the 100 connections sent the worst-case token, and the
+  broker's per-address budget of failed handshakes held the flooding address back;
+* a good client connects in under 100 ms (median of 10), none in more than 250 ms (before the
   fix: timeouts after 12 s);
-* the open session's publish-to-delivery latency under flood: median under 25 ms and p99 under
-  250 ms (before: 36-1325 ms, and heartbeats lost; unloaded here: p50 ~0.3 ms, p99 3-18 ms,
-  loaded p50 0.5-11 ms, p99 24-56 ms in the runs behind docs/performance.md). The strict
-  "loaded p99 within 2x of unloaded p99" is what bench/negotiate_flood.py reports
-  (docs/performance.md); on this VM it holds in some runs only: the flood's closed loop keeps
-  the broker's single event loop busy with accept/read/close and audit lines, so a p99 sample
-  waits for a loop turn of flood events (a few ms), and unloaded p99 itself swings 3-18 ms;
+* the open session's publish-to-delivery p99 under flood stays within 2x of its unloaded p99,
+  plus 5 ms: the unloaded p99 of 150 samples on this VM swings between 3 and 13 ms with the
+  other tenants, so a bare 2x would fail on noise alone (measured ratios: 0.7-0.8,
+  docs/performance.md); the median must stay within 2x + 1 ms;
 * right after the flood stops a good client connects in under 100 ms: no queued work for
-  connections that are gone;
-* the handshake pool refused excess steps of the flooding address early, and counted them.
+  connections that are gone.
 """
 
 from __future__ import annotations
@@ -44,16 +41,11 @@ def test_flood_of_worst_case_tokens_does_not_deny_service(kdc: KDC, tmp_path: Pa
     report = f"flood report: {result}"
     assert result["unexpected_log_lines"] == [], report
     assert result["token_bytes"] > 60_000 and result["token_mechanisms"] > 4999, report
-    assert result["flood"]["connections"] >= 300, report
+    assert result["flood"]["connections"] >= 100, report
+    assert result["broker"].get("handshake_gate_held", 0) > 0, report
     loaded, unloaded = result["loaded"], result["unloaded"]
     assert loaded["connect_median_ms"] < 100, report
-    assert loaded["connect_max_ms"] < 1000, report
-    assert loaded["latency_p50_ms"] < 25, report
-    assert unloaded["latency_p50_ms"] < 25, report
-    assert loaded["latency_p99_ms"] < 250, report
+    assert loaded["connect_max_ms"] < 250, report
+    assert loaded["latency_p99_ms"] <= 2 * unloaded["latency_p99_ms"] + 5, report
+    assert loaded["latency_p50_ms"] <= 2 * unloaded["latency_p50_ms"] + 1, report
     assert result["first_connect_after_flood_ms"] < 100, report
-    broker = result["broker"]
-    assert broker["handshake_pool_submitted"] >= result["flood"]["connections"] // 2, report
-    assert broker.get("handshake_pool_refused_source", 0) == broker.get(
-        "handshakes_refused_busy", 0
-    ), report
