@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from typing import Any, Final, TypeVar
 __all__ = [
     "DEFAULT_FAILURES_PER_SECOND",
     "DEFAULT_FAILURE_BURST",
+    "DEFAULT_MAX_HELD_PER_SOURCE",
     "DEFAULT_MAX_PER_SOURCE",
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_WORKERS",
@@ -236,6 +238,10 @@ held (not read) until the budget refills (fail2ban-style; a real client fails a 
 DEFAULT_FAILURE_BURST: Final = 100
 """Failed handshakes one source may have in a burst (a reconnect storm with a stale ticket)."""
 
+DEFAULT_MAX_HELD_PER_SOURCE: Final = 256
+"""Connections one address may have held at once; more are closed at accept. A flooder that
+sends and closes without waiting would otherwise pile up held sockets until the deadline."""
+
 _MAX_TRACKED_SOURCES: Final = 65_536  #: buckets kept; full buckets are forgotten first
 
 
@@ -256,31 +262,50 @@ class FailureGate:
         rate: float = DEFAULT_FAILURES_PER_SECOND,
         burst: int = DEFAULT_FAILURE_BURST,
         *,
+        max_held: int = DEFAULT_MAX_HELD_PER_SOURCE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate and burst must be positive")
+        if rate <= 0 or burst < 1 or max_held < 1:
+            raise ValueError("rate, burst and max_held must be positive")
         self._rate = rate
+        self._max_held = max_held
+        self._held: collections.Counter[str] = collections.Counter()
         self._burst = float(burst)
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  #: source -> (tokens, at)
         self.held = 0  #: times admit() answered "hold" (for the stats)
+        self.refused = 0  #: connections refused because their address had max_held held
 
     def _tokens(self, source: str, now: float) -> float:
         tokens, at = self._buckets.get(source, (self._burst, now))
         return min(self._burst, tokens + (now - at) * self._rate)
 
-    def admit(self, source: str) -> float:
-        """Spend a token of *source* and return ``0.0``, or return the seconds to wait."""
+    def admit(self, source: str, *, held: bool = False) -> float:
+        """Spend a token of *source* and return ``0.0``, or return the seconds to wait, or
+        ``math.inf``: refuse the connection (its address already has ``max_held`` held).
+        *held* says whether the asking connection is held already (it asks again)."""
         now = self._clock()
         tokens = self._tokens(source, now)
         if tokens < 1.0 - 1e-9:  # (the epsilon: a refill of exactly one token, in floats)
+            if not held:
+                if self._held[source] >= self._max_held:
+                    self.refused += 1
+                    return math.inf
+                self._held[source] += 1
             self.held += 1
             return (1.0 - tokens) / self._rate
+        if held:
+            self.release(source)
         if len(self._buckets) >= _MAX_TRACKED_SOURCES and source not in self._buckets:
             self._forget_full(now)
         self._buckets[source] = (tokens - 1.0, now)
         return 0.0
+
+    def release(self, source: str) -> None:
+        """A held connection of *source* is gone (closed, or admitted)."""
+        self._held[source] -= 1
+        if self._held[source] <= 0:
+            del self._held[source]
 
     def succeeded(self, source: str) -> None:
         """The handshake admitted for *source* succeeded: its token comes back."""

@@ -329,6 +329,7 @@ class Broker:
             "rss_bytes": _rss_bytes(),
             **{f"handshake_pool_{k}": v for k, v in self.handshake_pool.stats().items()},
             "handshake_gate_held": self.handshake_gate.held,
+            "handshake_gate_refused": self.handshake_gate.refused,
             **self.stats,
         }
 

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from auth.acl import Action
@@ -186,15 +187,22 @@ class Session(asyncio.BufferedProtocol):
         """handshake-pool (issue 13): read this connection only once its source may start a
         handshake (broker/handshake_pool.py FailureGate); until then it is held, unread, and
         the handshake deadline still applies."""
+        held = self._gate_timer is not None
         self._gate_timer = None
+        gate, source = self.broker.handshake_gate, self.peer.rpartition(":")[0]
         transport = self.transport
         if transport is None or transport.is_closing():
+            if held:
+                gate.release(source)
             return
-        wait = self.broker.handshake_gate.admit(self.peer.rpartition(":")[0])
-        if wait > 0:
+        wait = gate.admit(source, held=held)
+        if wait == math.inf:  # too many connections of this address held already
+            self._close_code = "handshake_busy"
+            self._abort()
+        elif wait > 0:
             transport.pause_reading()
             self._gate_timer = self.broker.loop.call_later(wait, self._gate_retry)
-        elif not transport.is_reading():
+        elif held:
             transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -212,8 +220,10 @@ class Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._step_future is not None:  # handshake-pool: a queued step of ours never runs
             self._step_future.cancel()
-        if self._gate_timer is not None:  # handshake-pool
+        if self._gate_timer is not None:  # handshake-pool: a held connection is gone
             self._gate_timer.cancel()
+            self._gate_timer = None
+            self.broker.handshake_gate.release(self.peer.rpartition(":")[0])
         for timer in (self._deadline, self._close_timer):
             if timer is not None:
                 timer.cancel()

@@ -7,6 +7,7 @@ In-process with real threads; ordering is made deterministic with one worker hel
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 from collections.abc import Iterator
 
@@ -179,3 +180,17 @@ def test_gate_refunds_successful_handshakes(clock: FakeClock) -> None:
 def test_gate_configuration_is_validated() -> None:
     with pytest.raises(ValueError, match="positive"):
         FailureGate(rate=0)
+
+
+def test_gate_bounds_held_connections_per_address(clock: FakeClock) -> None:
+    gate = FailureGate(rate=1, burst=1, max_held=2, clock=clock)
+    assert gate.admit("flood") == 0.0
+    assert gate.admit("flood") > 0  # held 1
+    assert gate.admit("flood") > 0  # held 2
+    assert gate.admit("flood") == math.inf  # a third held one is refused
+    assert gate.refused == 1
+    gate.release("flood")  # a held connection closed
+    assert gate.admit("flood") > 0
+    clock.now += 1
+    assert gate.admit("flood", held=True) == 0.0  # admitted: no longer held
+    assert gate.admit("flood") > 0
