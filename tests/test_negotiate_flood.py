@@ -14,7 +14,7 @@ What is asserted, and why (the machine is a shared 2-core VM):
   fix: timeouts after 12 s);
 * the open session's publish-to-delivery p99 under flood stays within 2x of its unloaded p99,
   plus 5 ms: the unloaded p99 of 150 samples on this VM swings between 3 and 13 ms with the
-  other tenants, so a bare 2x would fail on noise alone (measured ratios: 0.7-0.8,
+  other tenants, so a bare 2x would fail on noise alone (measured ratios 1.2-1.7,
   docs/performance.md); the median must stay within 2x + 1 ms;
 * right after the flood stops a good client connects in under 100 ms: no queued work for
   connections that are gone.
