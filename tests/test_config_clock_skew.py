@@ -32,7 +32,7 @@ def test_out_of_range_or_wrong_type_names_the_field(value: object) -> None:
 
 def test_only_for_negotiate_modes(tmp_path: Path) -> None:
     listener = {"security": "tls", "cert": "c.pem", "key": "k.pem", "max_clock_skew": 10}
-    with pytest.raises(ConfigError, match=r"max_clock_skew: only for the negotiate"):
+    with pytest.raises(ConfigError, match=r"max_clock_skew"):
         config_from_dict(
             {"listeners": [{"bind": "127.0.0.1:0", **listener}]}, base=tmp_path, source="t"
         )
