@@ -22,7 +22,7 @@ from auth.tls import TLSLayer, server_context
 from broker.audit import Audit
 from broker.backplane import Backplane
 from broker.config import BrokerConfig, ListenerConfig
-from broker.handshake_pool import HandshakePool
+from broker.handshake_pool import FailureGate, HandshakePool
 from broker.hub import Hub
 from broker.session import session_factory
 from broker.store import Store
@@ -193,6 +193,8 @@ class Broker:
         #: Worker threads for handshake steps that may block (GSS): a bounded queue per peer
         #: address, served round-robin, so one source cannot monopolise them (issue #13).
         self.handshake_pool = HandshakePool(_HANDSHAKE_WORKERS)
+        #: Per-address budget of failed blocking handshakes (a flood is held, not read).
+        self.handshake_gate = FailureGate()
         self._ids = itertools.count(1)
         self._stopped: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -220,6 +222,7 @@ class Broker:
                 lambda: next(self._ids),
                 label=lambda lst=lst: lst.label or lst.config.bind,  # type: ignore[misc]
                 pool=self.handshake_pool,
+                gate=self.handshake_gate,
                 recv_buffer=self.recv_buffer,
             )
             lst.server = await self._loop.create_server(
@@ -295,6 +298,9 @@ class Broker:
             "open_fds": _open_fds(),
             "rss_bytes": _rss_bytes(),
             **{f"handshake_pool_{k}": v for k, v in self.handshake_pool.stats().items()},
+            "handshake_queue_depth": self.handshake_pool.stats().get("queued", 0),
+            "handshake_gate_held": self.handshake_gate.held,
+            "handshake_gate_refused": self.handshake_gate.refused,
         }
 
     def log_info(self) -> None:
