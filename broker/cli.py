@@ -1,4 +1,9 @@
-"""``tessera-broker``: run the broker, check a configuration."""
+"""``tessera-broker``: run the broker, check a configuration, reload a running broker and list
+its connections (through its admin socket).
+
+Exit status: 0 success; 1 the operation failed (a bad configuration, a reload that changed
+nothing); 2 usage error; 3 (``reload``, ``connections``) the broker could not be reached.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from auth.acl import AclError, Policy
-from broker.config import BrokerConfig, ConfigError, check_files, load_config
+from broker.admin import AdminError, AdminServer, request
+from broker.config import DEFAULT_ADMIN_SOCKET, BrokerConfig, ConfigError, check_files, load_config
 from broker.dev import DEFAULT_DEV_BIND, DEFAULT_DEV_DIR, DEV_CLIENT, ensure_dev_setup
+from broker.reload import Reloader
 from broker.server import SERVER_NAME, Broker
 
 __all__ = ["main"]
@@ -66,6 +73,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    # issue #10: the admin endpoint's commands
+    for name, summary, description in (
+        (
+            "reload",
+            "reload a running broker's configuration",
+            "Ask the running broker to re-read its configuration: server certificate and key, "
+            "client CA, CRLs, ACL and limits. A reload that fails validation changes nothing "
+            "(exit 1, the reason on stderr). Same as sending SIGHUP, but with the outcome.",
+        ),
+        (
+            "connections",
+            "list who is connected",
+            "List the running broker's authenticated connections: identity, mechanism, since "
+            "when, subscriptions and when the credential expires.",
+        ),
+    ):
+        cmd = sub.add_parser(name, help=summary, description=description)
+        where = cmd.add_mutually_exclusive_group(required=True)
+        where.add_argument(
+            "--config",
+            type=Path,
+            metavar="FILE",
+            help=f"the broker's configuration (its admin socket; default {DEFAULT_ADMIN_SOCKET} "
+            "beside it)",
+        )
+        where.add_argument("--socket", type=Path, metavar="PATH", help="the admin socket")
+        cmd.add_argument("--json", action="store_true", help="print the answer as JSON")
     return p
 
 
@@ -127,10 +162,38 @@ def _check_config(path: Path, as_json: bool) -> int:
     return 1 if errors else 0
 
 
+def _admin_server(broker: Broker, reloader: Reloader) -> AdminServer | None:
+    """The admin endpoint's ops (issue #10): ``reload`` and ``connections``."""
+    path = broker.config.admin_socket
+    if path is None:
+        return None
+
+    async def reload(_: object) -> dict[str, object]:
+        return (await reloader.reload(trigger="admin")).to_json()
+
+    async def connections(_: object) -> dict[str, object]:
+        return {"ok": True, "connections": broker.hub.watch.describe()}
+
+    ops = {"reload": reload, "connections": connections}
+    return AdminServer(path, ops, audit=broker.audit.record)
+
+
 async def _serve(
     cfg: BrokerConfig, policy: Policy | None, dev_hint: Callable[[str], str] | None
 ) -> None:
     broker = Broker(cfg, policy=policy)
+    reloader = Reloader(broker)
+    admin = _admin_server(broker, reloader)
+    if admin is not None:
+        await admin.start()
+    try:
+        await _run(broker, reloader, dev_hint)
+    finally:
+        if admin is not None:
+            await admin.stop()
+
+
+async def _run(broker: Broker, reloader: Reloader, dev_hint: Callable[[str], str] | None) -> None:
     await broker.start()
     # Handle SIGTERM/SIGINT before announcing readiness: a supervisor (or a test) that signals
     # right after the "listening" line must get a graceful shutdown, not the default action.
@@ -138,6 +201,7 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, broker.request_stop)
     loop.add_signal_handler(signal.SIGUSR1, broker.log_info)
+    loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
     addresses = []
     for lst in broker.listeners:
         host, port = lst.address
@@ -168,10 +232,78 @@ def _dev_hint(directory: Path, address: str) -> str:
     )
 
 
+_EXIT_UNREACHABLE = 3
+
+
+def _admin_command(args: argparse.Namespace) -> int:
+    """``reload`` / ``connections``: one request to the running broker's admin socket."""
+    path: Path | None = args.socket
+    if path is None:
+        try:
+            path = load_config(args.config).admin_socket
+        except ConfigError as exc:
+            print(f"tessera-broker: error: {exc}", file=sys.stderr)
+            return 1
+        if path is None:
+            print(
+                f"tessera-broker: error: {args.config} turns the admin socket off"
+                ' (admin_socket = "")',
+                file=sys.stderr,
+            )
+            return 1
+    try:
+        answer = request(path, args.command)
+    except AdminError as exc:
+        print(f"tessera-broker: error: {exc}", file=sys.stderr)
+        return _EXIT_UNREACHABLE
+    ok = answer.get("ok") is True
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif not ok:
+        print(f"tessera-broker: error: {answer.get('error')}", file=sys.stderr)
+    elif args.command == "reload":
+        _print_reload(answer)
+    else:
+        _print_connections(answer)
+    return 0 if ok else 1
+
+
+def _print_reload(answer: dict[str, object]) -> None:
+    print(
+        f"reloaded {answer.get('config')}: policy {answer.get('policy')},"
+        f" {answer.get('subscriptions_removed')} subscription(s) removed,"
+        f" {answer.get('sessions_revoked')} revoked session(s) closed"
+    )
+    for key, label in (("warnings", "warning"), ("restart_needed", "restart needed for")):
+        items = answer.get(key)
+        if isinstance(items, list):
+            for item in items:
+                print(f"{label}: {item}", file=sys.stderr)
+
+
+def _print_connections(answer: dict[str, object]) -> None:
+    rows = answer.get("connections")
+    if not isinstance(rows, list) or not rows:
+        print("no connections")
+        return
+    print(f"{'CONN':>6}  {'IDENTITY':<32} {'SINCE':<25} {'EXPIRES':<25} SUBSCRIPTIONS")
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        subs = row.get("subscriptions")
+        patterns = ", ".join(subs.values()) if isinstance(subs, dict) else ""
+        print(
+            f"{row.get('conn')!s:>6}  {row.get('identity')!s:<32} {row.get('since')!s:<25}"
+            f" {row.get('credential_expires_at') or 'never'!s:<25} {patterns}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.file, args.json)
+    if args.command in ("reload", "connections"):
+        return _admin_command(args)
 
     hint: Callable[[str], str] | None = None
     if args.dev:
@@ -197,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         asyncio.run(_serve(cfg, None, hint))
+    except AdminError as exc:
+        print(f"tessera-broker: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
         return 1

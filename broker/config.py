@@ -30,6 +30,10 @@ SECURITY_MODES = ("tls", "negotiate", "tls+negotiate")
 SLOW_CONSUMER_POLICIES = ("disconnect", "drop")
 
 
+#: The admin socket's file name beside the configuration file (issue #10).
+DEFAULT_ADMIN_SOCKET = "tessera-admin.sock"
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the file and the field."""
 
@@ -64,6 +68,12 @@ class ListenerConfig:
     """``negotiate`` modes: largest SPNEGO token accepted."""
     max_handshake_legs: int = 4
     """``negotiate`` modes: most tokens accepted from a client in one handshake."""
+    crl: tuple[Path, ...] = ()
+    """TLS modes with ``client_ca``: PEM CRL files (``tessera-certs crl``); a client certificate
+    they list is refused, and ``tessera-broker reload`` closes sessions that used one."""
+    crl_expired: str = "refuse"
+    """What a listener does while a CRL is past its next update: ``refuse`` new client
+    handshakes (the default: fail closed) or ``warn`` (log, and keep enforcing the stale list)."""
 
     @property
     def host(self) -> str:
@@ -127,6 +137,9 @@ class BrokerConfig:
     """Seconds to flush clients on SIGTERM before exiting."""
     source: Path | None = None
     """The file this was loaded from, if any."""
+    admin_socket: Path | None = None
+    """The admin endpoint (``tessera-broker reload``/``connections``): a Unix socket, mode
+    0600. Default: ``tessera-admin.sock`` beside the configuration file; ``""`` turns it off."""
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -231,8 +244,11 @@ def _listener(raw: object, i: int, base: Path, source: str) -> ListenerConfig:
         id_tuple = validate_x509_name_fields(id_fields)
     except ValueError as exc:
         raise _err(source, f"{where}.identity_fields", str(exc)) from None
+    crl, crl_expired = _crl_settings(raw, base, source, where, paths["client_ca"])
     return ListenerConfig(
         bind=bind,
+        crl=crl,
+        crl_expired=crl_expired,
         security=security,
         cert=paths["cert"],
         key=paths["key"],
@@ -244,6 +260,23 @@ def _listener(raw: object, i: int, base: Path, source: str) -> ListenerConfig:
         ntlm_user_file=paths["ntlm_user_file"],
         **bounds,
     )
+
+
+def _crl_settings(
+    raw: Mapping[str, Any], base: Path, source: str, where: str, client_ca: Path | None
+) -> tuple[tuple[Path, ...], str]:
+    """The ``crl`` (a path or a list of paths) and ``crl_expired`` keys (issue #10)."""
+    value = raw.get("crl", [])
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+        raise _err(source, f"{where}.crl", "must be a path or a list of paths")
+    if items and client_ca is None:
+        raise _err(source, f"{where}.crl", "needs client_ca (CRLs revoke client certificates)")
+    policy = raw.get("crl_expired", "refuse")
+    if policy not in ("refuse", "warn"):
+        raise _err(source, f"{where}.crl_expired", 'must be "refuse" or "warn"')
+    paths = tuple(_path(x, base, source, f"{where}.crl") for x in items)
+    return paths, policy
 
 
 def _limits(raw: object, source: str) -> LimitsConfig:
@@ -303,7 +336,7 @@ def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> Bro
     """Build and validate a :class:`BrokerConfig` from parsed TOML."""
     _check_keys(
         data,
-        {"listeners", "acl", "audit", "limits", "log", "shutdown_timeout"},
+        {"listeners", "acl", "audit", "limits", "log", "shutdown_timeout", "admin_socket"},
         source,
         "top level",
     )
@@ -346,7 +379,15 @@ def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> Bro
         limits=_limits(data.get("limits"), source),
         log_level=level,
         shutdown_timeout=float(shutdown),
+        admin_socket=_admin_socket(data, base, source),
     )
+
+
+def _admin_socket(data: Mapping[str, Any], base: Path, source: str) -> Path | None:
+    value = data.get("admin_socket", DEFAULT_ADMIN_SOCKET)
+    if not isinstance(value, str):
+        raise _err(source, "admin_socket", 'must be a path ("" turns the endpoint off)')
+    return _path(value, base, source, "admin_socket") if value else None
 
 
 def load_config(path: str | Path) -> BrokerConfig:
@@ -369,6 +410,7 @@ def load_config(path: str | Path) -> BrokerConfig:
         log_level=cfg.log_level,
         shutdown_timeout=cfg.shutdown_timeout,
         source=p,
+        admin_socket=cfg.admin_socket,
     )
 
 
@@ -380,6 +422,9 @@ def check_files(cfg: BrokerConfig) -> list[str]:
             p: Path | None = getattr(lst, key)
             if p is not None and not p.is_file():
                 problems.append(f"listeners[{i}].{key}: {p} does not exist")
+        problems.extend(
+            f"listeners[{i}].crl: {crl} does not exist" for crl in lst.crl if not crl.is_file()
+        )
         if lst.key is not None and lst.key.is_file() and lst.key.stat().st_mode & 0o077:
             problems.append(
                 f"listeners[{i}].key: {lst.key} is readable by group/others (chmod 600)"

@@ -27,6 +27,7 @@ from auth.identity import Identity
 from broker.audit import Audit
 from broker.backplane import Backplane, LocalBackplane, Publication
 from broker.config import LimitsConfig
+from broker.expiry import SessionWatch
 from broker.handler import Outcome, RequestHandler
 from broker.router import Router
 from broker.store import NullStore, Store
@@ -71,6 +72,8 @@ class Hub:
         self._saving: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: DeadlineBuckets | None = None
+        #: Authenticated sessions: since when, credential expiry (issue #10, broker/expiry.py).
+        self.watch = SessionWatch(lambda: self.loop, self.audit)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
