@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from auth.acl import Action, Decision, Policy
+from auth.acl import Action, Decision, Grant, Policy
 from auth.identity import Identity
 from broker.audit import Audit
 from broker.backplane import Backplane, LocalBackplane, Publication
@@ -179,15 +179,17 @@ class Hub:
 
     # --- subscriptions -----------------------------------------------------------------------
 
-    def subscribe(self, handler: RequestHandler, pattern: str) -> None:
-        self.router.subscribe(handler, pattern)
+    def subscribe(self, handler: RequestHandler, pattern: str, grant: Grant | None = None) -> None:
+        self.router.subscribe(handler, pattern, grant)
         interest = self._interest
         if not interest[pattern]:
             self.backplane.interest(pattern, True)
         interest[pattern] += 1
 
-    def unsubscribe(self, handler: RequestHandler, pattern: str) -> None:
-        self.router.unsubscribe(handler, pattern)
+    def unsubscribe(
+        self, handler: RequestHandler, pattern: str, grant: Grant | None = None
+    ) -> None:
+        self.router.unsubscribe(handler, pattern, grant)
         interest = self._interest
         interest[pattern] -= 1
         if interest[pattern] <= 0:
@@ -198,6 +200,10 @@ class Hub:
 
     def check(self, identity: Identity, action: Action, subject: str) -> Decision:
         return self.policy.check(identity, action, subject)
+
+    def subscription(self, identity: Identity, pattern: str) -> Grant:
+        """What a subscription may receive: refused, unrestricted or ACL-filtered (issue #10)."""
+        return self.policy.subscription(identity, pattern)
 
     def set_policy(self, policy: Policy) -> int:
         """Swap the ACL and re-check every live connection against it; returns how many

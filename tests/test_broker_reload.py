@@ -373,3 +373,39 @@ async def test_short_lived_certificate_ends_its_session_and_the_sdk_reconnects_r
     assert getattr(closes[0], "code", None) == ErrorCode.CREDENTIAL_EXPIRED
     record = broker.wait_for_audit("credential_expired", identity="x509:erin")
     assert record["mechanism"] == "x509"
+
+
+def test_reload_rechecks_filtered_wildcards(setup: Setup) -> None:
+    """A filtered subscription follows the new policy: narrower after one reload, removed
+    (with an error naming it) when nothing it matches is readable any more."""
+    acl = 'principals = ["x509:bob"]\nsubscribe = [{}]\n'
+    publisher = '[[allow]]\nprincipals = ["x509:alice"]\npublish = [">"]\n\n'
+    setup.acl.write_text(publisher + "[[allow]]\n" + acl.format('"org.a.>", "org.b.>"'))
+    setup.start()
+    with setup.raw("alice") as alice, setup.raw("bob") as bob:
+        alice.hello()
+        bob.hello()
+        subscribe(bob, 1, "org.>")
+
+        def publish_all() -> None:
+            for i, topic in enumerate(("org.a.x", "org.b.x", "org.c.x", "org.end.x")):
+                alice.send(op="pub", topic=topic, payload=b"x", ack=i + 1)
+                alice.recv_until("ok")
+
+        publish_all()
+        got: list[str] = []
+        while not got or got[-1] != "org.b.x":
+            msg, _ = bob.recv_until("msg")
+            got.append(msg["topic"])
+        assert got == ["org.a.x", "org.b.x"]
+        setup.acl.write_text(publisher + "[[allow]]\n" + acl.format('"org.b.>", "org.end.>"'))
+        assert setup.reload()["subscriptions_removed"] == 0
+        publish_all()
+        msg, _ = bob.recv_until("msg")
+        assert msg["topic"] == "org.b.x"  # org.a.x is no longer delivered
+        msg, _ = bob.recv_until("msg")
+        assert msg["topic"] == "org.end.x"
+        setup.acl.write_text(publisher + "[[allow]]\n" + acl.format('"status.>"'))
+        assert setup.reload()["subscriptions_removed"] == 1
+        error, _ = bob.recv_until("error")
+        assert error["sid"] == 1
