@@ -760,7 +760,9 @@ def test_negotiate_modules_stay_sans_io() -> None:
         assert not imported & {"asyncio", "socket", "ssl", "client_sdk", "broker"}, module
     code = (
         "import sys, auth.negotiate, auth.stack\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'asyncio', 'client_sdk'}))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asyncio'\n"
+        "             or m.startswith('client_sdk') and not m.startswith('client_sdk.protocol')\n"
+        "             and m != 'client_sdk'))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
