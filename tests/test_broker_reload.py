@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -409,3 +410,59 @@ def test_reload_rechecks_filtered_wildcards(setup: Setup) -> None:
         assert setup.reload()["subscriptions_removed"] == 1
         error, _ = bob.recv_until("error")
         assert error["sid"] == 1
+
+
+def test_admin_socket_answers_bad_requests_with_errors(setup: Setup) -> None:
+    broker = setup.start()
+    path = str(setup.root / "tessera-admin.sock")
+    for request in (b"not json\n", b"[1, 2]\n", b'{"op": "shutdown"}\n', b'{"op": 5}\n'):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(request)
+            answer = json.loads(sock.makefile("rb").readline())
+        assert answer["ok"] is False
+        assert answer["error"]
+    assert broker.running
+    assert setup.admin("connections", "--json").returncode == 0
+
+
+def test_admin_command_usage(setup: Setup) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    for argv, status in ((["reload", "--help"], 0), (["reload"], 2), (["connections", "-h"], 0)):
+        done = subprocess.run(
+            [sys.executable, "-m", "broker.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert done.returncode == status, (argv, done.stderr)
+
+
+async def test_expired_certificate_without_renewal_stops_the_sdk_with_the_reason(
+    setup: Setup,
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    short = certs_pki.issue(setup.pki, "client", "fred", not_after=now + timedelta(seconds=3))
+    broker = await asyncio.to_thread(setup.start)
+    states: list[tuple[client_sdk.ConnectionState, object]] = []
+    client = await client_sdk.connect(
+        broker.url,
+        ca=setup.pki / "ca.pem",
+        cert=short.cert,
+        key=short.key,
+        reconnect=client_sdk.Reconnect(initial_delay=0.1, max_delay=0.5),
+        on_state_change=lambda state, err: states.append((state, err)),
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not any(s is client_sdk.ConnectionState.CLOSED for s, _ in states):
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+    final = next(err for s, err in states if s is client_sdk.ConnectionState.CLOSED)
+    assert "expired" in str(final), final
+    assert client.reconnects == 0
