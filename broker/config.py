@@ -74,6 +74,9 @@ class ListenerConfig:
     crl_expired: str = "refuse"
     """What a listener does while a CRL is past its next update: ``refuse`` new client
     handshakes (the default: fail closed) or ``warn`` (log, and keep enforcing the stale list)."""
+    max_clock_skew: float = 60.0
+    """``negotiate`` modes: seconds after its end time a Kerberos ticket is still accepted
+    (clock skew tolerated; MIT's own 300 s limit still applies on top)."""
 
     @property
     def host(self) -> str:
@@ -209,6 +212,7 @@ def _listener(raw: object, i: int, base: Path, source: str) -> ListenerConfig:
             "ntlm_user_file",
             "max_handshake_token_bytes",
             "max_handshake_legs",
+            "max_clock_skew",
         ):
             if key in raw:
                 raise _err(source, f"{where}.{key}", "only for the negotiate security modes")
@@ -237,6 +241,9 @@ def _listener(raw: object, i: int, base: Path, source: str) -> ListenerConfig:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise _err(source, f"{where}.{key}", "must be a positive integer")
         bounds[key] = value
+    skew = raw.get("max_clock_skew", 60.0)
+    if isinstance(skew, bool) or not isinstance(skew, int | float) or not 0 <= skew <= 300:
+        raise _err(source, f"{where}.max_clock_skew", "must be 0 to 300 seconds")
     id_fields = raw.get("identity_fields", list(DEFAULT_X509_NAME_FIELDS))
     if not isinstance(id_fields, list) or not all(isinstance(x, str) for x in id_fields):
         raise _err(source, f"{where}.identity_fields", "must be a list of strings")
@@ -258,6 +265,7 @@ def _listener(raw: object, i: int, base: Path, source: str) -> ListenerConfig:
         service_principal=service,
         keytab=paths["keytab"],
         ntlm_user_file=paths["ntlm_user_file"],
+        max_clock_skew=float(skew),
         **bounds,
     )
 
