@@ -523,6 +523,20 @@ class BoundPolicy:
         """``check(action, subject).allowed``."""
         return self.check(action, subject).allowed
 
+    def permits_anything(self) -> bool:
+        """True if some publish or some subscription is allowed at all (exact): a broker closes
+        a live session whose identity a new policy allows nothing."""
+        for allowing, denying in (
+            (self._allow_publish, self._deny_publish),
+            (self._allow_subscribe, self._deny_subscribe),
+        ):
+            if any(tokens is None for tokens, _ in denying):
+                continue  # an unfillable deny placeholder denies everything of this kind
+            denies = [tokens for tokens, _ in denying if tokens is not None]
+            if any(escapes(tokens, denies) for tokens, _ in allowing):
+                return True
+        return False
+
     def subscription(self, pattern: str) -> Grant:
         """What a subscription with ``pattern`` may receive (see :class:`Grant`).
 
@@ -663,6 +677,10 @@ class Policy:
     def subscription(self, identity: Identity, pattern: str) -> Grant:
         """``bind(identity).subscription(pattern)``: what the subscription may receive."""
         return self._bind(identity).subscription(pattern)
+
+    def permits_anything(self, identity: Identity) -> bool:
+        """``bind(identity).permits_anything()``: is any publish or subscription allowed."""
+        return self._bind(identity).permits_anything()
 
     def _make_bound(self, identity: Identity) -> BoundPolicy:
         return BoundPolicy(identity, self._compiled)

@@ -97,6 +97,8 @@ class HubPort(Protocol):
 
     def subscription(self, identity: Identity, pattern: str) -> Grant: ...
 
+    def permits_anything(self, identity: Identity) -> bool: ...
+
     def admit_identity(self, handler: RequestHandler) -> bool: ...
 
     def publish(
@@ -536,6 +538,12 @@ class RequestHandler:
                 )
         if removed:
             self._take_replies()
+        ident = self.identity
+        if ident is not None and self.opened and not self.hub.permits_anything(ident):
+            # issue #10: an identity the new policy allows nothing has no business staying
+            log.info("%s no longer allowed anything, closing", self.who())
+            self._audit("policy_closed")
+            self.close(ErrorCode.PERMISSION_DENIED, "this identity is no longer allowed anything")
         return removed
 
     # --- outbound ---------------------------------------------------------------------------

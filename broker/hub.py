@@ -205,6 +205,10 @@ class Hub:
         """What a subscription may receive: refused, unrestricted or ACL-filtered (issue #10)."""
         return self.policy.subscription(identity, pattern)
 
+    def permits_anything(self, identity: Identity) -> bool:
+        """Whether the policy allows this identity anything at all (issue #10 re-check)."""
+        return self.policy.permits_anything(identity)
+
     def set_policy(self, policy: Policy) -> int:
         """Swap the ACL and re-check every live connection against it; returns how many
         subscriptions it removed (each owner is told with an ``error`` naming it)."""

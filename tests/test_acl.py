@@ -862,3 +862,43 @@ def test_doc_grants(text: str, identity: Identity, pattern: str, expected: str) 
     kind = "unrestricted" if grant.unrestricted else "filtered" if grant.possible else "refused"
     rule = grant.decision.rule.describe() if grant.decision.rule else "no allow rule matches"
     assert f"{kind} ({rule})" == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pub_allow=_patterns_small,
+    pub_deny=_patterns_small,
+    sub_allow=_patterns_small,
+    sub_deny=_patterns_small,
+)
+def test_permits_anything_is_exact(
+    pub_allow: list[tuple[str, ...]],
+    pub_deny: list[tuple[str, ...]],
+    sub_allow: list[tuple[str, ...]],
+    sub_deny: list[tuple[str, ...]],
+) -> None:
+    data: dict[str, list[dict[str, object]]] = {"allow": [], "deny": []}
+    for effect, pub, sub in (("allow", pub_allow, sub_allow), ("deny", pub_deny, sub_deny)):
+        if pub or sub:
+            data[effect].append(
+                {
+                    "principals": ["*"],
+                    "publish": [".".join(p) for p in pub],
+                    "subscribe": [".".join(p) for p in sub],
+                }
+            )
+    policy = Policy.from_dict(data)
+    expected = any(
+        _readable(pub_allow, pub_deny, t) or _readable(sub_allow, sub_deny, t) for t in _UNIVERSE
+    )
+    assert policy.permits_anything(x509("u")) is expected
+
+
+def test_permits_anything_examples() -> None:
+    assert not Policy.from_text("").permits_anything(x509("u"))
+    assert Policy.allow_all().permits_anything(x509("u"))
+    assert not Policy.allow_all().permits_anything(ANONYMOUS)
+    text = FILTERED
+    assert Policy.from_text(text).permits_anything(x509("dash"))
+    assert not Policy.from_text(text).permits_anything(x509("carved"))  # t.* and t.*.> denied
+    assert not Policy.from_text(text).permits_anything(x509("a.b"))  # unfillable deny of >

@@ -466,3 +466,24 @@ async def test_expired_certificate_without_renewal_stops_the_sdk_with_the_reason
     final = next(err for s, err in states if s is client_sdk.ConnectionState.CLOSED)
     assert "expired" in str(final), final
     assert client.reconnects == 0
+
+
+def test_identity_allowed_nothing_after_reload_is_closed(setup: Setup) -> None:
+    broker = setup.start()
+    with setup.raw("alice") as alice, setup.raw("bob") as bob:
+        alice.hello()
+        bob.hello()
+        subscribe(bob, 1, "x.>")
+        setup.acl.write_text(
+            '[[allow]]\nprincipals = ["x509:alice"]\npublish = [">"]\nsubscribe = [">"]\n'
+        )
+        mark = broker.log_mark()
+        answer = setup.reload()
+        assert answer["ok"] is True, answer
+        close, frames = bob.read_to_close()
+        assert close is not None
+        assert close["code"] == ErrorCode.PERMISSION_DENIED
+        assert [f["sid"] for f in frames if f.get("op") == "error"] == [1]
+        broker.wait_for_audit("policy_closed", since=mark, identity="x509:bob")
+        alice.send(op="ping")
+        alice.recv_until("pong")  # alice is still allowed: untouched
