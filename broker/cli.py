@@ -202,6 +202,7 @@ async def _run(broker: Broker, reloader: Reloader, dev_hint: Callable[[str], str
         loop.add_signal_handler(sig, broker.request_stop)
     loop.add_signal_handler(signal.SIGUSR1, broker.log_info)
     loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
+    reloader.watch_crls()
     addresses = []
     for lst in broker.listeners:
         host, port = lst.address

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,9 +93,55 @@ class Reloader:
         self.config_path = config_path or broker.config.source
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[ReloadResult]] = set()
+        self._crl_timer: asyncio.TimerHandle | None = None
+        #: CRL sets whose expiry was already logged (each listener's set is replaced on reload).
+        self._reported: set[CrlSet] = set()
         #: Reloads attempted and applied since start (for tests and ``info``).
         self.attempts = 0
         self.applied = 0
+
+    def watch_crls(self) -> None:
+        """Arm one timer for the next moment a listener's CRL passes its next update while the
+        broker runs, so that moment is logged and audited (``crl_expired``), not just met by
+        refused handshakes. Called at start and after every applied reload."""
+        if self._crl_timer is not None:
+            self._crl_timer.cancel()
+            self._crl_timer = None
+        now = time.time()
+        upcoming = [
+            lst.crls.next_update
+            for lst in self.broker.listeners
+            if lst.crls is not None and lst.crls.next_update is not None
+            if lst.crls.next_update > now
+        ]
+        if upcoming:
+            delay = min(upcoming) - now
+            self._crl_timer = asyncio.get_running_loop().call_later(delay, self._crls_expired)
+
+    def _crls_expired(self) -> None:
+        self._crl_timer = None
+        now = time.time()
+        for lst in self.broker.listeners:
+            crls = lst.crls
+            if crls is None or not crls.expired(now) or crls in self._reported:
+                continue
+            self._reported.add(crls)
+            refuse = crls.policy == "refuse"
+            log.log(
+                logging.ERROR if refuse else logging.WARNING,
+                "listener %s: a CRL passed its next update: %s; run `tessera-certs crl` and"
+                " `tessera-broker reload`",
+                lst.label or lst.config.bind,
+                "new client handshakes are REFUSED" if refuse else "still enforcing it (warn)",
+            )
+            self.broker.audit.record(
+                "crl_expired",
+                None,
+                level=logging.WARNING,
+                listener=lst.label or lst.config.bind,
+                policy=crls.policy,
+            )
+        self.watch_crls()
 
     def on_signal(self) -> None:
         """SIGHUP: reload in the background (the result is logged and audited)."""
@@ -193,6 +240,8 @@ class Reloader:
         hub.limits = prepared.config.limits
         removed = hub.set_policy(prepared.policy)
         revoked = self._close_revoked()
+        self._reported.clear()
+        self.watch_crls()
         return ReloadResult(
             ok=True,
             config=str(self.config_path),

@@ -253,7 +253,9 @@ def test_expired_crl_policy(setup: Setup) -> None:
         bob.hello()
 
 
-def _write_expired_crl(directory: Path, path: Path) -> None:
+def _write_expired_crl(
+    directory: Path, path: Path, next_update: timedelta = timedelta(hours=-1)
+) -> None:
     ca = certs_pki.load_certificate(directory / "ca.pem")
     key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
     now = datetime.now(UTC)
@@ -261,7 +263,7 @@ def _write_expired_crl(directory: Path, path: Path) -> None:
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.subject)
         .last_update(now - timedelta(days=2))
-        .next_update(now - timedelta(hours=1))
+        .next_update(now + next_update)
         .sign(key, hashes.SHA256())  # type: ignore[arg-type]
     )
     path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
@@ -487,3 +489,19 @@ def test_identity_allowed_nothing_after_reload_is_closed(setup: Setup) -> None:
         broker.wait_for_audit("policy_closed", since=mark, identity="x509:bob")
         alice.send(op="ping")
         alice.recv_until("pong")  # alice is still allowed: untouched
+
+
+def test_a_crl_that_expires_while_running_is_reported_and_refused(setup: Setup) -> None:
+    path = setup.pki / "short-crl.pem"
+    _write_expired_crl(setup.pki, path, next_update=timedelta(seconds=3))
+    setup.crl = [path]
+    broker = setup.start()
+    with setup.raw("bob") as bob:
+        bob.hello()  # still fresh
+        record = broker.wait_for_audit("crl_expired", timeout=15, policy="refuse")
+        assert record["listener"].startswith("127.0.0.1:")
+        broker.wait_for_log(r"a CRL passed its next update: new client handshakes are REFUSED")
+        bob.send(op="ping")
+        bob.recv_until("pong")  # established sessions continue
+    with pytest.raises((ssl.SSLError, ConnectionError)), setup.raw("alice") as alice:
+        alice.hello()
