@@ -240,6 +240,12 @@ class Reloader:
         hub.limits = prepared.config.limits
         removed = hub.set_policy(prepared.policy)
         revoked = self._close_revoked()
+        # A handshake in flight when the CRLs were swapped completes under the old context;
+        # once every such handshake has finished or timed out, look again.
+        if any(lst.crls is not None and lst.crls.revoked for lst in broker.listeners):
+            asyncio.get_running_loop().call_later(
+                hub.limits.handshake_timeout + 1.0, self._close_revoked
+            )
         self._reported.clear()
         self.watch_crls()
         return ReloadResult(
