@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 from auth.acl import AclError, Policy
 from auth.layer import SecurityLayer
 from auth.tls import CrlError, CrlSet
-from broker.config import BrokerConfig, ConfigError, check_files, load_config
+from broker.check import preflight
+from broker.config import BrokerConfig, ConfigError, key_lines, load_config
 from broker.expiry import tls_layer
 from client_sdk.protocol import ErrorCode
 
@@ -194,9 +195,14 @@ class Reloader:
             cfg = load_config(path)
         except ConfigError as exc:
             raise ReloadError(str(exc)) from None
-        problems = [p for p in check_files(cfg) if "readable by" not in p]
-        if problems:
-            raise ReloadError("; ".join(problems))
+        try:
+            lines = key_lines(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            lines = {}
+        problems = preflight(cfg, lines, serving=True)
+        errors = [str(p) for p in problems if p.severity == "error"]
+        if errors:
+            raise ReloadError("; ".join(errors))
         old = self.broker.config
         if len(cfg.listeners) != len(old.listeners):
             raise ReloadError(
@@ -221,8 +227,7 @@ class Reloader:
                 raise ReloadError(f"{path}: listeners[{i}]: {exc}") from None
             if crls is not None:
                 warnings.extend(f"listeners[{i}]: {w}" for w in crls.warnings)
-        if cfg.acl_file is None:
-            warnings.append("no [acl] file: every publish and subscribe will be denied")
+        warnings.extend(str(p) for p in problems if p.severity != "error")
         restart = [k for k in _RESTART_KEYS if getattr(cfg, k) != getattr(old, k)]
         return _Prepared(cfg, policy, layers, warnings, restart)
 

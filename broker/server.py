@@ -259,6 +259,17 @@ class Broker:
             lst.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             log.info("listening on %s (%s)", lst.label, cfg.security)
 
+    async def abandon(self) -> None:
+        """Undo a :meth:`start` that failed part-way (a port was taken): free what it bound."""
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+                await lst.server.wait_closed()
+        self.handshake_pool.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            await self.hub.stop()
+        self.audit.close()
+
     async def serve_until_stopped(self, *, install_signal_handlers: bool = True) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down gracefully."""
         assert self._stopped is not None

@@ -910,8 +910,8 @@ def test_cli_sub_and_pub_over_negotiate_with_password_env(broker: Broker, realm:
         "--principal", "alice", "--password-env", "BAD_PW", env=env,
     )  # fmt: skip
     out, err = bad.communicate(timeout=30)
-    assert bad.returncode == 1
-    assert "bad_credentials" in err and "AuthenticationError" in err
+    assert bad.returncode == 4  # authentication failed (docs/sdk.md, exit codes)
+    assert "bad_credentials" in err and "tessera: error: authentication failed" in err
     for text in (out, err, sub_out, sub_err, pub_out, pub_err):
         for secret in ALL_SECRETS:
             assert secret not in text
