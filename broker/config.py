@@ -529,6 +529,10 @@ class LimitsConfig:
     """Most tokens (levels) in a topic or pattern (may be lowered, not raised)."""
     close_timeout: Annotated[float, Seconds()] = 5.0
     """Seconds a closing connection may take to flush before it is aborted."""
+    max_session_age: Annotated[float | None, Seconds()] = None
+    """Seconds after which an authenticated session must re-authenticate: it is closed with
+    ``CREDENTIAL_EXPIRED`` (17) and the SDK reconnects (Kafka's ``connections.max.reauth.ms``);
+    none by default. A credential that ends sooner ends the session sooner."""
 
     def __post_init__(self) -> None:
         _self_check(self)

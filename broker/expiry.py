@@ -4,10 +4,11 @@ at that moment (issue #10).
 A connection lives for days or weeks; the credential it authenticated with does not. When a
 session's security layer is established, :meth:`SessionWatch.authenticated` reads the layer's
 ``credential_expires_at`` (the client certificate's notAfter on TLS, the Kerberos ticket's end
-time on the negotiate layer; epoch seconds) and files one loop timer for that moment; at it the
-session is closed with ``CREDENTIAL_EXPIRED`` (17), which the SDK reads as "re-authenticate and
-reconnect". A session whose credential has no end gets no timer. The watch also answers "who is
-connected" for ``tessera-broker connections``.
+time on the negotiate layer; epoch seconds) and files one loop timer for that moment, or for
+``[limits] max_session_age`` after authentication if that comes first. At it the session is
+closed with ``CREDENTIAL_EXPIRED`` (17), which the SDK reads as "re-authenticate and
+reconnect". A session whose credential has no end (and no maximum age) gets no timer. The
+watch also answers "who is connected" for ``tessera-broker connections``.
 """
 
 from __future__ import annotations
@@ -93,10 +94,12 @@ class SessionWatch:
         loop: Callable[[], asyncio.AbstractEventLoop],
         audit: Callable[[str, RequestHandler, int], None],
         *,
+        max_age: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._loop = loop
         self._audit = audit
+        self._max_age = max_age
         self._clock = clock
         self.records: dict[RequestHandler, SessionRecord] = {}
 
@@ -104,7 +107,10 @@ class SessionWatch:
         """The session's layer is established (and the handler admitted it)."""
         now = self._clock()
         expires = credential_expires_at(session.layer)
+        age = self._max_age()
         record = SessionRecord(session, now, expires)
+        if age is not None and (expires is None or now + age < expires):
+            expires = now + age  # [limits] max_session_age: re-authenticate by then
         self.records[session.handler] = record
         if expires is not None:
             # call_later takes a delay: the loop clock is monotonic, the credential's end is not.

@@ -73,7 +73,9 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: DeadlineBuckets | None = None
         #: Authenticated sessions: since when, credential expiry (issue #10, broker/expiry.py).
-        self.watch = SessionWatch(lambda: self.loop, self.audit)
+        self.watch = SessionWatch(
+            lambda: self.loop, self.audit, max_age=lambda: self.limits.max_session_age
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 

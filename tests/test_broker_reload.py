@@ -505,3 +505,23 @@ def test_a_crl_that_expires_while_running_is_reported_and_refused(setup: Setup) 
         bob.recv_until("pong")  # established sessions continue
     with pytest.raises((ssl.SSLError, ConnectionError)), setup.raw("alice") as alice:
         alice.hello()
+
+
+async def test_max_session_age_makes_sessions_re_authenticate(setup: Setup) -> None:
+    broker = await asyncio.to_thread(setup.start)
+    setup.config.write_text(setup.config.read_text() + "\n[limits]\nmax_session_age = 1.5\n")
+    answer = await asyncio.to_thread(setup.reload)  # a limit that applies to new sessions
+    assert answer["ok"] is True, answer
+    async with client_sdk.connect(
+        broker.url,
+        ca=setup.pki / "ca.pem",
+        cert=setup.pki / "alice.pem",
+        key=setup.pki / "alice-key.pem",
+        reconnect=client_sdk.Reconnect(initial_delay=0.1, max_delay=0.5),
+    ) as client:
+        deadline = time.monotonic() + 15
+        while client.reconnects < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        await client.publish("age.ok", b"1")
+    broker.wait_for_audit("credential_expired", identity="x509:alice")
