@@ -15,6 +15,13 @@ not allowed is denied, and a matching deny rule beats any allow rule::
 Rules are compiled when the policy is loaded (patterns split into tokens, principal globs
 turned into regular expressions); :meth:`Policy.check` only walks tuples.
 
+A subscription is decided by :meth:`Policy.subscription`, which returns a :class:`Grant`:
+refused when no topic the pattern matches is readable, *unrestricted* when every one is (the
+broker's fan-out then checks nothing per topic), else *filtered*: accepted, and
+:meth:`Grant.allows` says which topics it delivers (``status.>`` with ``status.secret.>``
+denied; ``org.>`` for a reader of ``org.a.>`` and ``org.b.>``). The decisions are exact:
+:func:`meet` and :func:`escapes` complete the pattern algebra.
+
 Topic syntax is the wire protocol's, replicated here because ``auth`` does not import the
 SDK: a topic is dot-separated non-empty tokens; a pattern may use ``*`` as a whole token (exactly
 one token) and ``>`` as its last token (one or more tokens). Tokens may not contain ``.``, ``*``,
