@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,3 +146,18 @@ def test_router_delivers_exactly_what_the_acl_allows(patterns: list[str], topic:
             for p in granted[name]
         )
         assert (sink in router.match(topic)) is expected, (name, granted[name], topic)
+
+
+def test_the_filtered_fanout_bench_runs() -> None:
+    """bench/filtered_fanout.py (the bench row of issue #10) stays runnable: seconds, tiny."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "filtered_fanout.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--subs", "10", "--publishes", "200"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["case"] for r in rows] == ["unrestricted", "filtered", "filtered, cold"]
+    assert all(r["us_per_publish"] > 0 for r in rows)
