@@ -219,7 +219,15 @@ async def _serve(
     reloader = Reloader(broker)
     admin = _admin_server(broker, reloader)
     if admin is not None:
-        await admin.start()  # before the listeners: a second broker on this config stops here
+        try:
+            await admin.start()  # before the listeners: a second broker on this config stops here
+        except AdminError as exc:
+            if cfg.admin_socket is not None:
+                raise  # configured explicitly: the operator relies on it
+            # The default place (beside the configuration) may be read-only, e.g. under
+            # systemd's ProtectSystem=strict: serve anyway; SIGHUP still reloads.
+            log.warning("admin endpoint off (%s); set admin_socket to enable it", exc)
+            admin = None
     try:
         await _run(broker, reloader, on_listening)
     finally:

@@ -56,10 +56,12 @@ class Setup:
         self.acl.write_text(ALLOW_ALL)
         self.crl: list[Path] = []
         self.crl_expired = "refuse"
+        self.top: list[str] = []
         self.broker: BrokerProcess | None = None
 
     def write_config(self) -> None:
         lines = [
+            *self.top,
             "[[listeners]]",
             'bind = "127.0.0.1:0"',
             'security = "tls"',
@@ -525,3 +527,26 @@ async def test_max_session_age_makes_sessions_re_authenticate(setup: Setup) -> N
             await asyncio.sleep(0.1)
         await client.publish("age.ok", b"1")
     broker.wait_for_audit("credential_expired", identity="x509:alice")
+
+
+def test_admin_socket_default_unusable_is_a_warning_explicit_is_an_error(setup: Setup) -> None:
+    (setup.root / "tessera-admin.sock").write_text("not a socket")
+    broker = setup.start()
+    broker.wait_for_log(r"admin endpoint off .*not a socket.*; set admin_socket to enable it")
+    broker.send_signal(signal.SIGHUP)  # reload still works without the endpoint
+    broker.wait_for_audit("reload", ok=True, trigger="SIGHUP")
+    assert broker.stop() == 0
+    setup.top = [f"admin_socket = {json.dumps(str(setup.root / 'missing' / 'a.sock'))}"]
+    setup.write_config()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--config", str(setup.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "cannot listen on" in done.stderr
+    assert "listening" not in done.stdout
