@@ -695,6 +695,8 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str]) -
         ["issue", "server", "--help"],
         ["issue", "client", "--help"],
         ["show", "--help"],
+        ["revoke", "--help"],
+        ["crl", "--help"],
     ],
 )
 def test_cli_help(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
