@@ -151,6 +151,8 @@ def _listener(report: _Report, i: int, lst: ListenerConfig, *, serving: bool) ->
         p: Path | None = getattr(lst, key)
         if p is not None:
             _readable(report, (*base, key), p, f"{name}: {key}")
+    for crl in lst.crl:  # issue #10; their contents are checked with the TLS context below
+        _readable(report, (*base, "crl"), crl, f"{name}: crl")
     if (
         lst.keytab is not None
         and lst.service_principal
@@ -171,9 +173,9 @@ def _listener(report: _Report, i: int, lst: ListenerConfig, *, serving: bool) ->
     quiet = _DropAll()
     server_log.addFilter(quiet)  # the broker logs its own start-up warnings when it starts
     try:
-        from broker.server import _layer_factory  # noqa: PLC0415 - server imports this module's callers
+        from broker.server import _layer_factory, listener_crls  # noqa: PLC0415 - server imports this module's callers
 
-        _layer_factory(lst)
+        _layer_factory(lst, listener_crls(lst))
     except ssl.SSLError as exc:
         files = ", ".join(str(p) for p in (lst.cert, lst.key, lst.client_ca) if p is not None)
         report.add(base, f"{name}: TLS cannot load {files}: {exc.reason or exc}")

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from auth.acl import Action, Decision
+from auth.acl import Action, Decision, Grant
 from auth.identity import Identity
 from broker.backplane import Publication
 from broker.config import LimitsConfig
@@ -95,6 +95,10 @@ class HubPort(Protocol):
 
     def check(self, identity: Identity, action: Action, subject: str) -> Decision: ...
 
+    def subscription(self, identity: Identity, pattern: str) -> Grant: ...
+
+    def permits_anything(self, identity: Identity) -> bool: ...
+
     def admit_identity(self, handler: RequestHandler) -> bool: ...
 
     def publish(
@@ -105,9 +109,13 @@ class HubPort(Protocol):
     ) -> Outcome:
         """Run ``pub`` through the pipeline (decide, store, route, other nodes)."""
 
-    def subscribe(self, handler: RequestHandler, pattern: str) -> None: ...
+    def subscribe(
+        self, handler: RequestHandler, pattern: str, grant: Grant | None = None
+    ) -> None: ...
 
-    def unsubscribe(self, handler: RequestHandler, pattern: str) -> None: ...
+    def unsubscribe(
+        self, handler: RequestHandler, pattern: str, grant: Grant | None = None
+    ) -> None: ...
 
     def wake(self, handler: RequestHandler) -> None:
         """``handler`` has queued output: call its :meth:`~RequestHandler.flush` this turn."""
@@ -145,6 +153,7 @@ class RequestHandler:
         "_busy",
         "_deadline",
         "_dirty",
+        "_grants",
         "_suspended",
         "_write_paused",
         "authed",
@@ -194,6 +203,8 @@ class RequestHandler:
         #: The session is open for deliveries (welcome sent, not closing).
         self.opened = False
         self.subs: dict[int, str] = {}
+        #: What each subscription may receive (issue #10: filtered wildcards), by sid.
+        self._grants: dict[int, Grant] = {}
         self.close_code: str | None = None
         #: The security layer finished (``authenticated`` was called).
         self.authed = False
@@ -299,9 +310,10 @@ class RequestHandler:
     def lost(self) -> None:
         """The transport is gone: release everything held for this connection."""
         self.hub.set_timer(self, None)
-        for pattern in self.subs.values():
-            self.hub.unsubscribe(self, pattern)
+        for sid, pattern in self.subs.items():
+            self.hub.unsubscribe(self, pattern, self._grants.get(sid))
         self.subs.clear()
+        self._grants.clear()
         self.opened = False
         self.outbox.clear()
         self._backlog.clear()
@@ -400,6 +412,18 @@ class RequestHandler:
             self._audit("denied", action=action.value, subject=subject, reason=decision.reason)
         return decision.allowed
 
+    def _grant(self, pattern: str) -> Grant:
+        """The ACL's answer for a subscription (issue #10): refused, unrestricted or filtered
+        (the router then delivers only the topics the identity may read)."""
+        ident = self.identity
+        if ident is None:
+            refused = Decision(allowed=False, rule=None, reason="not authenticated")
+            return Grant(pattern, (), refused, possible=False, unrestricted=False)
+        grant = self.hub.subscription(ident, pattern)
+        if not grant.possible:
+            self._audit("denied", action="subscribe", subject=pattern, reason=grant.decision.reason)
+        return grant
+
     def _on_publish(self, event: Publish) -> None:
         ack = event.ack
         pub = Publication(event.topic, event.payload, event.headers, self.sender)
@@ -452,7 +476,8 @@ class RequestHandler:
                 Error(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions", sid=sid)
             )
             return
-        if not self.allowed(Action.SUBSCRIBE, event.pattern):
+        grant = self._grant(event.pattern)
+        if not grant.possible:
             log.info("%s subscribe to %r denied", self.who(), event.pattern)
             self._reply(
                 Error(
@@ -463,7 +488,8 @@ class RequestHandler:
             )
             return
         self.subs[sid] = event.pattern
-        self.hub.subscribe(self, event.pattern)
+        self._grants[sid] = grant
+        self.hub.subscribe(self, event.pattern, grant)
         self._reply(Ok(sid=sid))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s subscribed sid=%d %r", self.who(), sid, event.pattern)
@@ -479,7 +505,7 @@ class RequestHandler:
                 )
             )
             return
-        self.hub.unsubscribe(self, pattern)
+        self.hub.unsubscribe(self, pattern, self._grants.pop(event.sid, None))
         self._reply(Ok(sid=event.sid))
 
     def recheck(self) -> int:
@@ -489,10 +515,18 @@ class RequestHandler:
         self._acl_cache.clear()
         removed = 0
         for sid, pattern in list(self.subs.items()):
-            if self.allowed(Action.SUBSCRIBE, pattern):
+            old = self._grants.get(sid)
+            grant = self._grant(pattern)
+            if grant.possible:
+                self._grants[sid] = grant
+                if old is None or not (old.unrestricted and grant.unrestricted):
+                    # what it may receive changed (or may have): file it with the new filter
+                    self.hub.unsubscribe(self, pattern, old)
+                    self.hub.subscribe(self, pattern, grant)
                 continue
             del self.subs[sid]
-            self.hub.unsubscribe(self, pattern)
+            self._grants.pop(sid, None)
+            self.hub.unsubscribe(self, pattern, old)
             removed += 1
             if self.conn.state is State.OPEN:
                 self.conn.send(
@@ -504,6 +538,12 @@ class RequestHandler:
                 )
         if removed:
             self._take_replies()
+        ident = self.identity
+        if ident is not None and self.opened and not self.hub.permits_anything(ident):
+            # issue #10: an identity the new policy allows nothing has no business staying
+            log.info("%s no longer allowed anything, closing", self.who())
+            self._audit("policy_closed")
+            self.close(ErrorCode.PERMISSION_DENIED, "this identity is no longer allowed anything")
         return removed
 
     # --- outbound ---------------------------------------------------------------------------

@@ -22,11 +22,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from auth.acl import Action, Decision, Policy
+from auth.acl import Action, Decision, Grant, Policy
 from auth.identity import Identity
 from broker.audit import Audit
 from broker.backplane import Backplane, LocalBackplane, Publication
 from broker.config import LimitsConfig
+from broker.expiry import SessionWatch
 from broker.handler import Outcome, RequestHandler
 from broker.router import Router
 from broker.store import NullStore, Store
@@ -71,6 +72,10 @@ class Hub:
         self._saving: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: DeadlineBuckets | None = None
+        #: Authenticated sessions: since when, credential expiry (issue #10, broker/expiry.py).
+        self.watch = SessionWatch(
+            lambda: self.loop, self.audit, max_age=lambda: self.limits.max_session_age
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -176,15 +181,17 @@ class Hub:
 
     # --- subscriptions -----------------------------------------------------------------------
 
-    def subscribe(self, handler: RequestHandler, pattern: str) -> None:
-        self.router.subscribe(handler, pattern)
+    def subscribe(self, handler: RequestHandler, pattern: str, grant: Grant | None = None) -> None:
+        self.router.subscribe(handler, pattern, grant)
         interest = self._interest
         if not interest[pattern]:
             self.backplane.interest(pattern, True)
         interest[pattern] += 1
 
-    def unsubscribe(self, handler: RequestHandler, pattern: str) -> None:
-        self.router.unsubscribe(handler, pattern)
+    def unsubscribe(
+        self, handler: RequestHandler, pattern: str, grant: Grant | None = None
+    ) -> None:
+        self.router.unsubscribe(handler, pattern, grant)
         interest = self._interest
         interest[pattern] -= 1
         if interest[pattern] <= 0:
@@ -195,6 +202,14 @@ class Hub:
 
     def check(self, identity: Identity, action: Action, subject: str) -> Decision:
         return self.policy.check(identity, action, subject)
+
+    def subscription(self, identity: Identity, pattern: str) -> Grant:
+        """What a subscription may receive: refused, unrestricted or ACL-filtered (issue #10)."""
+        return self.policy.subscription(identity, pattern)
+
+    def permits_anything(self, identity: Identity) -> bool:
+        """Whether the policy allows this identity anything at all (issue #10 re-check)."""
+        return self.policy.permits_anything(identity)
 
     def set_policy(self, policy: Policy) -> int:
         """Swap the ACL and re-check every live connection against it; returns how many

@@ -151,6 +151,7 @@ class Session(asyncio.BufferedProtocol):
             self._close_timer.cancel()
             self._close_timer = None
         handler = self.handler
+        self.hub.watch.lost(handler)
         if handler in self.hub.handlers:
             handler.lost()
         if log.isEnabledFor(logging.DEBUG):  # who() formats eagerly
@@ -206,7 +207,10 @@ class Session(asyncio.BufferedProtocol):
     def layer_established(self) -> bool:
         if self.layer.blocking_handshake:  # a good handshake costs its address no budget
             self._gate.succeeded(self._source())
-        return self.handler.authenticated(self.layer.peer_identity, self.hub.now())
+        admitted = self.handler.authenticated(self.layer.peer_identity, self.hub.now())
+        if admitted:
+            self.hub.watch.authenticated(self)  # since, credential expiry (broker/expiry.py)
+        return admitted
 
     def plaintext(self, data: bytes) -> None:
         self.handler.receive(data, self.hub.now())

@@ -16,6 +16,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import os
 import random
 import ssl
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
@@ -88,6 +89,9 @@ _RETRYABLE_CODES = frozenset(
         ErrorCode.INTERNAL_ERROR,
         ErrorCode.LIMIT_EXCEEDED,
         ErrorCode.HANDSHAKE_TIMEOUT,
+        # The credential ended: reconnecting re-reads the certificate files (or the ccache), so
+        # a renewed credential is picked up; if there is none the handshake fails and says why.
+        ErrorCode.CREDENTIAL_EXPIRED,
     }
 )
 
@@ -772,6 +776,22 @@ def _parse_url(url: str) -> tuple[str, str, int]:
     return scheme, parts.hostname, parts.port or DEFAULT_PORT
 
 
+def _files_stamp(
+    files: tuple[str | Path | None, str | Path | None, str | Path | None] | None,
+) -> tuple[tuple[int, int, int] | None, ...]:
+    """What identifies the contents of credential files cheaply: (inode, size, mtime) each."""
+    if files is None:
+        return ()
+    stamps: list[tuple[int, int, int] | None] = []
+    for path in files:
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        stamps.append((st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else None)
+    return tuple(stamps)
+
+
 class connect:  # used as a function: ``async with connect(...)`` / ``await connect(...)``
     """Open a connection: ``async with connect("tls://host:7443", ca=..., cert=..., key=...)``.
 
@@ -819,6 +839,10 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
             if self._scheme == "tls+negotiate" and cert is not None:
                 raise ValueError("tls+negotiate:// authenticates with auth=, not a certificate")
             self._ctx = ssl_context if ssl_context is not None else client_context(ca, cert, key)
+        # Certificate files are read again on reconnect when they changed (a renewed client
+        # certificate after CREDENTIAL_EXPIRED); a ready ssl_context is the caller's to renew.
+        self._ctx_files = (ca, cert, key) if self._ctx is not None and ssl_context is None else None
+        self._ctx_stamp = _files_stamp(self._ctx_files)
         if self._scheme == "tls" and auth is not None:
             raise ValueError("auth= is for negotiate:// and tls+negotiate:// URLs")
         self._auth = auth
@@ -833,7 +857,25 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         self._on_state_change = on_state_change
         self._client: Client | None = None
 
+    def _context(self) -> ssl.SSLContext | None:
+        """The TLS client context, rebuilt first if its certificate files changed on disk."""
+        files = self._ctx_files
+        if files is not None:
+            stamp = _files_stamp(files)
+            if stamp != self._ctx_stamp:
+                try:
+                    self._ctx = client_context(*files)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    log.warning(
+                        "cannot load the renewed certificate files, keeping the old: %s", exc
+                    )
+                else:
+                    log.info("certificate files changed: using the renewed credentials")
+                self._ctx_stamp = stamp
+        return self._ctx
+
     def _make_layer(self) -> SecurityLayer:
+        self._context()
         if self._scheme == "tls":
             assert self._ctx is not None
             return TLSLayer(self._ctx, server_side=False, server_hostname=self._server_hostname)

@@ -46,6 +46,8 @@ class ErrorCode(enum.IntEnum):
     HANDSHAKE_TIMEOUT = 14  #: security handshake or hello did not complete in time
     INTERNAL_ERROR = 15  #: a bug on the sender's side; the connection is closed
     LIMIT_EXCEEDED = 16  #: a connection or rate limit refused the operation
+    CREDENTIAL_EXPIRED = 17  #: close only: the credential ended; re-authenticate and reconnect
+    CREDENTIAL_REVOKED = 18  #: close only: the credential was revoked; do not retry with it
 
 
 class TesseraError(Exception):
