@@ -128,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
             "List the running broker's authenticated connections: identity, mechanism, since "
             "when, subscriptions and when the credential expires.",
         ),
+        (
+            "stats",
+            "print the running broker's counters",
+            "Print the running broker's counters and gauges (connections, subscriptions, "
+            "publishes, deliveries, bytes, outbox bytes, slow consumers, handshake pool, open "
+            "file descriptors, RSS): the same figures the metrics endpoint exports.",
+        ),
     ):
         cmd = sub.add_parser(name, help=summary, description=description)
         where = cmd.add_mutually_exclusive_group(required=True)
@@ -209,7 +216,7 @@ def _busy_listener(cfg: BrokerConfig) -> str | None:
 
 
 def _admin_server(broker: Broker, reloader: Reloader) -> AdminServer | None:
-    """The admin endpoint's ops (issue #10): ``reload`` and ``connections``."""
+    """The admin endpoint's ops: ``reload``, ``connections`` (issue #10) and ``stats``."""
     path = broker.config.admin_socket_path
     if path is None:
         return None
@@ -220,7 +227,10 @@ def _admin_server(broker: Broker, reloader: Reloader) -> AdminServer | None:
     async def connections(_: object) -> dict[str, object]:
         return {"ok": True, "connections": broker.hub.watch.describe()}
 
-    ops = {"reload": reload, "connections": connections}
+    async def stats(_: object) -> dict[str, object]:
+        return {"ok": True, "stats": broker.info()}
+
+    ops = {"reload": reload, "connections": connections, "stats": stats}
     return AdminServer(path, ops, audit=broker.audit.record)
 
 
@@ -353,7 +363,8 @@ def _dev_hint(directory: Path, address: str) -> str:
 
 
 def _admin_command(args: argparse.Namespace) -> int:
-    """``reload`` / ``connections``: one request to the running broker's admin socket."""
+    """``reload`` / ``connections`` / ``stats``: one request to the running broker's admin
+    socket."""
     path: Path | None = args.socket
     if path is None:
         try:
@@ -380,6 +391,10 @@ def _admin_command(args: argparse.Namespace) -> int:
         print(f"tessera-broker: error: {answer.get('error')}", file=sys.stderr)
     elif args.command == "reload":
         _print_reload(answer)
+    elif args.command == "stats":
+        stats = answer.get("stats")
+        for key, value in sorted(stats.items()) if isinstance(stats, dict) else ():
+            print(f"{key} {json.dumps(value, sort_keys=True)}")
     else:
         _print_connections(answer)
     return 0 if ok else 1
@@ -419,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.file, args.json)
-    if args.command in ("reload", "connections"):
+    if args.command in ("reload", "connections", "stats"):
         return _admin_command(args)
 
     from broker import workers  # noqa: PLC0415
