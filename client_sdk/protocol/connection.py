@@ -31,15 +31,20 @@ from client_sdk.protocol.events import (
     ProtocolFailure,
     Publish,
     Rejected,
+    Reply,
+    Request,
+    Response,
     Subscribe,
     Unsubscribe,
     Welcome,
 )
 from client_sdk.protocol.framing import FrameDecoder, FrameTooLarge
 from client_sdk.protocol.limits import (
+    DELIVERY_OVERHEAD_BYTES,
     MAX_FRAME_BYTES,
     MAX_FRAME_BYTES_BEFORE_HELLO,
     MAX_FRAME_BYTES_CEILING,
+    MAX_GROUP_BYTES,
     MAX_REASON_BYTES,
     MAX_TOPIC_BYTES,
     MAX_TOPIC_TOKENS,
@@ -70,17 +75,21 @@ _S = State
 #: What each side may RECEIVE in each state. Anything else fails the connection.
 RECEIVABLE: dict[tuple[Role, State], frozenset[type[Event]]] = {
     (_R.SERVER, _S.HANDSHAKE): frozenset({Hello, Close}),
-    (_R.SERVER, _S.OPEN): frozenset({Subscribe, Unsubscribe, Publish, Ping, Pong, Close}),
+    (_R.SERVER, _S.OPEN): frozenset(
+        {Subscribe, Unsubscribe, Publish, Request, Reply, Ping, Pong, Close}
+    ),
     (_R.CLIENT, _S.HANDSHAKE): frozenset({Welcome, Error, Close}),
-    (_R.CLIENT, _S.OPEN): frozenset({Message, Ok, Error, Ping, Pong, Close}),
+    (_R.CLIENT, _S.OPEN): frozenset({Message, Response, Ok, Error, Ping, Pong, Close}),
 }
 
 #: What each side may SEND in each state. Anything else raises LocalProtocolError.
 SENDABLE: dict[tuple[Role, State], frozenset[type[Event]]] = {
     (_R.SERVER, _S.HANDSHAKE): frozenset({Error, Close}),
-    (_R.SERVER, _S.OPEN): frozenset({Welcome, Message, Ok, Error, Ping, Pong, Close}),
+    (_R.SERVER, _S.OPEN): frozenset({Welcome, Message, Response, Ok, Error, Ping, Pong, Close}),
     (_R.CLIENT, _S.HANDSHAKE): frozenset({Hello, Close}),
-    (_R.CLIENT, _S.OPEN): frozenset({Subscribe, Unsubscribe, Publish, Ping, Pong, Close}),
+    (_R.CLIENT, _S.OPEN): frozenset(
+        {Subscribe, Unsubscribe, Publish, Request, Reply, Ping, Pong, Close}
+    ),
 }
 
 
@@ -91,6 +100,26 @@ def negotiate_version(client_version: int) -> int | None:
     """The version a broker answers a ``hello`` with: the highest version both speak."""
     common = [v for v in SUPPORTED_VERSIONS if v <= client_version]
     return max(common) if common else None
+
+
+def _subscription_problem(sub: Subscribe) -> str | None:
+    """Why the optional fields of ``sub`` cannot go together, or ``None`` (section 16.3)."""
+    if sub.group is not None:
+        group = sub.group
+        if (
+            not group
+            or len(group.encode("utf-8", "surrogatepass")) > MAX_GROUP_BYTES
+            or "." in group
+            or group in ("*", ">")
+        ):
+            return f"a group name is one topic token of at most {MAX_GROUP_BYTES} bytes"
+        try:
+            validate_topic(group)
+        except InvalidTopic:
+            return f"a group name is one topic token of at most {MAX_GROUP_BYTES} bytes"
+    if sub.serve and sub.since is not None:
+        return "a serving subscription has no history to resume"
+    return None
 
 
 def _clip(text: str, limit: int = MAX_REASON_BYTES) -> str:
@@ -245,6 +274,19 @@ class Connection:
             except InvalidTopic as exc:
                 self._reply(Error(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid))
                 return Rejected(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid)
+            problem = _subscription_problem(event)
+            if problem is not None:
+                self._reply(Error(ErrorCode.INVALID_SUBSCRIPTION, problem, sid=event.sid))
+                return Rejected(ErrorCode.INVALID_SUBSCRIPTION, problem, sid=event.sid)
+            return event
+        if isinstance(event, Request):
+            try:
+                validate_topic(
+                    event.topic, max_bytes=self.max_topic_bytes, max_tokens=self.max_topic_tokens
+                )
+            except InvalidTopic as exc:
+                self._reply(Error(ErrorCode.INVALID_TOPIC, exc.message, rid=event.rid))
+                return Rejected(ErrorCode.INVALID_TOPIC, exc.message, rid=event.rid)
             return event
         if isinstance(event, Ping):
             self._reply(Pong())
@@ -283,6 +325,11 @@ class Connection:
             self.state = State.OPEN
             self.peer_max_frame = event.max_frame
             self._decoder.max_frame = max(self.max_frame, event.max_frame)
+            if event.features is not None:
+                # Deliveries may carry broker-added fields beyond the publish (section 16.1).
+                self._decoder.max_frame = min(
+                    self._decoder.max_frame + DELIVERY_OVERHEAD_BYTES, MAX_FRAME_BYTES_CEILING
+                )
             # A broker cannot make us ping more often than the protocol minimum.
             self._heartbeat = (
                 max(event.heartbeat_ms, MIN_HEARTBEAT_MS) / 1000 if event.heartbeat_ms else None
