@@ -387,7 +387,6 @@ _SUB = {"op": "sub", "sid": 1, "pattern": "a.>"}
         {**_SUB, "group": 3},
         {**_SUB, "group": "g" * (MAX_GROUP_BYTES + 1)},
         {**_SUB, "serve": "true"},
-        {**_SUB, "since": 3},
         {**_SUB, "epoch": "e"},
         {**_SUB, "since": -1, "epoch": "e"},
         {"op": "ok", "sid": 1, "recovered": 1},
@@ -431,6 +430,10 @@ def test_malformed_new_fields_are_protocol_errors(d: dict[str, Any]) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode(body(d))
     assert info.value.code is ErrorCode.PROTOCOL_ERROR
+
+
+def test_since_without_epoch_means_the_current_epoch() -> None:
+    assert decode(body({**_SUB, "since": 3})) == Subscribe(1, "a.>", since=3)
 
 
 def test_nil_means_absent_for_the_new_fields() -> None:

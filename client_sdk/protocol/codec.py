@@ -338,8 +338,8 @@ def _d_welcome(d: Mapping[str, Any]) -> Event:
 def _d_sub(d: Mapping[str, Any]) -> Event:
     since = d.get("since")
     epoch = _opt_text(d, "epoch", "sub", MAX_EPOCH_CHARS)
-    if (since is None) != (epoch is None):
-        raise _fail("'sub.since' and 'sub.epoch' go together")
+    if epoch is not None and since is None:
+        raise _fail("'sub.epoch' needs 'sub.since'")
     return Subscribe(
         sid=_uint(_req(d, "sid", "sub"), "sid", "sub"),
         pattern=_topic_str(_req(d, "pattern", "sub"), "pattern", "sub"),

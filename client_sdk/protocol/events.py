@@ -69,7 +69,7 @@ class Subscribe:
     group: str | None = None  #: queue group: each message goes to one member of the group
     serve: bool = False  #: the subscription receives requests (``req``), not publishes
     since: int | None = None  #: resume after this history sequence number...
-    epoch: str | None = None  #: ...of this stream epoch (both or neither)
+    epoch: str | None = None  #: ...of this stream epoch (``None``: whatever epoch is current)
 
 
 @dataclass(frozen=True, slots=True)
