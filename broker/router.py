@@ -3,12 +3,12 @@
 Lookup walks only the branches a topic can reach (its literal tokens, ``*`` and ``>``), so its cost
 does not grow with the number of unrelated subscriptions; results are cached per topic until the
 subscription set changes. Fan-out is synchronous and never awaits (STYLE §4): a publish is encoded
-once. With a ``schedule`` callback (the broker's mode) consecutive publishes that reach the same
+once. With a ``schedule`` callback (the hub's mode) consecutive publishes that reach the same
 subscriber set are joined into one block at the end of the event-loop turn and that block is
 handed to each subscriber once: the Python work per delivery becomes work per subscriber per turn,
 and publish order is kept (a new block starts whenever the subscriber set changes). Without one,
-each frame is handed over at once. A :class:`Backplane` sees every local publish and may inject
-publishes from elsewhere (other broker processes or nodes).
+each frame is handed over at once. Crossing to other processes or nodes is the hub's business
+(:mod:`broker.backplane`), not the router's.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Protocol
 from client_sdk.protocol.codec import encode_message_frame
 from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
 
-__all__ = ["Backplane", "LocalBackplane", "Router", "Subscriber"]
+__all__ = ["Router", "Subscriber"]
 
 #: Topics whose subscriber lists are cached; the cache is cleared when full or on any change.
 _MATCH_CACHE_ENTRIES = 8192
@@ -31,26 +31,6 @@ class Subscriber(Protocol):
     def deliver(self, data: bytes, count: int) -> None:
         """Queue ``count`` encoded delivery frames, concatenated in ``data``; never blocks,
         never awaits. The same ``data`` object is handed to every subscriber of the block."""
-
-
-class Backplane(Protocol):
-    """Where publishes cross between brokers. The default is :class:`LocalBackplane`."""
-
-    def attach(self, inject: Callable[[str, bytes, Mapping[str, str] | None], int]) -> None:
-        """Called once by the router: ``inject`` delivers a remote publish to local subscribers."""
-
-    def publish(self, topic: str, payload: bytes, headers: Mapping[str, str] | None) -> None:
-        """Called for every publish accepted locally; must not block."""
-
-
-class LocalBackplane:
-    """A single broker process: nothing crosses."""
-
-    def attach(self, inject: Callable[[str, bytes, Mapping[str, str] | None], int]) -> None:
-        pass
-
-    def publish(self, topic: str, payload: bytes, headers: Mapping[str, str] | None) -> None:
-        pass
 
 
 class _Node:
@@ -70,11 +50,7 @@ class _Node:
 class Router:
     """Subscriptions and fan-out for one broker process."""
 
-    def __init__(
-        self,
-        backplane: Backplane | None = None,
-        schedule: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, schedule: Callable[[], None] | None = None) -> None:
         self._root = _Node()
         #: Called once when the first block of a loop turn is started; the caller then runs
         #: :meth:`flush_pending` later in the same turn.
@@ -82,8 +58,6 @@ class Router:
         self._pending: list[tuple[tuple[Subscriber, ...], list[bytes]]] = []
         self._cache: dict[str, tuple[Subscriber, ...]] = {}
         self._count = 0
-        self.backplane: Backplane = backplane or LocalBackplane()
-        self.backplane.attach(self.deliver_local)
 
     @property
     def subscription_count(self) -> int:
@@ -177,9 +151,7 @@ class Router:
         self._cache[topic] = result
         return result
 
-    def deliver_local(
-        self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
-    ) -> int:
+    def route(self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None) -> int:
         """Encode once, hand the same bytes to every local subscriber; returns how many."""
         subscribers = self.match(topic)
         if not subscribers:
@@ -209,9 +181,3 @@ class Router:
             data = frames[0] if count == 1 else b"".join(frames)
             for subscriber in subscribers:
                 subscriber.deliver(data, count)
-
-    def publish(self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None) -> int:
-        """A publish accepted from a local client: deliver locally and tell the backplane."""
-        count = self.deliver_local(topic, payload, headers)
-        self.backplane.publish(topic, payload, headers)
-        return count

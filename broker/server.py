@@ -1,11 +1,12 @@
-"""The broker process: listeners, sessions, the flush and heartbeat loops, graceful shutdown."""
+"""The broker process: listeners and their security-layer factories, the hub, signals, graceful
+shutdown. Connections are :class:`~broker.session.Session` drivers around a
+:class:`~broker.handler.RequestHandler`; the publish pipeline is the :class:`~broker.hub.Hub`."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
-import contextlib
+import itertools
 import json
 import logging
 import os
@@ -18,11 +19,14 @@ from typing import Any
 
 from auth.acl import Policy
 from auth.layer import SecurityLayer
+from auth.pump import Offload
 from auth.tls import TLSLayer, server_context
 from broker.audit import Audit
+from broker.backplane import Backplane
 from broker.config import BrokerConfig, ListenerConfig
-from broker.router import Backplane, Router
-from broker.session import Session
+from broker.hub import Hub
+from broker.session import session_factory
+from broker.store import Store
 from client_sdk.protocol import ErrorCode
 
 __all__ = ["Broker", "Listener", "SERVER_NAME"]
@@ -31,17 +35,16 @@ log = logging.getLogger("tessera.broker")
 
 SERVER_NAME = "tessera/0.1.0"
 
-#: One receive buffer shared by every connection of the loop (a TLS read yields at most this).
-_RECV_BUFFER_BYTES = 256 * 1024
+#: One receive buffer shared by every connection of the loop: one read takes at most this much
+#: from a connection (asyncio's own default is 256 KiB; smaller reads bound the work one
+#: flooding client hands the loop at once, see broker.handler.EVENTS_PER_TURN).
+_RECV_BUFFER_BYTES = 64 * 1024
 
 #: Threads for blocking handshake steps (Kerberos acceptor steps take ~0.1-0.3 ms each).
 _HANDSHAKE_WORKERS = 4
 
-#: Connections the heartbeat sweep visits between two yields to the event loop.
-_SWEEP_SLICE = 1000
-
-#: How often the heartbeat sweep runs, as a fraction of the heartbeat interval.
-_SWEEP_FRACTION = 0.25
+#: Poll interval while waiting for connections to finish closing at shutdown.
+_SHUTDOWN_POLL_SECONDS = 0.05
 
 
 def _open_fds() -> int:
@@ -163,38 +166,33 @@ class Broker:
         *,
         policy: Policy | None = None,
         backplane: Backplane | None = None,
+        store: Store | None = None,
     ) -> None:
         self.config = config
         self.server_name = SERVER_NAME
         if policy is None:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
-        self.policy = policy
         ntlm_files = {c.ntlm_user_file for c in config.listeners if c.ntlm_user_file is not None}
         if ntlm_files:
             # pyspnego reads NTLM accounts only from this process-wide variable.
             os.environ["NTLM_USER_FILE"] = str(ntlm_files.pop())
-        self.router = Router(backplane, schedule=self._schedule_flush)
         self.audit = Audit(config.audit_file)
-        self._per_identity: collections.Counter[str] = collections.Counter()
+        self.hub = Hub(
+            limits=config.limits,
+            policy=policy,
+            audit=self.audit,
+            server_name=SERVER_NAME,
+            store=store,
+            backplane=backplane,
+        )
         self.listeners = [Listener(c, _layer_factory(c)) for c in config.listeners]
-        self.sessions: set[Session] = set()
-        self.stats: collections.Counter[str] = collections.Counter()
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))
         #: Worker threads for handshake steps that may block (GSS); bounded so a flood of
         #: handshakes queues instead of spawning threads.
         self.handshake_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=_HANDSHAKE_WORKERS, thread_name_prefix="tessera-handshake"
         )
-        #: Sessions with queued output this turn (appended by the sessions themselves).
-        self.dirty: list[Session] = []
-        limits = config.limits
-        # Read on the fan-out path for every subscriber: kept as plain attributes.
-        self.max_pending_bytes = limits.max_pending_bytes
-        self.max_pending_msgs = limits.max_pending_messages
-        self.drop_slow_consumers = limits.slow_consumer == "drop"
-        self._flush_scheduled = False
-        self._next_id = 0
-        self._sweeper: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
         self._stopped: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -203,25 +201,47 @@ class Broker:
         assert self._loop is not None
         return self._loop
 
+    @property
+    def policy(self) -> Policy:
+        return self.hub.policy
+
     # --- lifecycle ------------------------------------------------------------------------
+
+    def _offload(self) -> Offload:
+        loop = self.loop
+        executor = self.handshake_executor
+
+        def offload(
+            step: Callable[[bytes], None],
+            data: bytes,
+            done: Callable[[BaseException | None], None],
+        ) -> None:
+            fut = loop.run_in_executor(executor, step, data)
+            fut.add_done_callback(lambda f: done(f.exception()))
+
+        return offload
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        await self.hub.start()
+        offload = self._offload()
         for lst in self.listeners:
             cfg = lst.config
-
-            def factory(lst: Listener = lst) -> Session:
-                self._next_id += 1
-                return Session(self, lst, self._next_id)
-
+            factory = session_factory(
+                self.hub,
+                lambda lst=lst: lst.make_layer(),  # type: ignore[misc]
+                lambda: next(self._ids),
+                label=lambda lst=lst: lst.label or lst.config.bind,  # type: ignore[misc]
+                offload=offload,
+                recv_buffer=self.recv_buffer,
+            )
             lst.server = await self._loop.create_server(
                 factory, cfg.host, cfg.port, reuse_address=True, backlog=4096
             )
             host, port = lst.address
             lst.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             log.info("listening on %s (%s)", lst.label, cfg.security)
-        self._sweeper = asyncio.create_task(self._sweep(), name="tessera-heartbeat-sweep")
 
     async def serve_until_stopped(self, *, install_signal_handlers: bool = True) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down gracefully."""
@@ -237,98 +257,42 @@ class Broker:
             self._stopped.set()
 
     async def stop(self) -> None:
-        """Stop accepting, send every client a ``going away`` close, flush, and close."""
-        log.info("shutting down: closing %d connection(s)", len(self.sessions))
+        """Graceful shutdown: stop accepting and reading, drain the pipeline (everything the
+        broker acknowledged is queued for its subscribers), then send every client a
+        ``going away`` close after what it is owed, and wait for the writes to finish."""
+        hub = self.hub
+        log.info("shutting down: closing %d connection(s)", len(hub.handlers))
         for lst in self.listeners:
             if lst.server is not None:
                 lst.server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        for session in list(self.sessions):
-            session.close(ErrorCode.GOING_AWAY, "broker shutting down")
+        for handler in list(hub.handlers):
+            handler.io.pause_reading()  # nothing new is accepted from here on
+        await hub.drain()
+        for handler in list(hub.handlers):
+            handler.close(ErrorCode.GOING_AWAY, "broker shutting down")
         deadline = self.loop.time() + self.config.shutdown_timeout
-        while self.sessions and self.loop.time() < deadline:  # noqa: ASYNC110 - bounded poll
-            await asyncio.sleep(0.05)
-        for session in list(self.sessions):
-            session._abort()
+        while hub.handlers and self.loop.time() < deadline:  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(_SHUTDOWN_POLL_SECONDS)
+        for handler in list(hub.handlers):
+            handler.io.abort()
         for lst in self.listeners:
             if lst.server is not None:
                 await lst.server.wait_closed()
+        await hub.stop()
         self.handshake_executor.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
         log.info("stopped")
 
-    # --- sessions -------------------------------------------------------------------------
-
-    def admit(self, session: Session) -> bool:
-        if len(self.sessions) >= self.config.limits.max_connections:
-            self.stats["connections_refused"] += 1
-            return False
-        self.sessions.add(session)
-        self.stats["connections_accepted"] += 1
-        return True
-
-    def admit_identity(self, session: Session) -> bool:
-        """Count an authenticated connection against its identity's limit."""
-        key = str(session.identity)
-        if self._per_identity[key] >= self.config.limits.max_connections_per_identity:
-            self.stats["connections_refused_identity"] += 1
-            return False
-        self._per_identity[key] += 1
-        session.counted = True
-        return True
-
-    def forget(self, session: Session) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            if session.counted:
-                key = str(session.identity)
-                self._per_identity[key] -= 1
-                if self._per_identity[key] <= 0:
-                    del self._per_identity[key]
-
-    def mark_dirty(self, session: Session) -> None:
-        self.dirty.append(session)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush_dirty)
-
-    def _flush_dirty(self) -> None:
-        """Once per loop turn: hand this turn's delivery blocks to their subscribers, then write
-        every session with something queued, each in one TLS write."""
-        self._flush_scheduled = False
-        self.router.flush_pending()
-        dirty = self.dirty
-        self.dirty = []
-        for session in dirty:
-            session.flush()
-
-    async def _sweep(self) -> None:  # one task for all connections, not one per connection
-        interval = max(0.25, self.config.limits.heartbeat_interval * _SWEEP_FRACTION)
-        while True:
-            await asyncio.sleep(interval)
-            now = self.loop.time()
-            for i, session in enumerate(list(self.sessions)):
-                session.on_timer(now)
-                if i % _SWEEP_SLICE == _SWEEP_SLICE - 1:
-                    await asyncio.sleep(0)  # 100k connections must not stall the loop at once
+    # --- stats ----------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """Counters for operators and tests (also logged as JSON on SIGUSR1)."""
+        """Counters and gauges for operators and tests (also logged as JSON on SIGUSR1)."""
         return {
-            "connections": len(self.sessions),
-            "subscriptions": self.router.subscription_count,
+            **self.hub.info(),
             "tasks": len(asyncio.all_tasks(self.loop)),
             "open_fds": _open_fds(),
             "rss_bytes": _rss_bytes(),
-            **self.stats,
         }
 
     def log_info(self) -> None:
-        log.info("stats %s", json.dumps(self.info(), sort_keys=True))
+        log.info("stats %s", json.dumps(self.info(), sort_keys=True, default=str))

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
-from auth.errors import AuthError, HandshakeError, HandshakeReason
+from auth.errors import AuthError, HandshakeError
 from auth.layer import SecurityLayer
+from auth.pump import LayerPump
 from client_sdk.protocol import (
     Close,
     Connection,
@@ -66,8 +68,7 @@ class Link(asyncio.Protocol):
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self.writable: asyncio.Future[None] | None = None
         self._flush_scheduled = False
-        self._stepping = False
-        self._pending_in: list[bytes] = []
+        self.pump = LayerPump(layer, self, self._offload, eof_fails=True)
         self._timer: asyncio.TimerHandle | None = None
         self._lost_deferred: tuple[Exception | None] | None = None
 
@@ -85,7 +86,7 @@ class Link(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._stepping:
+        if self.pump.stepping:
             # A handshake step is still running on bytes that arrived before the loss (the
             # broker's refusal, say): report the loss after it, so its verdict is known.
             self._lost_deferred = (exc,)
@@ -129,68 +130,49 @@ class Link(asyncio.Protocol):
             raise
         self.write_wire()
 
-    # --- inbound --------------------------------------------------------------------------
+    # --- inbound: the shared layer pump and what comes out of it ---------------------------
 
     def _on_wire(self, data: bytes) -> None:
-        if self._stepping:
-            self._pending_in.append(data)
-            return
-        layer = self.layer
-        was_established = layer.established
-        if layer.blocking_handshake and not was_established:
-            # A handshake step may block: run it off the loop, keep later bytes behind it.
-            self._stepping = True
-            fut = self.loop.run_in_executor(None, layer.receive_data, data)
-            fut.add_done_callback(lambda f: self._step_done(f, data))
-            return
-        try:
-            layer.receive_data(data)
-        except AuthError as exc:
-            self._layer_failed(exc)
-            return
-        self._after_layer(data, was_established)
+        self.pump.feed(data)
 
-    def _step_done(self, fut: asyncio.Future[None], data: bytes) -> None:
-        self._stepping = False
-        exc = fut.exception()
-        if exc is not None:
-            self._pending_in.clear()
-            self._layer_failed(exc)
-        else:
-            self._after_layer(data, False)
-            pending, self._pending_in = self._pending_in, []
-            for chunk in pending:
-                self._on_wire(chunk)  # queues behind a new step again if one starts
-        deferred = self._lost_deferred
-        if deferred is not None and not self._stepping:
-            self._lost_deferred = None
-            self._report_lost(deferred[0])
+    def _offload(
+        self,
+        step: Callable[[bytes], None],
+        data: bytes,
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        fut = self.loop.run_in_executor(None, step, data)
+        fut.add_done_callback(lambda f: done(f.exception()))
 
-    def _layer_failed(self, exc: BaseException) -> None:
+    def wire_out(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def layer_established(self) -> bool:
+        self.send(Hello(client=CLIENT_NAME, heartbeat_ms=self.heartbeat_ms))
+        return True
+
+    def plaintext(self, data: bytes) -> None:
+        events = self.conn.receive_data(data, self.loop.time())
+        if events:
+            self.owner.link_events(self, events)
+        if self.conn.has_data_to_send:
+            self.flush()
+
+    def layer_failed(self, exc: BaseException) -> None:
         if isinstance(exc, HandshakeError):
-            with contextlib.suppress(Exception):
-                self.write_wire()  # the layer may have an alert or error record for the peer
+            self.pump.write_alert()  # the layer may have an alert or error record for the peer
         self.owner.link_failed(self, exc)
         self.abort()
 
-    def _after_layer(self, data: bytes, was_established: bool) -> None:
-        layer = self.layer
-        self.write_wire()
-        if not layer.established:
-            if not data:
-                self._layer_failed(
-                    HandshakeError(HandshakeReason.CLOSED, "broker closed during the handshake")
-                )
-            return
-        if not was_established:
-            self.send(Hello(client=CLIENT_NAME, heartbeat_ms=self.heartbeat_ms))
-        plain = layer.read()
-        if plain or not data:
-            events = self.conn.receive_data(plain if data else b"", self.loop.time())
-            if events:
-                self.owner.link_events(self, events)
-        if self.conn.has_data_to_send:
-            self.flush()
+    def alive(self) -> bool:
+        return not self.lost.done()
+
+    def pump_idle(self) -> None:
+        deferred = self._lost_deferred
+        if deferred is not None:
+            self._lost_deferred = None
+            self._report_lost(deferred[0])
 
     # --- outbound -------------------------------------------------------------------------
 
@@ -208,7 +190,7 @@ class Link(asyncio.Protocol):
             try:
                 self.layer.send(data)
             except AuthError as exc:
-                self._layer_failed(exc)
+                self.layer_failed(exc)
                 return
         self.write_wire()
 

@@ -1,11 +1,10 @@
-"""Unit tests for ``broker.router``: the subscription trie, fan-out and the backplane hook.
+"""Unit tests for ``broker.router``: the subscription trie and fan-out (the backplane is the hub's:
+tests/test_hub.py).
 
 No sockets and no event loop: subscribers are plain objects that record the frames they get.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import msgpack
 import pytest
@@ -13,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import router as router_module
-from broker.router import LocalBackplane, Router
+from broker.router import Router
 from client_sdk.protocol.codec import decode
 from client_sdk.protocol.events import Message
 from client_sdk.protocol.framing import FrameDecoder
@@ -114,12 +113,12 @@ def test_many_subscribers_each_matched_once(router: Router) -> None:
     assert set(router.match("z")) == {d}
 
 
-def test_deliver_local_encodes_once_and_hands_the_same_bytes_to_all(router: Router) -> None:
+def test_route_encodes_once_and_hands_the_same_bytes_to_all(router: Router) -> None:
     a, b = Sink("a"), Sink("b")
     router.subscribe(a, "t.>")
     router.subscribe(a, "t.*")
     router.subscribe(b, "t.x")
-    n = router.deliver_local("t.x", b"payload", {"k": "v"})
+    n = router.route("t.x", b"payload", {"k": "v"})
     assert n == 2
     assert len(a.frames) == 1  # one frame per subscriber, however many patterns match
     assert len(b.frames) == 1
@@ -129,14 +128,14 @@ def test_deliver_local_encodes_once_and_hands_the_same_bytes_to_all(router: Rout
 
 
 def test_no_subscriber_no_encoding(router: Router) -> None:
-    assert router.deliver_local("nobody.home", b"x") == 0
-    assert router.publish("nobody.home", b"x") == 0
+    assert router.route("nobody.home", b"x") == 0
+    assert router.route("nobody.home", b"x") == 0
 
 
 def test_frame_without_headers_has_no_headers_key(router: Router) -> None:
     a = Sink("a")
     router.subscribe(a, "t")
-    router.publish("t", b"")
+    router.route("t", b"")
     body = msgpack.unpackb(a.frames[0][4:], raw=False)
     assert body == {"op": "msg", "topic": "t", "payload": b""}
 
@@ -149,7 +148,7 @@ def test_same_pattern_twice_is_refcounted(router: Router) -> None:
     router.subscribe(a, "r.*")
     router.subscribe(a, "r.*")
     assert router.subscription_count == 2
-    router.publish("r.1", b"x")
+    router.route("r.1", b"x")
     assert len(a.frames) == 1  # still one copy
     router.unsubscribe(a, "r.*")
     assert router.subscription_count == 1
@@ -256,40 +255,6 @@ def test_lookup_does_not_visit_unrelated_branches(router: Router) -> None:
     assert router.match("unrelated7.x.y") == (others[7],)
 
 
-# --- backplane --------------------------------------------------------------------------------
-
-
-class RecordingBackplane:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes, Mapping[str, str] | None]] = []
-        self.inject = None
-
-    def attach(self, inject) -> None:  # type: ignore[no-untyped-def]
-        self.inject = inject
-
-    def publish(self, topic: str, payload: bytes, headers: Mapping[str, str] | None) -> None:
-        self.published.append((topic, payload, headers))
-
-
-def test_backplane_sees_every_local_publish_and_can_inject() -> None:
-    bp = RecordingBackplane()
-    router = Router(bp)
-    assert bp.inject is not None
-    a = Sink("a")
-    router.subscribe(a, "bp.>")
-    assert router.publish("bp.1", b"local", {"h": "1"}) == 1
-    assert router.publish("elsewhere", b"nobody") == 0
-    assert bp.published == [("bp.1", b"local", {"h": "1"}), ("elsewhere", b"nobody", None)]
-    # A publish from another broker: delivered locally, not echoed back to the backplane.
-    assert bp.inject("bp.2", b"remote", None) == 1
-    assert [decode_frame(f).payload for f in a.frames] == [b"local", b"remote"]
-    assert len(bp.published) == 2
-
-
-def test_default_backplane_is_local() -> None:
-    assert isinstance(Router().backplane, LocalBackplane)
-
-
 # --- property: the trie agrees with brute force ----------------------------------------------
 
 _TOKENS = st.sampled_from(["a", "b", "c"])
@@ -367,7 +332,7 @@ def test_batched_fan_out_joins_consecutive_publishes_and_keeps_order() -> None:
     router.subscribe(a, "s.>")
     router.subscribe(b, "s.x")
     for topic in ("s.x", "s.x", "s.y", "s.x"):
-        router.deliver_local(topic, b"p")
+        router.route(topic, b"p")
     assert scheduled == [1]  # one flush per turn, asked for once
     assert a.blocks == [] and b.blocks == []  # nothing before the flush
     router.flush_pending()

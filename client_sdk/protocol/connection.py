@@ -10,6 +10,7 @@ in :attr:`Connection.failure`.
 from __future__ import annotations
 
 import enum
+from collections import deque
 
 from client_sdk.protocol import codec
 from client_sdk.protocol.errors import (
@@ -95,6 +96,9 @@ SENDABLE: dict[tuple[Role, State], frozenset[type[Event]]] = {
 
 _BEFORE_WELCOME = frozenset({Welcome, Error, Close})
 
+#: Answers to requests (the only frames sent after we failed the stream, before our close).
+_ANSWERS = frozenset({Ok, Error})
+
 
 def negotiate_version(client_version: int) -> int | None:
     """The version a broker answers a ``hello`` with: the highest version both speak."""
@@ -130,14 +134,17 @@ class Connection:
     """One end of a Tessera session over an already secured byte stream."""
 
     __slots__ = (
+        "_bodies",
         "_close_seen",
         "_decoder",
         "_deferred",
+        "_final",
         "_heartbeat",
         "_hello_sent",
         "_last_rx",
         "_out",
         "_ping_outstanding",
+        "_too_large",
         "_welcome_sent",
         "failure",
         "max_frame",
@@ -173,6 +180,13 @@ class Connection:
         self.failure: RemoteProtocolError | None = None
         self._decoder = FrameDecoder(max_frame_before_hello)
         self._out: list[bytes] = []
+        #: The close frame of a failure we detected; it goes out after the answers to the
+        #: requests that were complete before the fatal frame (docs/protocol.md 3).
+        self._final: bytes | None = None
+        #: Frame bodies decoded but not yet turned into events (see ``max_events``).
+        self._bodies: deque[bytes] = deque()
+        #: An oversize prefix seen after the bodies in ``_bodies``; judged once they are.
+        self._too_large: FrameTooLarge | None = None
         #: Frames the core answered with (pong, error) while a server had not yet sent its
         #: welcome (a client pipelined behind hello); they follow the welcome.
         self._deferred: list[bytes] = []
@@ -186,39 +200,70 @@ class Connection:
 
     # --- receiving ----------------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float = 0.0) -> list[Event]:
+    def receive_data(
+        self, data: bytes, now: float = 0.0, max_events: int | None = None
+    ) -> list[Event]:
         """Feed plaintext from the security layer; ``b""`` is EOF. Returns the events, in order.
 
-        ``now`` is the driver's monotonic clock, used only for heartbeats.
+        ``now`` is the driver's monotonic clock, used only for heartbeats. With ``max_events``
+        at most that many frames are turned into events; the rest stay decoded-but-pending
+        (:attr:`has_backlog`) until :meth:`receive_backlog`, so that a driver can bound the work
+        it takes from one connection per event-loop turn. The outcome never depends on where
+        the stream was cut or on the budget.
         """
         if not data:
+            events = self.receive_backlog(now) if self._bodies or self._too_large else []
+            if self.state is State.CLOSED and events:
+                return events
             clean = self._close_seen and self.failure is None
             self.state = State.CLOSED
-            return [EndOfStream(clean=clean)]
+            events.append(EndOfStream(clean=clean))
+            return events
         if self.state is State.CLOSED:
             return []
         self._last_rx = now
         self._ping_outstanding = False
+        self._feed(data)
+        return self.receive_backlog(now, max_events)
+
+    @property
+    def has_backlog(self) -> bool:
+        """True while frames already received wait to be turned into events."""
+        return bool(self._bodies) or self._too_large is not None
+
+    def receive_backlog(self, now: float = 0.0, max_events: int | None = None) -> list[Event]:
+        """Continue :meth:`receive_data` with frames it left pending (at most ``max_events``)."""
         events: list[Event] = []
+        bodies = self._bodies
+        taken = 0
         while True:
-            too_large = None
-            try:
-                bodies = self._decoder.feed(data)
-            except FrameTooLarge as exc:
-                bodies, too_large = exc.frames, exc
-            for body in bodies:
-                event = self._receive_frame(body)
+            while bodies:
+                if max_events is not None and taken >= max_events:
+                    return events
+                taken += 1
+                event = self._receive_frame(bodies.popleft())
                 if event is not None:
                     events.append(event)
                 if self.closed:
+                    bodies.clear()
+                    self._too_large = None
                     return events
+            too_large = self._too_large
             if too_large is None:
                 return events
+            self._too_large = None
             if too_large.length > self._decoder.max_frame:
                 events.append(self._fail(too_large))
                 return events
             # hello/welcome in this batch raised the limit: decode the rest under the new one.
-            data = b""
+            self._feed(b"")
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._bodies.extend(self._decoder.feed(data))
+        except FrameTooLarge as exc:
+            self._bodies.extend(exc.frames)
+            self._too_large = exc
 
     def _receive_frame(self, body: bytes) -> Event | None:
         try:
@@ -355,7 +400,7 @@ class Connection:
         """Fail the connection because of the peer: queue a close frame, stop reading."""
         self.failure = exc
         if self.state is State.HANDSHAKE or self.state is State.OPEN:  # CLOSING: already sent
-            self._out.append(codec.encode_frame(Close(exc.code, _clip(exc.message))))
+            self._final = codec.encode_frame(Close(exc.code, _clip(exc.message)))
         self.state = State.CLOSED
         return ProtocolFailure(exc.code, exc.message)
 
@@ -367,9 +412,14 @@ class Connection:
         Raises :class:`LocalProtocolError` if the protocol does not allow it now, or if a
         client's publish would exceed the broker's frame limit.
         """
+        kind = type(event)
+        if self._final is not None and kind in _ANSWERS:
+            # We failed the stream; requests complete before the fatal frame still get their
+            # answers, ahead of our close (docs/protocol.md 3).
+            self._out.append(codec.encode_frame(event))
+            return
         if self.state is State.CLOSED or self.state is State.CLOSING:
             raise LocalProtocolError(f"cannot send '{codec.op_of(event)}': connection closing")
-        kind = type(event)
         if kind not in SENDABLE[self.role, self.state]:
             raise LocalProtocolError(
                 f"cannot send '{codec.op_of(event)}' in state {self.state.value}"
@@ -409,12 +459,21 @@ class Connection:
         return self.state is State.CLOSED
 
     @property
+    def can_answer(self) -> bool:
+        """True while a request just received may still be answered: the session is open, or
+        we failed it and our close has not been handed out yet. False after the peer's close."""
+        return self.state is State.OPEN or self._final is not None
+
+    @property
     def has_data_to_send(self) -> bool:
         """True if frames are queued (see :meth:`data_to_send`)."""
-        return bool(self._out)
+        return bool(self._out) or self._final is not None
 
     def data_to_send(self) -> bytes:
         """Return and forget the bytes queued for the peer (``b""`` if none)."""
+        final, self._final = self._final, None
+        if final is not None:
+            self._out.append(final)
         if not self._out:
             return b""
         out = b"".join(self._out)
@@ -445,6 +504,13 @@ class Connection:
         elif idle >= hb and not self._ping_outstanding:
             self._ping_outstanding = True
             self._out.append(codec.encode_frame(Ping()))
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next be called (driver's clock), or ``None``."""
+        hb = self._heartbeat
+        if hb is None or self.state is not State.OPEN:
+            return None
+        return self._last_rx + (2 * hb if self._ping_outstanding else hb)
 
     def mark_alive(self, now: float) -> None:
         """Start the heartbeat clock (call when the session opens)."""

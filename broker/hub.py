@@ -1,0 +1,261 @@
+"""The hub: the one publish pipeline of a broker process, and everything sessions share.
+
+A publish takes one path, top to bottom in :meth:`Hub.publish` (nats-server's
+``processInboundClientMsg`` is the shape): decide (the ACL, through the publishing connection's
+decision cache) -> store (retained values and history, :class:`~broker.store.Store`) -> route
+locally (encode once, joined into per-turn blocks by the :class:`~broker.router.Router`) -> hand
+to other nodes (:class:`~broker.backplane.Backplane`). The hub alone owns the per-turn flush: at
+the end of each event-loop turn it hands the turn's blocks to their subscribers' outboxes, then
+writes every connection with something queued, once. An ``ok`` therefore never leaves before the
+publish it acknowledges is queued for every matching subscriber, and :meth:`drain` empties the
+pipeline before shutdown closes a single connection.
+
+Request handlers see the hub through :class:`~broker.handler.HubPort` only; the hub never sees
+a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from auth.acl import Action, Decision, Policy
+from auth.identity import Identity
+from broker.audit import Audit
+from broker.backplane import Backplane, LocalBackplane, Publication
+from broker.config import LimitsConfig
+from broker.handler import Outcome, RequestHandler
+from broker.router import Router
+from broker.store import NullStore, Store
+from broker.timers import DeadlineBuckets
+
+__all__ = ["Hub"]
+
+log = logging.getLogger("tessera.broker")
+
+
+class Hub:
+    """Publish pipeline, subscriptions, connection registry, timers and the per-turn flush."""
+
+    def __init__(
+        self,
+        *,
+        limits: LimitsConfig,
+        policy: Policy,
+        audit: Audit,
+        server_name: str,
+        store: Store | None = None,
+        backplane: Backplane | None = None,
+    ) -> None:
+        self.limits = limits
+        self.policy = policy
+        self.server_name = server_name
+        self.audit_trail = audit
+        self.store: Store = store or NullStore()
+        self.backplane: Backplane = backplane or LocalBackplane()
+        self.router = Router(schedule=self._schedule_flush)
+        self.handlers: set[RequestHandler] = set()
+        self.stats: collections.Counter[str] = collections.Counter()
+        #: Hot-path counters, plain attributes (read by :meth:`info`).
+        self.publishes_in = 0
+        self.deliveries_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._per_identity: collections.Counter[str] = collections.Counter()
+        self._interest: collections.Counter[str] = collections.Counter()
+        self._dirty: list[RequestHandler] = []
+        self._flush_scheduled = False
+        self._saving: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timers: DeadlineBuckets | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind to the running loop; open the store and the backplane."""
+        self._loop = asyncio.get_running_loop()
+        self._timers = DeadlineBuckets(self._loop)
+        await self.store.open()
+        await self.backplane.start(self._inject)
+
+    async def drain(self) -> None:
+        """Empty the pipeline: finish pending store writes, hand every block to its
+        subscribers and write every outbox (shutdown calls it before closing connections)."""
+        while self._saving:
+            await asyncio.gather(*self._saving, return_exceptions=True)
+        self._flush_turn()
+
+    async def stop(self) -> None:
+        """After :meth:`drain` and the connections' close: release the engines."""
+        if self._timers is not None:
+            self._timers.close()
+        await self.backplane.stop()
+        await self.store.close()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "Hub.start() has not run"
+        return self._loop
+
+    # --- the publish pipeline ----------------------------------------------------------------
+
+    def publish(
+        self,
+        handler: RequestHandler,
+        pub: Publication,
+        done: Callable[[BaseException | None], None],
+    ) -> Outcome:
+        """Decide, store, route, hand over. ``DONE``: queued for every local subscriber (this
+        turn's flush writes it); ``PENDING``: the store has it, ``done`` reports the outcome."""
+        self.publishes_in += 1
+        if not handler.allowed(Action.PUBLISH, pub.topic):
+            return Outcome.DENIED
+        if self.store.wants(pub):
+            task = self.loop.create_task(self._store_then_route(pub, done))
+            self._saving.add(task)
+            task.add_done_callback(self._saving.discard)
+            return Outcome.PENDING
+        self._route(pub)
+        return Outcome.DONE
+
+    def _route(self, pub: Publication) -> None:
+        self.deliveries_out += self.router.route(pub.topic, pub.payload, pub.headers)
+        if not self.backplane.publish(pub):
+            self.stats["backplane_refused"] += 1
+
+    async def _store_then_route(
+        self, pub: Publication, done: Callable[[BaseException | None], None]
+    ) -> None:
+        try:
+            await self.store.save((pub,))
+        except Exception as exc:  # a refusal (StoreError) or a failing disk: the client is told
+            self.stats["store_refused"] += 1
+            log.warning("store refused a publish to %r: %s", pub.topic, exc)
+            done(exc)
+            return
+        self._route(pub)
+        done(None)
+
+    def _inject(self, pub: Publication) -> None:
+        """A publication from another node: local subscribers only, never back out."""
+        self.deliveries_out += self.router.route(pub.topic, pub.payload, pub.headers)
+
+    # --- the per-turn flush ------------------------------------------------------------------
+
+    def wake(self, handler: RequestHandler) -> None:
+        self._dirty.append(handler)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_turn)
+
+    def _flush_turn(self) -> None:
+        """Once per loop turn: this turn's delivery blocks into their subscribers' outboxes,
+        then one write per connection with something queued."""
+        self._flush_scheduled = False
+        self.router.flush_pending()
+        dirty, self._dirty = self._dirty, []
+        for handler in dirty:
+            handler.flush()
+
+    def later(self, callback: Callable[[], None]) -> None:
+        self.loop.call_soon(callback)
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def set_timer(self, handler: RequestHandler, when: float | None) -> None:
+        timers = self._timers
+        if timers is not None:
+            timers.schedule(handler, when)
+
+    # --- subscriptions -----------------------------------------------------------------------
+
+    def subscribe(self, handler: RequestHandler, pattern: str) -> None:
+        self.router.subscribe(handler, pattern)
+        interest = self._interest
+        if not interest[pattern]:
+            self.backplane.interest(pattern, True)
+        interest[pattern] += 1
+
+    def unsubscribe(self, handler: RequestHandler, pattern: str) -> None:
+        self.router.unsubscribe(handler, pattern)
+        interest = self._interest
+        interest[pattern] -= 1
+        if interest[pattern] <= 0:
+            del interest[pattern]
+            self.backplane.interest(pattern, False)
+
+    # --- policy ------------------------------------------------------------------------------
+
+    def check(self, identity: Identity, action: Action, subject: str) -> Decision:
+        return self.policy.check(identity, action, subject)
+
+    def set_policy(self, policy: Policy) -> int:
+        """Swap the ACL and re-check every live connection against it; returns how many
+        subscriptions it removed (each owner is told with an ``error`` naming it)."""
+        self.policy = policy
+        removed = 0
+        for handler in list(self.handlers):
+            removed += handler.recheck()
+        return removed
+
+    # --- connections -------------------------------------------------------------------------
+
+    def admit(self, handler: RequestHandler) -> bool:
+        if len(self.handlers) >= self.limits.max_connections:
+            self.stats["connections_refused"] += 1
+            return False
+        self.handlers.add(handler)
+        self.stats["connections_accepted"] += 1
+        return True
+
+    def admit_identity(self, handler: RequestHandler) -> bool:
+        """Count an authenticated connection against its identity's limit."""
+        key = str(handler.identity)
+        if self._per_identity[key] >= self.limits.max_connections_per_identity:
+            self.stats["connections_refused_identity"] += 1
+            return False
+        self._per_identity[key] += 1
+        handler.counted = True
+        return True
+
+    def forget(self, handler: RequestHandler) -> None:
+        if handler in self.handlers:
+            self.handlers.discard(handler)
+            if handler.counted:
+                key = str(handler.identity)
+                self._per_identity[key] -= 1
+                if self._per_identity[key] <= 0:
+                    del self._per_identity[key]
+
+    def audit(self, event: str, handler: RequestHandler, level: int, **fields: object) -> None:
+        self.audit_trail.record(event, handler, level=level, **fields)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.stats[key] += n
+
+    # --- stats -------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Counters and gauges for operators, tests and the metrics endpoint."""
+        outbox_bytes = 0
+        for handler in self.handlers:
+            outbox_bytes += handler.outbox.bytes
+        return {
+            "connections": len(self.handlers),
+            "subscriptions": self.router.subscription_count,
+            "publishes_in": self.publishes_in,
+            "deliveries_out": self.deliveries_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "outbox_bytes": outbox_bytes,
+            "timers": len(self._timers) if self._timers is not None else 0,
+            "backplane": dict(self.backplane.health()),
+            **self.stats,
+        }
