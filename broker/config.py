@@ -15,6 +15,8 @@ from typing import Any
 
 from auth.identity import DEFAULT_X509_NAME_FIELDS, validate_x509_name_fields
 from client_sdk.protocol import limits as wire
+from client_sdk.protocol.errors import InvalidTopic
+from client_sdk.protocol.topics import validate_pattern
 
 __all__ = [
     "SECURITY_MODES",
@@ -22,6 +24,7 @@ __all__ = [
     "ConfigError",
     "LimitsConfig",
     "ListenerConfig",
+    "MessagingConfig",
     "load_config",
     "parse_bind",
 ]
@@ -112,6 +115,25 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MessagingConfig:
+    """``[messaging]``: retained values, requests and verified sender (docs/messaging.md)."""
+
+    retain_max_value_bytes: int = 64 * 1024
+    """Largest retained value (payload plus headers), in bytes (RETAINED_TOO_LARGE past it)."""
+    retain_max_topics: int = 100_000
+    """Topics holding a retained value at once (RETAINED_LIMIT past it)."""
+    retain_max_total_bytes: int = 256 * 1024 * 1024
+    """Bytes of all retained values together (RETAINED_LIMIT past it)."""
+    request_timeout_max: float = 60.0
+    """Longest request timeout granted, in seconds (a client asking more gets this)."""
+    max_pending_requests: int = 1024
+    """Requests one connection may have waiting for an answer (LIMIT_EXCEEDED past it)."""
+    sender: tuple[str, ...] = ()
+    """Topic patterns whose plain deliveries carry the publisher's verified identity
+    (``msg.sender``); ``[">"]`` for all. Requests and replies always carry it."""
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """The whole broker configuration."""
 
@@ -125,6 +147,10 @@ class BrokerConfig:
     """``debug``, ``info``, ``warning`` or ``error``."""
     shutdown_timeout: float = 10.0
     """Seconds to flush clients on SIGTERM before exiting."""
+    data_dir: Path | None = None
+    """Directory for the embedded store (``tessera.sqlite3``: retained values). Without it the
+    broker keeps no retained values and does not offer the ``retain`` feature."""
+    messaging: MessagingConfig = field(default_factory=MessagingConfig)
     source: Path | None = None
     """The file this was loaded from, if any."""
 
@@ -299,11 +325,47 @@ def _limits(raw: object, source: str) -> LimitsConfig:
     return result
 
 
+def _messaging(raw: object, source: str) -> MessagingConfig:
+    if raw is None:
+        return MessagingConfig()
+    if not isinstance(raw, dict):
+        raise _err(source, "messaging", "must be a table")
+    _check_keys(raw, {f.name for f in fields(MessagingConfig)}, source, "messaging")
+    values: dict[str, Any] = {}
+    for name in (
+        "retain_max_value_bytes",
+        "retain_max_topics",
+        "retain_max_total_bytes",
+        "max_pending_requests",
+    ):
+        if name in raw:
+            v = raw[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _err(source, f"messaging.{name}", "must be a positive integer")
+            values[name] = v
+    if "request_timeout_max" in raw:
+        v = raw["request_timeout_max"]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 3600:
+            raise _err(source, "messaging.request_timeout_max", "must be 0 < seconds <= 3600")
+        values["request_timeout_max"] = float(v)
+    if "sender" in raw:
+        v = raw["sender"]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise _err(source, "messaging.sender", "must be a list of topic patterns")
+        for pattern in v:
+            try:
+                validate_pattern(pattern)
+            except InvalidTopic as exc:
+                raise _err(source, "messaging.sender", exc.message) from None
+        values["sender"] = tuple(v)
+    return MessagingConfig(**values)
+
+
 def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> BrokerConfig:
     """Build and validate a :class:`BrokerConfig` from parsed TOML."""
     _check_keys(
         data,
-        {"listeners", "acl", "audit", "limits", "log", "shutdown_timeout"},
+        {"listeners", "acl", "audit", "limits", "log", "shutdown_timeout", "data_dir", "messaging"},
         source,
         "top level",
     )
@@ -346,6 +408,8 @@ def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> Bro
         limits=_limits(data.get("limits"), source),
         log_level=level,
         shutdown_timeout=float(shutdown),
+        data_dir=_path(data["data_dir"], base, source, "data_dir") if "data_dir" in data else None,
+        messaging=_messaging(data.get("messaging"), source),
     )
 
 
@@ -368,6 +432,8 @@ def load_config(path: str | Path) -> BrokerConfig:
         limits=cfg.limits,
         log_level=cfg.log_level,
         shutdown_timeout=cfg.shutdown_timeout,
+        data_dir=cfg.data_dir,
+        messaging=cfg.messaging,
         source=p,
     )
 

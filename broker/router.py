@@ -151,12 +151,20 @@ class Router:
         self._cache[topic] = result
         return result
 
-    def route(self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None) -> int:
-        """Encode once, hand the same bytes to every local subscriber; returns how many."""
+    def route(
+        self,
+        topic: str,
+        payload: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        sender: str | None = None,
+    ) -> int:
+        """Encode once, hand the same bytes to every local subscriber; returns how many.
+        ``sender`` (the publisher's verified identity) goes into the one encoded frame."""
         subscribers = self.match(topic)
         if not subscribers:
             return 0
-        frame = encode_message_frame(topic, payload, headers)
+        frame = encode_message_frame(topic, payload, headers, sender=sender)
         if self._schedule is None:
             for subscriber in subscribers:
                 subscriber.deliver(frame, 1)

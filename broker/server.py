@@ -177,6 +177,16 @@ class Broker:
             # pyspnego reads NTLM accounts only from this process-wide variable.
             os.environ["NTLM_USER_FILE"] = str(ntlm_files.pop())
         self.audit = Audit(config.audit_file)
+        if store is None and config.data_dir is not None:
+            from broker.store_sqlite import RetainLimits, SQLiteStore  # noqa: PLC0415
+
+            m = config.messaging
+            store = SQLiteStore(
+                config.data_dir,
+                RetainLimits(
+                    m.retain_max_value_bytes, m.retain_max_topics, m.retain_max_total_bytes
+                ),
+            )
         self.hub = Hub(
             limits=config.limits,
             policy=policy,
@@ -184,6 +194,7 @@ class Broker:
             server_name=SERVER_NAME,
             store=store,
             backplane=backplane,
+            messaging=config.messaging,
         )
         self.listeners = [Listener(c, _layer_factory(c)) for c in config.listeners]
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))

@@ -439,7 +439,10 @@ class Connection:
             # The client accepts at least what the broker announces (it announces no limit).
             self.peer_max_frame = event.max_frame
         frame = codec.encode_frame(event)
-        if len(frame) - 4 > self.peer_max_frame and self.state is State.OPEN:
+        limit = self.peer_max_frame
+        if self.role is Role.SERVER and (kind is Response or kind is Message):
+            limit += DELIVERY_OVERHEAD_BYTES  # broker-added fields (section 16.1)
+        if len(frame) - 4 > limit and self.state is State.OPEN:
             raise LocalProtocolError(
                 f"frame of {len(frame) - 4} bytes exceeds the {self._peer}'s limit of "
                 f"{self.peer_max_frame} bytes"
