@@ -1,7 +1,9 @@
-"""``tessera``: publish and subscribe from the command line (like ``mosquitto_pub``/``nats sub``).
+"""``tessera``: publish, subscribe, request and reply from the command line (like
+``mosquitto_pub``/``nats sub``/``nats req``/``nats reply``).
 
 Exit codes: 0 success; 1 the broker refused (authentication, permission, invalid topic) or the
-connection failed; 2 usage error; 130 interrupted (Ctrl-C).
+connection failed; 2 usage error; 3 ``req``: no responders; 4 ``req``: no reply in time;
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ from typing import Any
 
 from auth.credentials import NTLM, Kerberos
 from client_sdk.client import Client, Delivery, connect
-from client_sdk.protocol.errors import TesseraError
+from client_sdk.protocol.errors import NoResponders, RequestTimeout, TesseraError
 
 __all__ = ["main"]
 
 DEFAULT_URL = "tls://127.0.0.1:7443"
 DEFAULT_DEV_DIR = Path("tessera-dev")
 DEV_CLIENT = "dev"
+
+#: ``tessera req`` exit codes beyond the common ones.
+EXIT_NO_RESPONDERS = 3
+EXIT_REQUEST_TIMEOUT = 4
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -92,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--count", type=int, default=0, help="exit after N messages")
     s.add_argument("--json", action="store_true", help="one JSON object per message")
     s.add_argument("--raw", action="store_true", help="print payloads only")
+    s.add_argument(
+        "--group", metavar="NAME", help="join queue group NAME: each message to one member"
+    )
+    s.add_argument(
+        "--since",
+        type=int,
+        metavar="SEQ",
+        help="start from the broker's history after sequence number SEQ",
+    )
     _common(s)
 
     pb = sub.add_parser(
@@ -110,8 +125,41 @@ def _parser() -> argparse.ArgumentParser:
         help="add a header (repeatable)",
     )
     pb.add_argument("--no-ack", action="store_true", help="do not wait for the broker to confirm")
+    pb.add_argument(
+        "--retain",
+        action="store_true",
+        help="keep as the topic's last value for later subscribers (empty DATA clears it)",
+    )
     pb.add_argument("--json", action="store_true", help="print the result as JSON")
     _common(pb)
+
+    rq = sub.add_parser(
+        "req",
+        help="send a request and print the reply",
+        description="Send DATA as a request on TOPIC and print the first reply. Exit code 3: "
+        "nobody serves TOPIC; 4: no reply within --wait seconds.",
+    )
+    rq.add_argument("topic", metavar="TOPIC")
+    rq.add_argument("data", metavar="DATA", nargs="?", default="")
+    rq.add_argument(
+        "--wait", type=float, default=5.0, metavar="SECONDS", help="reply timeout (default 5)"
+    )
+    rq.add_argument("--json", action="store_true", help="print the reply as JSON")
+    _common(rq)
+
+    rp = sub.add_parser(
+        "reply",
+        help="answer requests",
+        description="Serve requests on PATTERN: answer each with DATA, or echo it (--echo).",
+    )
+    rp.add_argument("pattern", metavar="PATTERN")
+    what = rp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--echo", action="store_true", help="answer with the request's payload")
+    what.add_argument("--data", metavar="DATA", help="answer every request with DATA")
+    rp.add_argument("--group", metavar="NAME", help="share requests with other members of NAME")
+    rp.add_argument("-n", "--count", type=int, default=0, help="exit after N requests")
+    rp.add_argument("--json", action="store_true", help="one JSON object per request")
+    _common(rp)
     return p
 
 
@@ -169,13 +217,20 @@ def _format(msg: Delivery, args: argparse.Namespace) -> str:
             obj["payload_base64"] = base64.b64encode(msg.payload).decode("ascii")
         if msg.headers:
             obj["headers"] = dict(msg.headers)
+        if msg.retained:
+            obj["retained"] = True
+        if msg.sender is not None:
+            obj["sender"] = msg.sender
+        if msg.seq is not None:
+            obj["seq"] = msg.seq
+            obj["epoch"] = msg.epoch
         return json.dumps(obj, ensure_ascii=False)
     text = msg.payload.decode("utf-8", "backslashreplace")
     return text if args.raw else f"{msg.topic} {text}"
 
 
 async def _sub(client: Client, args: argparse.Namespace) -> int:
-    subs = [await client.subscribe(p) for p in args.pattern]
+    subs = [await client.subscribe(p, group=args.group, since=args.since) for p in args.pattern]
     queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
 
     async def pump(sub: Any) -> None:
@@ -212,11 +267,68 @@ async def _pub(client: Client, args: argparse.Namespace) -> int:
         if not sep or not k:
             raise ValueError(f"--header {h!r}: expected KEY=VALUE")
         headers[k] = v
-    await client.publish(args.topic, data, headers=headers or None, ack=not args.no_ack)
+    await client.publish(
+        args.topic, data, headers=headers or None, ack=not args.no_ack, retain=args.retain
+    )
     if args.json:
         print(
-            json.dumps({"topic": args.topic, "bytes": len(data), "acknowledged": not args.no_ack})
+            json.dumps(
+                {
+                    "topic": args.topic,
+                    "bytes": len(data),
+                    "acknowledged": not args.no_ack,
+                    "retained": args.retain,
+                }
+            )
         )
+    return 0
+
+
+def _payload_json(payload: bytes) -> dict[str, str]:
+    try:
+        return {"payload": payload.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"payload_base64": base64.b64encode(payload).decode("ascii")}
+
+
+async def _req(client: Client, args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode("utf-8")
+    try:
+        reply = await client.request(args.topic, data, timeout=args.wait)
+    except NoResponders as exc:
+        print(f"tessera: no responders: {exc}", file=sys.stderr)
+        return EXIT_NO_RESPONDERS
+    except RequestTimeout as exc:
+        print(f"tessera: no reply: {exc}", file=sys.stderr)
+        return EXIT_REQUEST_TIMEOUT
+    if args.json:
+        obj: dict[str, Any] = {"topic": args.topic, **_payload_json(reply.payload)}
+        obj["sender"] = reply.sender
+        if reply.headers:
+            obj["headers"] = dict(reply.headers)
+        print(json.dumps(obj, ensure_ascii=False), flush=True)
+    else:
+        print(reply.payload.decode("utf-8", "backslashreplace"), flush=True)
+    return 0
+
+
+async def _reply(client: Client, args: argparse.Namespace) -> int:
+    static = None if args.echo else args.data.encode("utf-8")
+    answered = 0
+    async for req in client.serve(args.pattern, group=args.group):
+        try:
+            await req.respond(req.payload if static is None else static)
+        except TesseraError as exc:  # the requester gave up or went away: keep serving
+            print(f"tessera: could not answer: {exc}", file=sys.stderr)
+        if args.json:
+            obj = {"topic": req.topic, "sender": req.sender, **_payload_json(req.payload)}
+            print(json.dumps(obj, ensure_ascii=False), flush=True)
+        else:
+            text = req.payload.decode("utf-8", "backslashreplace")
+            print(f"{req.topic} {req.sender} {text}", flush=True)
+        answered += 1
+        if args.count and answered >= args.count:
+            break
     return 0
 
 
@@ -225,6 +337,10 @@ async def _run(args: argparse.Namespace) -> int:
     async with connect(args.url, timeout=args.timeout, **creds) as client:
         if args.command == "sub":
             return await _sub(client, args)
+        if args.command == "req":
+            return await _req(client, args)
+        if args.command == "reply":
+            return await _reply(client, args)
         return await _pub(client, args)
 
 

@@ -993,7 +993,7 @@ class Client:
         sub = self._subs.get(sid) if sid is not None else None
         if sub is not None:
             sub.ready = True
-            if isinstance(sub, Subscription) and event.epoch is not None:
+            if isinstance(sub, Subscription):
                 if event.recovered is False:
                     gap = HistoryGap(sub.pattern, event.epoch, event.seq)
                     sub.gaps += 1
@@ -1003,7 +1003,7 @@ class Client:
                         except Exception:
                             log.exception("on_gap callback failed")
                     self._report(gap)
-                if event.recovered is not True:
+                if event.epoch is not None and event.recovered is not True:
                     # A fresh start (or after a gap): count from the stream's position now.
                     sub.epoch, sub.last_seq = event.epoch, event.seq or 0
         self._resolve(sid, event.ack, None)
