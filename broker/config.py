@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from auth.identity import DEFAULT_X509_NAME_FIELDS, validate_x509_name_fields
+from broker.history import HistoryConfig, overlaps
 from client_sdk.protocol import limits as wire
 from client_sdk.protocol.errors import InvalidTopic
 from client_sdk.protocol.topics import validate_pattern
@@ -131,6 +132,9 @@ class MessagingConfig:
     sender: tuple[str, ...] = ()
     """Topic patterns whose plain deliveries carry the publisher's verified identity
     (``msg.sender``); ``[">"]`` for all. Requests and replies always carry it."""
+    history: tuple[HistoryConfig, ...] = ()
+    """``[[messaging.history]]`` streams (pattern, max_messages, max_age); off by default.
+    Patterns may not overlap."""
 
 
 @dataclass(frozen=True)
@@ -358,7 +362,40 @@ def _messaging(raw: object, source: str) -> MessagingConfig:
             except InvalidTopic as exc:
                 raise _err(source, "messaging.sender", exc.message) from None
         values["sender"] = tuple(v)
+    if "history" in raw:
+        values["history"] = _history(raw["history"], source)
     return MessagingConfig(**values)
+
+
+def _history(raw: object, source: str) -> tuple[HistoryConfig, ...]:
+    if not isinstance(raw, list):
+        raise _err(source, "messaging.history", "must be an array of tables")
+    out: list[HistoryConfig] = []
+    for i, t in enumerate(raw):
+        where = f"messaging.history[{i}]"
+        if not isinstance(t, dict):
+            raise _err(source, where, "must be a table")
+        _check_keys(t, {"pattern", "max_messages", "max_age"}, source, where)
+        pattern = t.get("pattern")
+        if not isinstance(pattern, str):
+            raise _err(source, f"{where}.pattern", "is required (a topic pattern)")
+        try:
+            validate_pattern(pattern)
+        except InvalidTopic as exc:
+            raise _err(source, f"{where}.pattern", exc.message) from None
+        n = t.get("max_messages", 1000)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10_000_000:
+            raise _err(source, f"{where}.max_messages", "must be an integer from 1 to 10000000")
+        age = t.get("max_age")
+        if age is not None and (
+            isinstance(age, bool) or not isinstance(age, int | float) or age <= 0
+        ):
+            raise _err(source, f"{where}.max_age", "must be a positive number of seconds")
+        for j, other in enumerate(out):
+            if overlaps(pattern.split("."), other.pattern.split(".")):
+                raise _err(source, f"{where}.pattern", f"overlaps messaging.history[{j}]")
+        out.append(HistoryConfig(pattern, n, None if age is None else float(age)))
+    return tuple(out)
 
 
 def config_from_dict(data: Mapping[str, Any], *, base: Path, source: str) -> BrokerConfig:

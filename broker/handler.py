@@ -19,6 +19,7 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from auth.acl import Action, Decision
@@ -117,6 +118,11 @@ class HubPort(Protocol):
 
     def retained_for(self, handler: RequestHandler, pattern: str) -> list[Message]:
         """The retained snapshot for a new subscription (ACL-filtered)."""
+
+    def resume(
+        self, handler: RequestHandler, pattern: str, since: int | None, epoch: str | None
+    ) -> tuple[Ok, list[Message] | None]:
+        """The new subscription's ``ok`` and, with ``since``, what it missed."""
 
     def join(
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
@@ -529,10 +535,12 @@ class RequestHandler:
         else:
             self.hub.subscribe(self, pattern)
         snapshot: list[Message] = []
-        if not event.serve and event.since is None:
-            snapshot = self.hub.retained_for(self, pattern)
-        # No history is kept for any pattern yet: a resumption cannot be filled.
-        ok = encode_frame(Ok(sid=sid, recovered=False if event.since is not None else None))
+        answer = Ok()
+        if not event.serve:
+            answer, missed = self.hub.resume(self, pattern, event.since, event.epoch)
+            # A resumption gets what it missed; a fresh subscription the retained values.
+            snapshot = missed if missed is not None else self.hub.retained_for(self, pattern)
+        ok = encode_frame(replace(answer, sid=sid))
         if snapshot or self._ordered:
             self._ordered.append(_Snapshot(sid, ok, snapshot))
             self._pump()
@@ -846,4 +854,4 @@ class _Snapshot:
 
 
 def _with_sid(msg: Message, sid: int) -> Message:
-    return Message(msg.topic, msg.payload, msg.headers, sid=sid, retained=True, sender=msg.sender)
+    return replace(msg, sid=sid)

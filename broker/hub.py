@@ -28,13 +28,14 @@ from broker.audit import Audit
 from broker.backplane import Backplane, LocalBackplane, Publication
 from broker.config import LimitsConfig, MessagingConfig
 from broker.handler import Outcome, RequestHandler
+from broker.history import History
 from broker.messaging import Groups, Pending, PendingRequests
 from broker.router import Router
 from broker.store import NullStore, Store
 from broker.timers import DeadlineBuckets
 from client_sdk.protocol.codec import encode_frame
 from client_sdk.protocol.errors import ErrorCode
-from client_sdk.protocol.events import Error, Message, Reply, Request, Response
+from client_sdk.protocol.events import Error, Message, Ok, Reply, Request, Response
 from client_sdk.protocol.limits import DEFAULT_REQUEST_TIMEOUT_MS
 from client_sdk.protocol.topics import matches, split_pattern
 
@@ -85,10 +86,13 @@ class Hub:
         self.requests: PendingRequests[RequestHandler] = PendingRequests()
         self._sender_patterns = tuple(split_pattern(p) for p in self.messaging.sender)
         self._sender_cache: dict[str, bool] = {}
+        self.history = History(self.messaging.history)
         #: Announced in welcome (docs/protocol.md section 16.1).
         features = ["request", "group", "sender"]
         if not isinstance(self.store, NullStore):
             features.insert(0, "retain")
+        if self.history:
+            features.append("history")
         self.features: tuple[str, ...] = tuple(features)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -142,9 +146,18 @@ class Hub:
 
     def _route(self, pub: Publication) -> None:
         sender = pub.sender if self._stamps(pub.topic) else None
-        self.deliveries_out += self.router.route(pub.topic, pub.payload, pub.headers, sender=sender)
+        seq = epoch = None
+        if self.history:
+            stream = self.history.for_topic(pub.topic)
+            if stream is not None:
+                # Numbered in the step that routes it: sequence order is delivery order.
+                seq, epoch = stream.append(pub, self.now()), stream.epoch
+                pub.extra["seq"], pub.extra["epoch"] = seq, epoch
+        self.deliveries_out += self.router.route(
+            pub.topic, pub.payload, pub.headers, sender=sender, seq=seq, epoch=epoch
+        )
         if self.groups:
-            self._route_groups(pub, sender)
+            self._route_groups(pub, sender, seq, epoch)
         if not self.backplane.publish(pub):
             self.stats["backplane_refused"] += 1
 
@@ -162,12 +175,18 @@ class Hub:
             self._sender_cache[topic] = cached
         return cached
 
-    def _route_groups(self, pub: Publication, sender: str | None) -> None:
+    def _route_groups(
+        self, pub: Publication, sender: str | None, seq: int | None, epoch: str | None
+    ) -> None:
         """One member of every queue group matching the topic gets its own frame (naming its
         subscription); a backed-up member is passed over while another can take it."""
         headers = dict(pub.headers) if pub.headers is not None else None
         for handler, sid in self.groups.choose(pub.topic, _load):
-            frame = encode_frame(Message(pub.topic, pub.payload, headers, sid=sid, sender=sender))
+            frame = encode_frame(
+                Message(
+                    pub.topic, pub.payload, headers, sid=sid, sender=sender, seq=seq, epoch=epoch
+                )
+            )
             handler.deliver(frame, 1)
             self.deliveries_out += 1
 
@@ -217,6 +236,41 @@ class Hub:
             )
         self.stats["retained_sent"] += len(out)
         return out
+
+    def resume(
+        self, handler: RequestHandler, pattern: str, since: int | None, epoch: str | None
+    ) -> tuple[Ok, list[Message] | None]:
+        """The ``ok`` for a new subscription (its history position) and, for a ``sub`` with
+        ``since``, the messages it missed (``None``: no resumption was asked)."""
+        stream = self.history.for_pattern(pattern) if self.history else None
+        if stream is None:
+            if since is None:
+                return Ok(), None
+            return Ok(recovered=False), []
+        if since is None:
+            return Ok(epoch=stream.epoch, seq=stream.seq), None
+        gap = Ok(epoch=stream.epoch, seq=stream.seq, recovered=False)
+        entries = None if epoch not in (None, stream.epoch) else stream.since(since, self.now())
+        if entries is None:
+            self.stats["recoveries_gap"] += 1
+            return gap, []
+        tokens = split_pattern(pattern)
+        missed = [
+            Message(
+                pub.topic,
+                pub.payload,
+                dict(pub.headers) if pub.headers is not None else None,
+                sender=pub.sender if self._stamps(pub.topic) else None,
+                seq=seq,
+                epoch=stream.epoch,
+            )
+            for seq, pub in entries
+            if matches(tokens, split_pattern(pub.topic))
+            and handler.allowed(Action.SUBSCRIBE, pub.topic)
+        ]
+        self.stats["recoveries"] += 1
+        self.stats["recovered_messages"] += len(missed)
+        return Ok(epoch=stream.epoch, seq=stream.seq, recovered=True), missed
 
     def join(
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool

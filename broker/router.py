@@ -158,13 +158,16 @@ class Router:
         headers: Mapping[str, str] | None = None,
         *,
         sender: str | None = None,
+        seq: int | None = None,
+        epoch: str | None = None,
     ) -> int:
         """Encode once, hand the same bytes to every local subscriber; returns how many.
-        ``sender`` (the publisher's verified identity) goes into the one encoded frame."""
+        ``sender`` (the publisher's verified identity) and the history position (``seq``,
+        ``epoch``) go into the one encoded frame."""
         subscribers = self.match(topic)
         if not subscribers:
             return 0
-        frame = encode_message_frame(topic, payload, headers, sender=sender)
+        frame = encode_message_frame(topic, payload, headers, sender=sender, seq=seq, epoch=epoch)
         if self._schedule is None:
             for subscriber in subscribers:
                 subscriber.deliver(frame, 1)
