@@ -414,3 +414,34 @@ async def test_group_rebalances_when_a_member_is_sigkilled(
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
+
+
+# --- the blocking facade ----------------------------------------------------------------------
+
+
+def test_sync_facade_retain_request_serve(broker_factory: Any, pki: Any, tmp_path: Path) -> None:
+    import threading  # noqa: PLC0415
+
+    from client_sdk import sync  # noqa: PLC0415
+
+    broker, _ = start(broker_factory, tmp_path / "data")
+    with (
+        sync.connect(broker.url, **pki.client("bob"), timeout=TIMEOUT) as svc,
+        sync.connect(broker.url, **pki.client("alice"), timeout=TIMEOUT) as alice,
+    ):
+        svc.publish("status.d1.public", b"on", retain=True)
+        sub = alice.subscribe("status.*.public")
+        first = sub.get(timeout=TIMEOUT)
+        assert (first.payload, first.retained) == (b"on", True)
+        service = svc.serve("cmd.>", group="svc")
+
+        def serve_one() -> None:
+            for req in service:
+                req.respond(b"ok:" + req.payload)
+                return
+
+        t = threading.Thread(target=serve_one)
+        t.start()
+        reply = alice.request("cmd.x", b"go", timeout=TIMEOUT)
+        t.join(timeout=TIMEOUT)
+        assert (reply.payload, reply.sender) == (b"ok:go", "x509:bob")

@@ -4,6 +4,7 @@ and byte by byte through the connection core, and the new fields' validation."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client_sdk.protocol import (
+    Close,
     Connection,
     Error,
     ErrorCode,
@@ -42,6 +44,7 @@ from client_sdk.protocol import (
     RequestTimeout,
     Response,
     Role,
+    State,
     Subscribe,
     Welcome,
 )
@@ -53,6 +56,7 @@ from client_sdk.protocol.codec import (
     encode_message_frame,
     op_of,
 )
+from client_sdk.protocol.connection import RECEIVABLE
 from client_sdk.protocol.errors import BrokerError, error_from_code
 from client_sdk.protocol.limits import (
     DELIVERY_OVERHEAD_BYTES,
@@ -575,3 +579,94 @@ def test_old_connection_defaults_still_work() -> None:
         Message("a.b", b"x"),
     ]
     assert isinstance(pair.client, Connection)
+
+
+# --- every (role, state, new operation) pair -----------------------------------------------
+
+NEW_EVENTS: list[Event] = [
+    Request(1, "a.b", b"x", timeout_ms=5),
+    Reply(1, b"x", ack=2),
+    Response(1, b"x", sender="x509:a"),
+]
+
+
+def _in_state(role: Role, state: str) -> Connection:
+    if state == "handshake":
+        return Connection(role)
+    conn = open_server() if role is Role.SERVER else open_client(FEATURED)
+    if state == "closing":
+        conn.send(Close(ErrorCode.NORMAL, "bye"))
+        conn.data_to_send()
+    return conn
+
+
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER], ids=lambda r: r.value)
+@pytest.mark.parametrize("state", ["handshake", "open", "closing"])
+@pytest.mark.parametrize("event", NEW_EVENTS, ids=lambda e: OPS[type(e)])
+def test_new_operations_in_every_state(role: Role, state: str, event: Event) -> None:
+    conn = _in_state(role, state)
+    events = conn.receive_data(encode_frame(event))
+    allowed = state == "open" and type(event) in RECEIVABLE[role, State.OPEN]
+    if allowed:
+        assert events == [event]
+        assert not conn.closed
+    elif state == "closing":
+        assert events == []  # dropped while waiting for the peer's close
+    else:
+        assert len(events) == 1 and isinstance(events[0], ProtocolFailure)
+        expected = ErrorCode.NOT_READY if state == "handshake" else ErrorCode.PROTOCOL_ERROR
+        assert events[0].code is expected
+        assert conn.closed
+
+
+@given(
+    op=st.sampled_from(["req", "reply", "res", "msg", "sub", "ok", "welcome", "pub", "error"]),
+    fields=st.dictionaries(
+        st.sampled_from(
+            [
+                "rid",
+                "token",
+                "topic",
+                "payload",
+                "headers",
+                "timeout_ms",
+                "sender",
+                "sid",
+                "seq",
+                "epoch",
+                "reply",
+                "retained",
+                "retain",
+                "group",
+                "serve",
+                "since",
+                "recovered",
+                "features",
+                "ack",
+                "code",
+                "version",
+                "max_frame",
+                "heartbeat_ms",
+                "pattern",
+            ]
+        ),
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**64), 2**64)
+        | st.text(max_size=80)
+        | st.binary(max_size=80)
+        | st.lists(st.text(max_size=8), max_size=40)
+        | st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=3),
+        max_size=8,
+    ),
+)
+@settings(deadline=None, max_examples=400)
+def test_garbage_in_the_new_fields_raises_only_remote_protocol_error(
+    op: str, fields: dict[str, Any]
+) -> None:
+    try:
+        msgpack_body = body({"op": op, **fields})
+    except (OverflowError, ValueError):
+        return  # not representable in msgpack
+    with contextlib.suppress(RemoteProtocolError):  # anything else fails the test
+        decode(msgpack_body)
