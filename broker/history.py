@@ -16,24 +16,12 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from broker.backplane import Publication
+from broker.config import HistoryConfig
 from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD, matches, split_pattern
 
 __all__ = ["History", "HistoryConfig", "Stream", "covers", "overlaps"]
-
-
-@dataclass(frozen=True)
-class HistoryConfig:
-    """One ``[[messaging.history]]`` table."""
-
-    pattern: str
-    """Topics whose messages are kept (one stream, one sequence for all of them)."""
-    max_messages: int = 1000
-    """Messages kept at most (the oldest goes first)."""
-    max_age: float | None = None
-    """Seconds a message is kept at most (``None``: only ``max_messages`` applies)."""
 
 
 def covers(outer: Sequence[str], inner: Sequence[str]) -> bool:

@@ -1,5 +1,6 @@
 """``tessera pub --retain``, ``sub --group``, ``req`` and ``reply`` as real processes against a
-real broker over mutual TLS: what they print, and their distinct exit codes."""
+real broker over mutual TLS: what they print, and their distinct exit codes (8 no responders,
+7 no reply in time)."""
 
 from __future__ import annotations
 
@@ -68,11 +69,14 @@ def test_pub_retain_then_sub_sees_it_marked(broker_factory: Any, pki: Any, tmp_p
     assert json.loads(sub.stdout) == {"topic": "status.d1", "payload": "on", "retained": True}
 
 
-def test_req_without_responders_exits_3(broker_factory: Any, pki: Any, tmp_path: Path) -> None:
+def test_req_without_responders_exits_8(broker_factory: Any, pki: Any, tmp_path: Path) -> None:
     broker = start(broker_factory, tmp_path)
     out = run(broker, pki, "req", "cmd.x", "hi")
-    assert out.returncode == 3
+    assert out.returncode == 8
     assert "no responders" in out.stderr
+    as_json = run(broker, pki, "req", "cmd.x", "hi", "--json")
+    assert as_json.returncode == 8
+    assert json.loads(as_json.stderr)["error"]["kind"] == "no_responders"
 
 
 def test_reply_echo_and_static_answer_req(broker_factory: Any, pki: Any, tmp_path: Path) -> None:
@@ -89,7 +93,7 @@ def test_reply_echo_and_static_answer_req(broker_factory: Any, pki: Any, tmp_pat
             deadline = time.monotonic() + 20
             while True:  # until the responder is subscribed
                 out = run(broker, pki, "req", "cmd.x", "hello", "--json")
-                if out.returncode != 3 or time.monotonic() > deadline:
+                if out.returncode != 8 or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
             assert out.returncode == 0, out.stderr
@@ -108,7 +112,7 @@ def test_reply_echo_and_static_answer_req(broker_factory: Any, pki: Any, tmp_pat
                 server.communicate()
 
 
-def test_req_timeout_exits_4(broker_factory: Any, pki: Any, tmp_path: Path) -> None:
+def test_req_timeout_exits_7(broker_factory: Any, pki: Any, tmp_path: Path) -> None:
     broker = start(broker_factory, tmp_path)
     # A responder that never answers: a raw serving subscription that reads nothing.
     cred = pki.clients["bob"]
@@ -117,7 +121,7 @@ def test_req_timeout_exits_4(broker_factory: Any, pki: Any, tmp_path: Path) -> N
         raw.send(op="sub", sid=1, pattern="cmd.>", serve=True)
         assert raw.recv() == {"op": "ok", "sid": 1}
         out = run(broker, pki, "req", "cmd.x", "hi", "--wait", "0.5")
-        assert out.returncode == 4, out.stderr
+        assert out.returncode == 7, out.stderr
         assert "no reply" in out.stderr
 
 

@@ -62,7 +62,10 @@ def test_values() -> None:
         ({"history": [{"pattern": "a", "max_messages": 0}]}, "messaging.history[0].max_messages"),
         ({"history": [{"pattern": "a", "max_age": -1}]}, "messaging.history[0].max_age"),
         ({"history": [{"pattern": "a", "bogus": 1}]}, "messaging.history[0]"),
-        ({"history": [{"pattern": "e.>"}, {"pattern": "e.x"}]}, "messaging.history[1].pattern"),
+        (
+            {"history": [{"pattern": "e.>"}, {"pattern": "e.x"}]},
+            "history: [1].pattern overlaps [0]",
+        ),
     ],
 )
 def test_errors_name_the_key(messaging: dict[str, Any], key: str) -> None:

@@ -670,3 +670,14 @@ def test_garbage_in_the_new_fields_raises_only_remote_protocol_error(
         return  # not representable in msgpack
     with contextlib.suppress(RemoteProtocolError):  # anything else fails the test
         decode(msgpack_body)
+
+
+def test_a_server_that_announced_features_may_send_the_delivery_overhead() -> None:
+    big = Response(1, b"x" * (MAX_FRAME_BYTES - 10), sender="x509:" + "a" * 100)
+    server = Connection(Role.SERVER)
+    server.receive_data(frame({"op": "hello", "version": 1, "client": "t"}))
+    server.send(FEATURED)
+    server.send(big)  # over max_frame, within max_frame + DELIVERY_OVERHEAD_BYTES
+    plain = open_server()  # its welcome announced no features: the old limit holds
+    with pytest.raises(LocalProtocolError):
+        plain.send(big)

@@ -138,6 +138,7 @@ class Connection:
         "_close_seen",
         "_decoder",
         "_deferred",
+        "_delivery_overhead",
         "_final",
         "_heartbeat",
         "_hello_sent",
@@ -190,6 +191,9 @@ class Connection:
         #: Frames the core answered with (pong, error) while a server had not yet sent its
         #: welcome (a client pipelined behind hello); they follow the welcome.
         self._deferred: list[bytes] = []
+        #: What a server's deliveries may add beyond the announced limit (section 16.1): only
+        #: once its welcome announced features, so a peer that knows of them.
+        self._delivery_overhead = 0
         #: A close frame was sent or received: EOF after it is the expected end.
         self._close_seen = False
         self._hello_sent = False
@@ -438,10 +442,12 @@ class Connection:
             self._heartbeat = event.heartbeat_ms / 1000 if event.heartbeat_ms else None
             # The client accepts at least what the broker announces (it announces no limit).
             self.peer_max_frame = event.max_frame
+            if event.features is not None:
+                self._delivery_overhead = DELIVERY_OVERHEAD_BYTES
         frame = codec.encode_frame(event)
         limit = self.peer_max_frame
-        if self.role is Role.SERVER and (kind is Response or kind is Message):
-            limit += DELIVERY_OVERHEAD_BYTES  # broker-added fields (section 16.1)
+        if kind is Response or kind is Message:
+            limit += self._delivery_overhead  # broker-added fields (section 16.1)
         if len(frame) - 4 > limit and self.state is State.OPEN:
             raise LocalProtocolError(
                 f"frame of {len(frame) - 4} bytes exceeds the {self._peer}'s limit of "
