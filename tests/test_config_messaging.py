@@ -77,3 +77,15 @@ def test_errors_name_the_key(messaging: dict[str, Any], key: str) -> None:
 def test_data_dir_must_be_a_path() -> None:
     with pytest.raises(ConfigError, match="data_dir"):
         load(data_dir=3)
+
+
+def test_check_config_reports_an_unusable_data_dir(tmp_path: Path) -> None:
+    from broker.check import preflight  # noqa: PLC0415
+
+    afile = tmp_path / "plain-file"
+    afile.write_text("x")
+    cfg = load(data_dir=str(afile))
+    problems = [p for p in preflight(cfg) if p.where == "data_dir"]
+    assert problems and "not a directory" in problems[0].message
+    fine = load(data_dir=str(tmp_path / "new" / "store"))
+    assert not [p for p in preflight(fine) if p.where == "data_dir"]
