@@ -311,6 +311,8 @@ class Subscription(_Inbox[Delivery]):
         self.last_seq = 0
         #: Gaps the broker reported on resumption (messages lost while disconnected).
         self.gaps = 0
+        #: Subscribe with ``since`` (the topics have history, or the application asked for it).
+        self._resume = False
 
     def _deliver(self, msg: Message) -> None:
         if msg.seq is not None:
@@ -581,7 +583,7 @@ class Client:
         sid = next(self._ids) & 0xFFFFFFFF
         sub = Subscription(self, sid, pattern, max_pending, overflow, group=group, on_gap=on_gap)
         if since is not None:
-            sub.epoch, sub.last_seq = epoch, since
+            sub.epoch, sub.last_seq, sub._resume = epoch, since, True
         await self._subscribe(sub)
         return sub
 
@@ -665,7 +667,7 @@ class Client:
 
     def _subscribe_frame(self, sub: _Inbox[Any]) -> Subscribe:
         since = epoch = None
-        if isinstance(sub, Subscription) and (sub.epoch is not None or sub.last_seq):
+        if isinstance(sub, Subscription) and sub._resume:
             since, epoch = sub.last_seq, sub.epoch
         return Subscribe(sub.sid, sub.pattern, sub.group, sub.serve, since, epoch)
 
@@ -866,7 +868,8 @@ class Client:
                 self._on_error_frame(link, event)
             elif isinstance(event, Welcome):
                 self.welcome = event
-                self._ordered_ok = event.features is not None and "retain" in event.features
+                feats = event.features or ()
+                self._ordered_ok = "retain" in feats or "history" in feats
                 waiter = self._welcome_waiter
                 if link is self._dialing and waiter is not None and not waiter.done():
                     waiter.set_result(event)
@@ -1003,6 +1006,7 @@ class Client:
                 if event.epoch is not None and event.recovered is not True:
                     # A fresh start (or after a gap): count from the stream's position now.
                     sub.epoch, sub.last_seq = event.epoch, event.seq or 0
+                sub._resume = event.epoch is not None
         self._resolve(sid, event.ack, None)
 
     def _dispatch(self, link: Link, msg: Message) -> None:
