@@ -458,6 +458,12 @@ class RequestHandler:
             self._audit("denied", action=action.value, subject=subject, reason=decision.reason)
         return decision.allowed
 
+    def may_see(self, topic: str) -> bool:
+        """May this identity receive a stored message on ``topic`` (a retained value, a history
+        entry)? A filter, not a request: no cache churn, no audit record per topic."""
+        ident = self.identity
+        return ident is not None and self.hub.check(ident, Action.SUBSCRIBE, topic).allowed
+
     def _on_publish(self, event: Publish) -> None:
         ack = event.ack
         pub = Publication(event.topic, event.payload, event.headers, self.sender, event.retain)

@@ -223,7 +223,7 @@ class Hub:
         ``pattern`` that ``handler``'s identity may subscribe to (sid filled in by the caller)."""
         out: list[Message] = []
         for pub in self.store.retained(pattern):
-            if not handler.allowed(Action.SUBSCRIBE, pub.topic):
+            if not handler.may_see(pub.topic):
                 continue
             out.append(
                 Message(
@@ -265,8 +265,7 @@ class Hub:
                 epoch=stream.epoch,
             )
             for seq, pub in entries
-            if matches(tokens, split_pattern(pub.topic))
-            and handler.allowed(Action.SUBSCRIBE, pub.topic)
+            if matches(tokens, split_pattern(pub.topic)) and handler.may_see(pub.topic)
         ]
         self.stats["recoveries"] += 1
         self.stats["recovered_messages"] += len(missed)
