@@ -46,10 +46,14 @@ subscribe = ["chat.>"]
 
 
 def start(
-    factory: Any, data_dir: Path | None, messaging: str = "", acl: str = ACL
+    factory: Any,
+    data_dir: Path | None,
+    messaging: str = "",
+    acl: str = ACL,
+    limits: dict[str, object] | None = None,
 ) -> tuple[BrokerProcess, Path]:
     """A broker with ``data_dir`` (top-level key) and a ``[messaging]`` table."""
-    cfg: Path = factory.config(acl=acl)
+    cfg: Path = factory.config(acl=acl, limits=limits)
     text = cfg.read_text(encoding="utf-8")
     if data_dir is not None:
         text = f"data_dir = {json.dumps(str(data_dir))}\n" + text
@@ -445,3 +449,34 @@ def test_sync_facade_retain_request_serve(broker_factory: Any, pki: Any, tmp_pat
         reply = alice.request("cmd.x", b"go", timeout=TIMEOUT)
         t.join(timeout=TIMEOUT)
         assert (reply.payload, reply.sender) == (b"ok:go", "x509:bob")
+
+
+async def test_a_member_that_stops_reading_does_not_stall_its_group(
+    broker_factory: Any, pki: Any
+) -> None:
+    broker, _ = start(broker_factory, None, limits={"max_pending_bytes": 256 * 1024})
+    cred = pki.clients["bob"]
+    raw = RawClient(
+        broker.host,
+        broker.port,
+        client_context(pki.ca, cred.cert, cred.key),
+        recv_buffer_bytes=4096,
+    )
+    with raw:
+        raw.hello()
+        raw.send(op="sub", sid=1, pattern="jobs.>", group="workers")
+        assert raw.recv() == {"op": "ok", "sid": 1}
+        # ... and from now on it reads nothing.
+        async with connect(broker, pki, "bob") as live, connect(broker, pki, "alice") as alice:
+            member = await live.subscribe("jobs.>", group="workers", max_pending=1000)
+            payload = b"x" * 16_384
+            n = 800  # 13 MB: more than the stuck member's socket buffers and outbox hold
+            for i in range(n):
+                await alice.publish(f"jobs.j{i}", payload)
+            got = await drain(member, quiet=1.0)
+            topics = {m.topic for m in got}
+            # The stuck member takes its turn until the kernel's socket buffers are full and its
+            # outbox is half full (128 KiB here); from then on the live member gets everything.
+            assert {f"jobs.j{i}" for i in range(n - 200, n)} <= topics
+            assert len(got) >= n // 2, len(got)
+            assert len({m.topic for m in got}) == len(got)  # each once
