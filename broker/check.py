@@ -12,6 +12,7 @@ Every problem names the listener (``listeners[0] (0.0.0.0:7443)``) and the file.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import logging
 import os
 import ssl
@@ -60,11 +61,6 @@ def preflight(
     """Every problem (``severity`` error or warning) with the files ``cfg`` names. ``serving``:
     leave out the warnings the broker logs itself as it starts (NTLM allowed)."""
     report = _Report(str(cfg.source) if cfg.source else None, lines or {})
-    ntlm_files = {lst.ntlm_user_file for lst in cfg.listeners if lst.ntlm_user_file is not None}
-    if ntlm_files:
-        # As the broker does before building its listeners: pyspnego reads NTLM accounts only
-        # from this process-wide variable (one file per process; config.py enforces it).
-        os.environ["NTLM_USER_FILE"] = str(next(iter(ntlm_files)))
     for i, lst in enumerate(cfg.listeners):
         _listener(report, i, lst, serving=serving)
     if cfg.acl_file is None:
@@ -86,7 +82,24 @@ def preflight(
                 ("metrics", "bind"),
                 "needs the metrics extra: pip install 'tessera-mq[metrics]'",
             )
+    if cfg.cluster is not None:
+        _cluster(report, cfg)
     return report.problems
+
+
+def _cluster(report: _Report, cfg: BrokerConfig) -> None:
+    cluster = cfg.cluster
+    assert cluster is not None
+    if importlib.util.find_spec("redis") is None:
+        report.add(("cluster",), "needs the cluster extra: pip install 'tessera-mq[cluster]'")
+    if cluster.tls_ca is not None:
+        _readable(report, ("cluster", "tls_ca"), cluster.tls_ca, "CA")
+    pw = cluster.password_file
+    readable = pw is not None and _readable(report, ("cluster", "password_file"), pw, "password")
+    if readable and pw is not None and pw.stat().st_mode & 0o077:
+        report.add(
+            ("cluster", "password_file"), f"{pw} is readable by group/others (chmod 600)", "warning"
+        )
 
 
 def _name(i: int, lst: ListenerConfig) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import shlex
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from auth.acl import Policy
+from broker.backplane import Backplane
 from broker.check import preflight
 from broker.config import BrokerConfig, ConfigError, Problem, key_lines, load_config
 from broker.dev import (
@@ -73,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"with --dev: where to listen (default: {DEFAULT_DEV_BIND})",
     )
+    serve.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="broker processes sharing each listening port (default 1; 'auto' = one per CPU); "
+        "above 1 needs [cluster] redis (docs/scaling.md)",
+    )
+    # Internal: how the --workers supervisor (broker/workers.py) starts each worker.
+    serve.add_argument("--worker-binds", default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -155,10 +167,51 @@ def _busy_listener(cfg: BrokerConfig) -> str | None:
     return None
 
 
+def _backplane(cfg: BrokerConfig) -> Backplane | None:
+    """The Redis backplane when ``[cluster]`` is configured (imported only then)."""
+    cluster = cfg.cluster
+    if cluster is None:
+        return None
+    try:
+        import redis  # noqa: F401, PLC0415
+
+        from broker.cluster import RedisBackplane  # noqa: PLC0415 - the optional extra
+    except ImportError:
+        raise _StartError(
+            "[cluster] needs the cluster extra: pip install 'tessera-mq[cluster]'"
+        ) from None
+    password = None
+    if cluster.password_file is not None:
+        try:
+            lines = cluster.password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise _StartError(f"cluster.password_file: {exc.strerror}") from None
+        password = lines[0] if lines else ""
+    return RedisBackplane(
+        cluster.redis,
+        username=cluster.username,
+        password=password,
+        tls_ca=str(cluster.tls_ca) if cluster.tls_ca is not None else None,
+        channel_prefix=cluster.channel_prefix,
+        max_queue_messages=cluster.max_queue_messages,
+    )
+
+
+def _as_worker(cfg: BrokerConfig, binds_json: str) -> BrokerConfig:
+    """A worker of ``--workers``: listen on the supervisor's reserved addresses, SO_REUSEPORT."""
+    binds = json.loads(binds_json)
+    assert isinstance(binds, list) and len(binds) == len(cfg.listeners), binds
+    Broker.reuse_port = True
+    listeners = tuple(
+        dataclasses.replace(lst, bind=str(b)) for lst, b in zip(cfg.listeners, binds, strict=True)
+    )
+    return dataclasses.replace(cfg, listeners=listeners)
+
+
 async def _serve(
     cfg: BrokerConfig, policy: Policy | None, on_listening: Callable[[list[str]], None] | None
 ) -> None:
-    broker = Broker(cfg, policy=policy)
+    broker = Broker(cfg, policy=policy, backplane=_backplane(cfg))
     try:
         await broker.start()
     except OSError as exc:
@@ -222,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.file, args.json)
 
+    from broker import workers  # noqa: PLC0415
+
+    try:
+        n_workers = workers.parse_workers(args.workers)
+    except ValueError as exc:
+        print(f"tessera-broker: error: {exc}", file=sys.stderr)
+        return workers.EXIT_USAGE
     dev_dir: Path | None = None
     if args.dev:
         bind = args.bind or DEFAULT_DEV_BIND
@@ -238,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = args.config
     cfg, problems = _validate(config_path, serving=True)
     level = args.log_level or (cfg.log_level if cfg else "info")
-    setup_logging(level, cfg.log_format if cfg else "text")
+    setup_logging(level, cfg.log_format if cfg else "text", worker=args.worker_index)
     errors = [p for p in problems if p.severity == "error"]
     for w in problems:
         if w.severity != "error":
@@ -247,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         for e in errors:
             print(f"tessera-broker: error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    if n_workers > 1 and args.worker_binds is None:
+        argv_ = ["serve", "--config", str(config_path)]
+        if args.log_level:
+            argv_ += ["--log-level", args.log_level]
+        return workers.supervise(argv_, cfg, n_workers)
+    if args.worker_binds is not None:
+        cfg = _as_worker(cfg, args.worker_binds)
+    from broker.cluster import BackplaneError  # noqa: PLC0415 - no third-party import
 
     def on_listening(addresses: list[str]) -> None:
         if dev_dir is not None:
@@ -256,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(_serve(cfg, None, on_listening))
-    except _StartError as exc:
+    except (_StartError, BackplaneError) as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except OSError as exc:

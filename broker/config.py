@@ -41,6 +41,7 @@ __all__ = [
     "SECURITY_MODES",
     "SLOW_CONSUMER_POLICIES",
     "BrokerConfig",
+    "ClusterConfig",
     "Bind",
     "ConfigError",
     "File",
@@ -329,6 +330,17 @@ class _Field:
 _SCHEMAS: dict[type[Any], dict[str, _Field]] = {}
 
 
+def _optional_table(hint: object) -> type[Any] | None:
+    """``X`` for a hint ``X | None`` where ``X`` is a config dataclass, else None."""
+    args = typing.get_args(hint)
+    if type(None) not in args:
+        return None
+    rest = [a for a in args if a is not type(None)]
+    if len(rest) == 1 and dataclasses.is_dataclass(rest[0]) and isinstance(rest[0], type):
+        return rest[0]
+    return None
+
+
 def _schema(cls: type[Any]) -> dict[str, _Field]:
     schema = _SCHEMAS.get(cls)
     if schema is not None:
@@ -346,6 +358,8 @@ def _schema(cls: type[Any]) -> dict[str, _Field]:
             spec = next((m for m in hint.__metadata__ if isinstance(m, Spec)), None)
         elif dataclasses.is_dataclass(hint) and isinstance(hint, type):
             kind, sub = "table", hint
+        elif _optional_table(hint) is not None:  # ``X | None``: a table that may be absent
+            kind, sub = "table", _optional_table(hint)
         elif typing.get_origin(hint) is tuple:
             item = typing.get_args(hint)[0]
             if dataclasses.is_dataclass(item) and isinstance(item, type):
@@ -539,6 +553,48 @@ class MetricsConfig:
         _self_check(self)
 
 
+class RedisURL(Spec):
+    """``redis://host:port[/db]`` or ``rediss://...``, with no credentials in it."""
+
+    def parse(self, value: object, base: Path | None) -> object:
+        if not isinstance(value, str) or not value.startswith(("redis://", "rediss://")):
+            raise _Invalid('required, as "redis://host:port" or "rediss://..."')
+        authority = value.split("://", 1)[1].split("/", 1)[0]
+        if "@" in authority:
+            raise _Invalid("no credentials in the URL: use username and password_file")
+        return value
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: share the topic space with other broker processes and nodes through
+    Redis (issue #11; docs/scaling.md). Absent: one process, nothing external."""
+
+    redis: Annotated[str, RedisURL()]
+    """``redis://host:port[/db]`` or ``rediss://`` (TLS 1.2+, server certificate verified);
+    no password in the URL (use ``password_file``)."""
+    username: Annotated[str | None, Text()] = None
+    """Redis ACL user (``AUTH username password``); default: Redis' ``default`` user."""
+    password_file: Annotated[Path | None, File()] = None
+    """File whose first line is the Redis password (keep it ``chmod 600``)."""
+    tls_ca: Annotated[Path | None, File()] = None
+    """``rediss://``: PEM CA bundle to verify Redis with (default: the system's)."""
+    channel_prefix: Annotated[str, Text()] = "tessera"
+    """Prefix of the Redis channels; brokers sharing one topic space use the same one."""
+    max_queue_messages: Annotated[int, Int(min=1)] = 10_000
+    """Publications queued for Redis before further ones are delivered locally only (and
+    counted in ``backplane.refused_queue_full``)."""
+
+    def __post_init__(self) -> None:
+        _self_check(self)
+
+    def _relations(self) -> Iterator[tuple[str, str]]:
+        if any(c.isspace() for c in self.channel_prefix):
+            yield "channel_prefix", "must be a non-empty string without spaces"
+        if self.tls_ca is not None and not self.redis.startswith("rediss://"):
+            yield "tls_ca", "goes with a rediss:// URL"
+
+
 @dataclass(frozen=True)
 class HistoryConfig:
     """One ``[[messaging.history]]`` table: a history stream (docs/messaging.md)."""
@@ -610,6 +666,8 @@ class BrokerConfig:
     )
     """``text`` (one human line per record) or ``json`` (one JSON object per line)."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig | None = None
+    """``[cluster]``: the Redis backplane (docs/scaling.md); None for a single process."""
     data_dir: Annotated[Path | None, File()] = None
     """Directory of the embedded store (``tessera.sqlite3``: retained values). Without it the
     broker keeps no retained values and does not offer the ``retain`` feature."""

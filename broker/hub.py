@@ -145,6 +145,12 @@ class Hub:
         return Outcome.DONE
 
     def _route(self, pub: Publication) -> None:
+        self._deliver_locally(pub)
+        if not self.backplane.publish(pub):
+            self.stats["backplane_refused"] += 1
+
+    def _deliver_locally(self, pub: Publication) -> None:
+        """Number it (history), encode once for the router, one frame per chosen group member."""
         sender = pub.sender if self._stamps(pub.topic) else None
         seq = epoch = None
         if self.history:
@@ -158,8 +164,6 @@ class Hub:
         )
         if self.groups:
             self._route_groups(pub, sender, seq, epoch)
-        if not self.backplane.publish(pub):
-            self.stats["backplane_refused"] += 1
 
     def _stamps(self, topic: str) -> bool:
         """Do plain deliveries on ``topic`` carry the publisher's identity (``[messaging]
@@ -207,9 +211,9 @@ class Hub:
         done(None)
 
     def _inject(self, pub: Publication) -> None:
-        """A publication from another node: local subscribers only, never back out."""
-        sender = pub.sender if self._stamps(pub.topic) else None
-        self.deliveries_out += self.router.route(pub.topic, pub.payload, pub.headers, sender=sender)
+        """A publication from another node: local subscribers only (plain ones, and one member
+        of each local queue group; numbered in this node's history), never back out."""
+        self._deliver_locally(pub)
 
     # --- retained snapshots, queue groups, requests ---------------------------------------------
 

@@ -62,10 +62,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Send the broker's logs to ``stream`` (standard error) at ``level`` in format ``fmt``."""
+def setup_logging(
+    level: str, fmt: str = "text", stream: TextIO | None = None, *, worker: int | None = None
+) -> None:
+    """Send the broker's logs to ``stream`` (standard error) at ``level`` in format ``fmt``;
+    a ``--workers`` worker tags its text lines ``[worker N]``."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    text = TEXT_FORMAT
+    if worker is not None:
+        text = text.replace("%(name)s", f"[worker {worker}] %(name)s")
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text))
     handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -164,6 +164,9 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
 class Broker:
     """A running broker: call :meth:`start`, then :meth:`serve_until_stopped` or :meth:`stop`."""
 
+    #: Issue #11: ``--workers`` processes listen on one port with SO_REUSEPORT (broker/workers.py).
+    reuse_port = False
+
     def __init__(
         self,
         config: BrokerConfig,
@@ -231,7 +234,12 @@ class Broker:
                 recv_buffer=self.recv_buffer,
             )
             lst.server = await self._loop.create_server(
-                factory, cfg.host, cfg.port, reuse_address=True, backlog=4096
+                factory,
+                cfg.host,
+                cfg.port,
+                reuse_address=True,
+                reuse_port=self.reuse_port,  # issue #11: see Broker.reuse_port
+                backlog=4096,
             )
             host, port = lst.address
             lst.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -7,6 +7,7 @@ production-shaped broker's port 7444 becomes a free one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -146,7 +147,9 @@ class Reader:
             assert time.monotonic() < deadline, seen
             self.shell(publish)
             time.sleep(0.3)
-            seen += python.stdout.read() or ""
+            # The raw fd: a non-blocking text stream cannot say "nothing yet".
+            with contextlib.suppress(BlockingIOError):
+                seen += os.read(python.stdout.fileno(), 65536).decode("utf-8", "replace")
 
     def close(self) -> None:
         for proc in self.background:
