@@ -72,6 +72,8 @@ def preflight(
             report.add(("acl", "file"), str(exc))
     if cfg.audit_file is not None:
         _writable(report, ("audit", "file"), cfg.audit_file)
+    if cfg.data_dir is not None:
+        _data_dir(report, cfg.data_dir)
     if cfg.metrics.bind is not None:
         try:
             import prometheus_client  # noqa: F401, PLC0415
@@ -126,6 +128,21 @@ def _writable(report: _Report, path: tuple[str | int, ...], file: Path) -> None:
         report.add(path, f"directory {parent} does not exist")
     elif not os.access(parent, os.W_OK):
         report.add(path, f"cannot create {file}: directory not writable")
+
+
+def _data_dir(report: _Report, directory: Path) -> None:
+    """The embedded store's directory exists and is writable, or can be created."""
+    if directory.exists():
+        if not directory.is_dir():
+            report.add(("data_dir",), f"{directory} is not a directory")
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            report.add(("data_dir",), f"{directory} is not writable by this user")
+        return
+    parent = directory.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        report.add(("data_dir",), f"cannot create {directory}: {parent} is not writable")
 
 
 def _listener(report: _Report, i: int, lst: ListenerConfig, *, serving: bool) -> None:

@@ -31,6 +31,9 @@ from typing import Annotated, Any, ClassVar
 
 from auth.identity import DEFAULT_X509_NAME_FIELDS, validate_x509_name_fields
 from client_sdk.protocol import limits as wire
+from client_sdk.protocol.errors import InvalidTopic
+from client_sdk.protocol.grammar import intersects
+from client_sdk.protocol.topics import validate_pattern
 
 __all__ = [
     "LOG_FORMATS",
@@ -45,12 +48,16 @@ __all__ = [
     "ConfigError",
     "File",
     "Files",
+    "HistoryConfig",
     "Int",
     "LimitsConfig",
     "ListenerConfig",
+    "MessagingConfig",
     "MetricsConfig",
     "Names",
     "OneOf",
+    "Pattern",
+    "Patterns",
     "Problem",
     "Seconds",
     "SocketPath",
@@ -290,6 +297,32 @@ class SocketPath(Spec):
         if not isinstance(value, str | Path):
             raise _Invalid('must be a path ("" turns it off)')
         return str(File().parse(value, base))
+
+
+@dataclass(frozen=True)
+class Pattern(Spec):
+    """A subscription pattern (docs/protocol.md section 8)."""
+
+    def parse(self, value: object, base: Path | None) -> object:
+        if not isinstance(value, str):
+            raise _Invalid("must be a topic pattern (a string)")
+        try:
+            validate_pattern(value)
+        except InvalidTopic as exc:
+            raise _Invalid(exc.message) from None
+        return value
+
+
+@dataclass(frozen=True)
+class Patterns(Spec):
+    """A list of subscription patterns (possibly empty); stored as a tuple."""
+
+    def parse(self, value: object, base: Path | None) -> object:
+        if not isinstance(value, list | tuple):
+            raise _Invalid("must be a list of topic patterns")
+        for item in value:
+            Pattern().parse(item, base)
+        return tuple(value)
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -545,7 +578,7 @@ class LimitsConfig:
     """Seconds a closing connection may take to flush before it is aborted."""
     max_session_age: Annotated[float | None, Seconds()] = None
     """Seconds after which an authenticated session must re-authenticate: it is closed with
-    ``CREDENTIAL_EXPIRED`` (17) and the SDK reconnects (Kafka's ``connections.max.reauth.ms``);
+    ``CREDENTIAL_EXPIRED`` (23) and the SDK reconnects (Kafka's ``connections.max.reauth.ms``);
     none by default. A credential that ends sooner ends the session sooner."""
 
     def __post_init__(self) -> None:
@@ -611,6 +644,53 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """One ``[[messaging.history]]`` table: a history stream (docs/messaging.md)."""
+
+    pattern: Annotated[str, Pattern()]
+    """Topics whose messages are kept (one stream, one sequence for all of them)."""
+    max_messages: Annotated[int, Int(min=1, max=10_000_000)] = 1000
+    """Messages kept at most (the oldest goes first)."""
+    max_age: Annotated[float | None, Seconds()] = None
+    """Seconds a message is kept at most (none: only ``max_messages`` applies)."""
+
+    def __post_init__(self) -> None:
+        _self_check(self)
+
+
+@dataclass(frozen=True)
+class MessagingConfig:
+    """``[messaging]``: retained values, requests, verified sender and history
+    (docs/messaging.md)."""
+
+    retain_max_value_bytes: Annotated[int, Int(min=1)] = 64 * 1024
+    """Largest retained value (payload plus headers), in bytes (RETAINED_TOO_LARGE past it)."""
+    retain_max_topics: Annotated[int, Int(min=1)] = 100_000
+    """Topics holding a retained value at once (RETAINED_LIMIT past it)."""
+    retain_max_total_bytes: Annotated[int, Int(min=1)] = 256 * 1024 * 1024
+    """Bytes of all retained values together, also held in memory (RETAINED_LIMIT past it)."""
+    request_timeout_max: Annotated[float, SecondsBetween(0.001, 3600)] = 60.0
+    """Longest request timeout granted, in seconds (a client asking more gets this)."""
+    max_pending_requests: Annotated[int, Int(min=1)] = 1024
+    """Requests one connection may have waiting for an answer (LIMIT_EXCEEDED past it)."""
+    sender: Annotated[tuple[str, ...], Patterns()] = ()
+    """Topic patterns whose plain deliveries carry the publisher's verified identity
+    (``msg.sender``); ``[">"]`` for all. Requests and replies always carry it."""
+    history: tuple[HistoryConfig, ...] = ()
+    """``[[messaging.history]]`` streams; off by default. Their patterns may not overlap."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "history", tuple(self.history))
+        _self_check(self)
+
+    def _relations(self) -> Iterator[tuple[str, str]]:
+        for i, h in enumerate(self.history):
+            for j in range(i):
+                if intersects(h.pattern.split("."), self.history[j].pattern.split(".")):
+                    yield "history", f"[{i}].pattern overlaps [{j}].pattern"
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """The whole broker configuration."""
 
@@ -639,6 +719,10 @@ class BrokerConfig:
     0600. Default (unset): ``tessera-admin.sock`` beside the configuration file; ``""``: none."""
     cluster: ClusterConfig | None = None
     """``[cluster]``: the Redis backplane (docs/scaling.md); None for a single process."""
+    data_dir: Annotated[Path | None, File()] = None
+    """Directory of the embedded store (``tessera.sqlite3``: retained values). Without it the
+    broker keeps no retained values and does not offer the ``retain`` feature."""
+    messaging: MessagingConfig = field(default_factory=MessagingConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "listeners", tuple(self.listeners))

@@ -6,7 +6,7 @@ session's security layer is established, :meth:`SessionWatch.authenticated` read
 ``credential_expires_at`` (the client certificate's notAfter on TLS, the Kerberos ticket's end
 time on the negotiate layer; epoch seconds) and files one loop timer for that moment, or for
 ``[limits] max_session_age`` after authentication if that comes first. At it the session is
-closed with ``CREDENTIAL_EXPIRED`` (17), which the SDK reads as "re-authenticate and
+closed with ``CREDENTIAL_EXPIRED`` (23), which the SDK reads as "re-authenticate and
 reconnect". A session whose credential has no end (and no maximum age) gets no timer. The
 watch also answers "who is connected" for ``tessera-broker connections``.
 """

@@ -10,7 +10,7 @@ of it or none of it:
 2. **apply** (on the loop, in one turn): swap each listener's ``make_layer`` (new handshakes use
    the new material at once; established sessions keep theirs), swap the limits, swap the policy
    with :meth:`Hub.set_policy` (live subscriptions it no longer allows are removed and their
-   owners told), and close with ``CREDENTIAL_REVOKED`` (18) every session whose client
+   owners told), and close with ``CREDENTIAL_REVOKED`` (24) every session whose client
    certificate the new CRLs list.
 
 What a reload cannot change (the listener set: binds and security modes; the audit file; the

@@ -279,12 +279,23 @@ class Router:
                 if subscriber not in found and grant.allows(tokens):
                     found[subscriber] = None
 
-    def route(self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None) -> int:
-        """Encode once, hand the same bytes to every local subscriber; returns how many."""
+    def route(
+        self,
+        topic: str,
+        payload: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        sender: str | None = None,
+        seq: int | None = None,
+        epoch: str | None = None,
+    ) -> int:
+        """Encode once, hand the same bytes to every local subscriber; returns how many.
+        ``sender`` (the publisher's verified identity) and the history position (``seq``,
+        ``epoch``) go into the one encoded frame."""
         subscribers = self.match(topic)
         if not subscribers:
             return 0
-        frame = encode_message_frame(topic, payload, headers)
+        frame = encode_message_frame(topic, payload, headers, sender=sender, seq=seq, epoch=epoch)
         if self._schedule is None:
             for subscriber in subscribers:
                 subscriber.deliver(frame, 1)

@@ -213,6 +213,16 @@ class Broker:
         if policy is None:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
         self.audit = Audit(config.audit_file)
+        if store is None and config.data_dir is not None:
+            from broker.store_sqlite import RetainLimits, SQLiteStore  # noqa: PLC0415
+
+            m = config.messaging
+            store = SQLiteStore(
+                config.data_dir,
+                RetainLimits(
+                    m.retain_max_value_bytes, m.retain_max_topics, m.retain_max_total_bytes
+                ),
+            )
         self.hub = Hub(
             limits=config.limits,
             policy=policy,
@@ -220,6 +230,7 @@ class Broker:
             server_name=SERVER_NAME,
             store=store,
             backplane=backplane,
+            messaging=config.messaging,
         )
         self.listeners = [make_listener(c) for c in config.listeners]
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))

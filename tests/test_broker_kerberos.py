@@ -1077,7 +1077,7 @@ async def test_short_ticket_ends_its_session_and_the_sdk_reconnects_with_a_new_o
     broker: Broker,
 ) -> None:
     """Issue #10: a session authenticated with a ticket that lives SHORT_TICKET_SECONDS is
-    closed at the ticket's end time with CREDENTIAL_EXPIRED (17); the SDK then reconnects,
+    closed at the ticket's end time with CREDENTIAL_EXPIRED (23); the SDK then reconnects,
     getting a new ticket (here from the password; a ccache or keytab works alike)."""
     mark = broker.proc.log_mark()
     states: list[tuple[client_sdk.ConnectionState, object]] = []
