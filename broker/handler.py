@@ -258,7 +258,8 @@ class RequestHandler:
         self.pending_requests = 0
         #: While a retained snapshot is going out: what must follow it, in order (snapshot
         #: cursors and deliveries routed meanwhile), and the bytes held there.
-        self._ordered: deque[_Snapshot | tuple[bytes, int]] = deque()
+        #: (Created when first needed: an idle connection holds no deque, ~760 bytes each.)
+        self._ordered: deque[_Snapshot | tuple[bytes, int]] | None = None
         self._ordered_bytes = 0
         self._pump_scheduled = False
         self.close_code: str | None = None
@@ -270,7 +271,7 @@ class RequestHandler:
         self.describe_mechanism: Callable[[], str | None] = lambda: None
         self._acl_cache: dict[tuple[Action, str], bool] = {}
         #: Events decoded but not yet handled (the turn's budget ran out, or the store is busy).
-        self._backlog: deque[Event] = deque()
+        self._backlog: deque[Event] | None = None
         self._busy = False  #: a continuation is scheduled
         self._suspended = False  #: waiting for the store to finish a publish
         self._dirty = False
@@ -329,10 +330,19 @@ class RequestHandler:
             return
         if self._backlog or self._suspended:
             # Reading is paused while a backlog exists; bytes still in flight queue behind it.
-            self._backlog.extend(self.conn.receive_data(data, now))
+            self._hold(self.conn.receive_data(data, now))
             return
         self._handle(self.conn.receive_data(data, now, EVENTS_PER_TURN), now)
         self._after_turn(now)
+
+    def _hold(self, events: list[Event]) -> None:
+        """Keep ``events`` for a later turn, after those already held."""
+        if not events:
+            return
+        if self._backlog is None:
+            self._backlog = deque(events)
+        else:
+            self._backlog.extend(events)
 
     def _after_turn(self, now: float) -> None:
         if self._suspended or self.conn.closed:
@@ -354,6 +364,8 @@ class RequestHandler:
         backlog = self._backlog
         if backlog:
             take = [backlog.popleft() for _ in range(min(len(backlog), EVENTS_PER_TURN))]
+            if not backlog:
+                self._backlog = None
         else:
             take = self.conn.receive_backlog(now, EVENTS_PER_TURN)
         self._handle(take, now)
@@ -371,11 +383,11 @@ class RequestHandler:
         self.subs.clear()
         self._grants.clear()
         self.hub.forget_requests(self)
-        self._ordered.clear()
+        self._ordered = None
         self._ordered_bytes = 0
         self.opened = False
         self.outbox.clear()
-        self._backlog.clear()
+        self._backlog = None
         if self.conn.state is not State.CLOSED:
             self.conn.state = State.CLOSED
         self.hub.forget(self)
@@ -386,7 +398,7 @@ class RequestHandler:
     def _handle(self, events: list[Event], now: float) -> None:
         for i, event in enumerate(events):
             if self._suspended:
-                self._backlog.extend(events[i:])
+                self._hold(events[i:])
                 break
             kind = type(event)
             if kind is Publish:
@@ -586,6 +598,8 @@ class RequestHandler:
             snapshot = missed if missed is not None else self.hub.retained_for(self, pattern)
         ok = encode_frame(replace(answer, sid=sid))
         if snapshot or self._ordered:
+            if self._ordered is None:
+                self._ordered = deque()
             self._ordered.append(_Snapshot(sid, ok, snapshot))
             self._pump()
         else:
@@ -600,7 +614,7 @@ class RequestHandler:
             self.hub.unsubscribe(self, pattern, grant)
         else:
             self.hub.leave(self, sid, pattern, kind[0], kind[1])
-        for item in self._ordered:
+        for item in self._ordered or ():
             if isinstance(item, _Snapshot) and item.sid == sid:
                 item.frames = []  # its ok still goes out, in order; the rest is moot
 
@@ -668,6 +682,8 @@ class RequestHandler:
         below half its bound; the rest follows when the outbox has been written."""
         self._pump_scheduled = False
         ordered = self._ordered
+        if ordered is None:
+            return
         outbox = self.outbox
         half = outbox.max_bytes // 2
         while ordered and outbox.bytes < half and not self.closing:
@@ -686,6 +702,7 @@ class RequestHandler:
             if not item.frames:
                 ordered.popleft()
         if not ordered:
+            self._ordered = None
             self._ordered_bytes = 0
 
     def _on_unsubscribe(self, event: Unsubscribe) -> None:
@@ -758,7 +775,7 @@ class RequestHandler:
             if outbox.bytes + self._ordered_bytes + len(data) > outbox.max_bytes:
                 self._overflow(len(data), count)
                 return
-            self._ordered.append((data, count))
+            self._ordered.append((data, count))  # not None: tested just above
             self._ordered_bytes += len(data)
             return
         verdict = self.outbox.push(data, count)
@@ -895,7 +912,7 @@ class RequestHandler:
         self.opened = False
         self.closing = True
         self.hub.set_timer(self, None)
-        self._backlog.clear()
+        self._backlog = None
         self._suspended = False
         if graceful:
             self.outbox.push_final(self.conn.data_to_send())

@@ -185,7 +185,8 @@ class Connection:
         #: requests that were complete before the fatal frame (docs/protocol.md 3).
         self._final: bytes | None = None
         #: Frame bodies decoded but not yet turned into events (see ``max_events``).
-        self._bodies: deque[bytes] = deque()
+        #: (Created when needed: an idle connection holds no deque.)
+        self._bodies: deque[bytes] | None = None
         #: An oversize prefix seen after the bodies in ``_bodies``; judged once they are.
         self._too_large: FrameTooLarge | None = None
         #: Frames the core answered with (pong, error) while a server had not yet sent its
@@ -238,9 +239,9 @@ class Connection:
     def receive_backlog(self, now: float = 0.0, max_events: int | None = None) -> list[Event]:
         """Continue :meth:`receive_data` with frames it left pending (at most ``max_events``)."""
         events: list[Event] = []
-        bodies = self._bodies
         taken = 0
         while True:
+            bodies = self._bodies  # (re-read: the limit change below may refill it)
             while bodies:
                 if max_events is not None and taken >= max_events:
                     return events
@@ -249,9 +250,10 @@ class Connection:
                 if event is not None:
                     events.append(event)
                 if self.closed:
-                    bodies.clear()
+                    self._bodies = None
                     self._too_large = None
                     return events
+            self._bodies = None  # drained: an idle connection keeps no deque
             too_large = self._too_large
             if too_large is None:
                 return events
@@ -264,10 +266,15 @@ class Connection:
 
     def _feed(self, data: bytes) -> None:
         try:
-            self._bodies.extend(self._decoder.feed(data))
+            frames = self._decoder.feed(data)
         except FrameTooLarge as exc:
-            self._bodies.extend(exc.frames)
+            frames = exc.frames
             self._too_large = exc
+        if frames:
+            if self._bodies is None:
+                self._bodies = deque(frames)
+            else:
+                self._bodies.extend(frames)
 
     def _receive_frame(self, body: bytes) -> Event | None:
         try:
