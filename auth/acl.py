@@ -30,12 +30,22 @@ import functools
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, assert_never
 
 from auth.errors import AuthError
 from auth.identity import Identity
+from client_sdk.protocol.grammar import (
+    MULTI_WILDCARD,
+    SINGLE_WILDCARD,
+    TOKEN_RE,
+    covers,
+    intersects,
+    matches,
+    split_pattern,
+    split_topic,
+)
 
 __all__ = [
     "KNOWN_MECHANISMS",
@@ -58,12 +68,9 @@ KNOWN_MECHANISMS: Final = ("x509", "kerberos", "ntlm", "anonymous")
 #: Placeholders a publish/subscribe pattern may contain, written ``{name}``.
 PLACEHOLDERS: Final = ("name", "user", "mechanism")
 
-_ONE: Final = "*"  # matches exactly one token
-_TAIL: Final = ">"  # matches one or more tokens; last token only
-
-# A literal token: no separator, no wildcard characters, no whitespace, no C0/C1 controls.
-# (Python's \s on str is str.isspace(); \x00-\x1f and \x7f-\x9f are Unicode category Cc.)
-_TOKEN_RE: Final = re.compile(r"[^.*>\s\x00-\x1f\x7f-\x9f]+")
+_ONE: Final = SINGLE_WILDCARD  # matches exactly one token
+_TAIL: Final = MULTI_WILDCARD  # matches one or more tokens; last token only
+_TOKEN_RE: Final = TOKEN_RE  # a literal token (the grammar is client_sdk.protocol.grammar's)
 _PLACEHOLDER_RE: Final = re.compile(r"\{([^{}]*)\}")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -136,73 +143,9 @@ _INVALID_PATTERN: Final = Decision(allowed=False, rule=None, reason="invalid sub
 # Topics and patterns as token tuples
 
 
-def _split_topic(text: str) -> tuple[str, ...] | None:
-    """A concrete topic's tokens, or ``None`` if ``text`` is not a valid topic."""
-    tokens = tuple(text.split("."))
-    for token in tokens:
-        if _TOKEN_RE.fullmatch(token) is None:
-            return None
-    return tokens
-
-
-def _split_pattern(text: str) -> tuple[str, ...] | None:
-    """A subscription pattern's tokens, or ``None`` if ``text`` is not a valid pattern."""
-    tokens = tuple(text.split("."))
-    last = len(tokens) - 1
-    for i, token in enumerate(tokens):
-        if token == _ONE or (token == _TAIL and i == last):
-            continue
-        if _TOKEN_RE.fullmatch(token) is None:
-            return None
-    return tokens
-
-
-def matches(pattern: Sequence[str], topic: Sequence[str]) -> bool:
-    """True if the concrete ``topic`` matches ``pattern`` (both as token sequences)."""
-    size = len(topic)
-    for i, token in enumerate(pattern):
-        if token == _TAIL:
-            return i < size
-        if i >= size:
-            return False
-        if token not in (_ONE, topic[i]):
-            return False
-    return len(pattern) == size
-
-
-def covers(outer: Sequence[str], inner: Sequence[str]) -> bool:
-    """True if every topic that ``inner`` matches is also matched by ``outer``.
-
-    Token by token: ``>`` in ``outer`` covers any non-empty rest of ``inner``; ``*`` covers one
-    literal or ``*`` but not a ``>``; a literal covers only itself.
-    """
-    size = len(inner)
-    for i, token in enumerate(outer):
-        if token == _TAIL:
-            return i < size
-        if i >= size:
-            return False
-        other = inner[i]
-        if other == _TAIL:
-            return False
-        if token not in (_ONE, other):
-            return False
-    return len(outer) == size
-
-
-def intersects(first: Sequence[str], second: Sequence[str]) -> bool:
-    """True if some topic matches both patterns.
-
-    Token by token: a ``>`` on either side absorbs whatever the other has left (it has at least
-    the current token); ``*`` meets anything; two literals must be equal; otherwise the two
-    must end together.
-    """
-    for x, y in zip(first, second, strict=False):
-        if _TAIL in (x, y):
-            return True
-        if x != y and _ONE not in (x, y):
-            return False
-    return len(first) == len(second)
+# The grammar (split, match, cover, intersect) is written once, in client_sdk.protocol.grammar.
+_split_topic = split_topic
+_split_pattern = split_pattern
 
 
 # --------------------------------------------------------------------------------------------

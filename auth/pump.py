@@ -16,11 +16,16 @@ from typing import Protocol
 from auth.errors import AuthError, HandshakeError, HandshakeReason
 from auth.layer import SecurityLayer
 
-__all__ = ["LayerPump", "Offload", "PumpOwner"]
+__all__ = ["LayerPump", "Offload", "PumpOwner", "StepSkipped"]
 
 #: ``offload(step, data, done)``: run ``step(data)`` off the loop, then call ``done(exc)`` (the
 #: exception it raised, or ``None``) on the loop's thread.
 Offload = Callable[[Callable[[bytes], None], bytes, Callable[[BaseException | None], None]], None]
+
+
+class StepSkipped(Exception):
+    """What ``offload`` reports when it never ran the step (the connection went, or its
+    deadline passed while the step was queued): nothing failed, nothing is to be reported."""
 
 
 class PumpOwner(Protocol):
@@ -98,7 +103,9 @@ class LayerPump:
     def _step_done(self, exc: BaseException | None, data: bytes) -> None:
         self._stepping = False
         owner = self._owner
-        if exc is not None:
+        if isinstance(exc, StepSkipped):
+            self._pending.clear()
+        elif exc is not None:
             self._pending.clear()
             self._failed(exc)
         elif not owner.alive():

@@ -1,35 +1,55 @@
-"""``tessera-broker``: run the broker, check a configuration."""
+"""``tessera-broker``: run the broker, check a configuration.
+
+Exit codes: 0 success (or a clean shutdown); 1 the configuration, a file it names, or a listener
+is not usable (every problem is printed, naming the listener and the file); 2 usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
-import functools
-import importlib.util
 import json
 import logging
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from auth.acl import AclError, Policy
+from auth.acl import Policy
 from broker.backplane import Backplane
-from broker.config import BrokerConfig, ConfigError, check_files, load_config
-from broker.dev import DEFAULT_DEV_BIND, DEFAULT_DEV_DIR, DEV_CLIENT, ensure_dev_setup
+from broker.check import preflight
+from broker.config import BrokerConfig, ConfigError, Problem, key_lines, load_config
+from broker.dev import (
+    DEFAULT_DEV_BIND,
+    DEFAULT_DEV_DIR,
+    DEV_CLIENT,
+    ensure_dev_setup,
+    forget_dev_broker,
+    record_dev_broker,
+)
+from broker.logs import setup_logging
+from broker.metrics import MetricsServer, start_metrics
 from broker.server import SERVER_NAME, Broker
 
 __all__ = ["main"]
 
 log = logging.getLogger("tessera.broker")
 
+#: The configuration or a listener is not usable.
+EXIT_INVALID = 1
+#: Bad command line (argparse's own code).
+EXIT_USAGE = 2
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tessera-broker",
         description="Tessera message broker: authenticated pub/sub over TLS.",
+        epilog="exit codes: 0 ok (or a clean shutdown), 1 the configuration, a file it names "
+        "or a listener is not usable, 2 usage (docs/configuration.md).",
     )
     p.add_argument("--version", action="version", version=SERVER_NAME)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,45 +102,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str, worker: int | None = None) -> None:
-    tag = "" if worker is None else f"[worker {worker}] "
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _validate(path: Path) -> tuple[BrokerConfig | None, list[str], list[str]]:
-    """Return (config, errors, warnings)."""
+def _validate(path: Path, *, serving: bool = False) -> tuple[BrokerConfig | None, list[Problem]]:
+    """Load ``path`` and check every file it names, as ``serve`` would; (config, problems)."""
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        return None, [str(exc)], []
-    errors: list[str] = []
-    warnings: list[str] = []
-    for problem in check_files(cfg):
-        (warnings if "readable by" in problem else errors).append(problem)
-    if cfg.cluster is not None and importlib.util.find_spec("redis") is None:
-        errors.append("[cluster] needs the cluster extra: pip install 'tessera[cluster]'")
-    if cfg.acl_file is None:
-        warnings.append("no [acl] file: every publish and subscribe will be denied")
-    elif cfg.acl_file.is_file():
-        try:
-            Policy.from_file(cfg.acl_file)
-        except AclError as exc:
-            errors.append(str(exc))
-    return cfg, errors, warnings
+        return None, list(exc.problems)
+    try:
+        lines = key_lines(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        lines = {}
+    return cfg, preflight(cfg, lines, serving=serving)
 
 
 def _check_config(path: Path, as_json: bool) -> int:
-    cfg, errors, warnings = _validate(path)
+    cfg, problems = _validate(path)
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity != "error"]
     if as_json:
         out: dict[str, object] = {
             "file": str(path),
             "valid": not errors,
-            "errors": errors,
-            "warnings": warnings,
+            "errors": [str(p) for p in errors],
+            "warnings": [str(p) for p in warnings],
+            "problems": [p.as_dict() for p in problems],
         }
         if cfg is not None:
             out["listeners"] = [
@@ -137,10 +142,29 @@ def _check_config(path: Path, as_json: bool) -> int:
             print(f"warning: {w}", file=sys.stderr)
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
-        if not errors:
+        if errors:
+            print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
+        else:
             assert cfg is not None
             print(f"{path}: OK ({len(cfg.listeners)} listener(s))")
-    return 1 if errors else 0
+    return EXIT_INVALID if errors else 0
+
+
+def _busy_listener(cfg: BrokerConfig) -> str | None:
+    """After a failed start: the first listener whose address cannot be bound now."""
+    for i, lst in enumerate(cfg.listeners):
+        try:
+            infos = socket.getaddrinfo(lst.host, lst.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            return f"listeners[{i}] ({lst.bind}): cannot resolve {lst.host}: {exc.strerror}"
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return f"listeners[{i}] ({lst.bind}): cannot listen: {exc.strerror}"
+    return None
 
 
 def _backplane(cfg: BrokerConfig) -> Backplane | None:
@@ -153,18 +177,15 @@ def _backplane(cfg: BrokerConfig) -> Backplane | None:
 
         from broker.cluster import RedisBackplane  # noqa: PLC0415 - the optional extra
     except ImportError:
-        raise SystemExit(
-            "tessera-broker: error: [cluster] needs the cluster extra: "
-            "pip install 'tessera[cluster]'"
+        raise _StartError(
+            "[cluster] needs the cluster extra: pip install 'tessera-mq[cluster]'"
         ) from None
     password = None
     if cluster.password_file is not None:
         try:
             lines = cluster.password_file.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
-            raise SystemExit(
-                f"tessera-broker: error: cluster.password_file: {exc.strerror}"
-            ) from None
+            raise _StartError(f"cluster.password_file: {exc.strerror}") from None
         password = lines[0] if lines else ""
     return RedisBackplane(
         cluster.redis,
@@ -188,10 +209,22 @@ def _as_worker(cfg: BrokerConfig, binds_json: str) -> BrokerConfig:
 
 
 async def _serve(
-    cfg: BrokerConfig, policy: Policy | None, dev_hint: Callable[[str], str] | None
+    cfg: BrokerConfig, policy: Policy | None, on_listening: Callable[[list[str]], None] | None
 ) -> None:
     broker = Broker(cfg, policy=policy, backplane=_backplane(cfg))
-    await broker.start()
+    try:
+        await broker.start()
+    except OSError as exc:
+        await broker.abandon()  # free the ports bound so far, then find the culprit
+        raise _StartError(_busy_listener(cfg) or f"cannot listen: {exc}") from None
+    metrics: MetricsServer | None = None
+    if cfg.metrics.bind is not None:
+        try:
+            metrics = await start_metrics(broker, cfg.metrics.bind)
+        except OSError as exc:
+            await broker.stop()
+            message = f"metrics.bind ({cfg.metrics.bind}): cannot listen: {exc.strerror}"
+            raise _StartError(message) from None
     # Handle SIGTERM/SIGINT before announcing readiness: a supervisor (or a test) that signals
     # right after the "listening" line must get a graceful shutdown, not the default action.
     loop = asyncio.get_running_loop()
@@ -204,10 +237,19 @@ async def _serve(
         shown = f"[{host}]" if ":" in host else host
         addresses.append(f"{shown}:{port}")
         print(f"listening {lst.config.security}://{shown}:{port}", flush=True)
-    if dev_hint:
-        # The address actually bound (with --bind HOST:0 the port is only known now).
-        print(dev_hint(addresses[0]), flush=True)
-    await broker.serve_until_stopped(install_signal_handlers=False)
+    if metrics is not None:
+        print(f"metrics http://{metrics.label}/metrics", flush=True)
+    if on_listening:
+        on_listening(addresses)
+    try:
+        await broker.serve_until_stopped(install_signal_handlers=False)
+    finally:
+        if metrics is not None:
+            await metrics.close()
+
+
+class _StartError(Exception):
+    """The broker could not start; the message names the listener."""
 
 
 def _dev_hint(directory: Path, address: str) -> str:
@@ -240,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
         return workers.EXIT_USAGE
-    hint: Callable[[str], str] | None = None
+    dev_dir: Path | None = None
     if args.dev:
         bind = args.bind or DEFAULT_DEV_BIND
         try:
@@ -248,39 +290,51 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report any provisioning failure plainly
             print(f"tessera-broker: error: cannot prepare {args.dev_dir}: {exc}", file=sys.stderr)
             return 1
-        hint = functools.partial(_dev_hint, args.dev_dir)
+        dev_dir = args.dev_dir
     else:
         if args.bind:
             print("tessera-broker: error: --bind goes with --dev", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         config_path = args.config
-    cfg, errors, warnings = _validate(config_path)
-    _setup_logging(args.log_level or (cfg.log_level if cfg else "info"), args.worker_index)
-    for w in warnings:
-        log.warning("config: %s", w)
+    cfg, problems = _validate(config_path, serving=True)
+    level = args.log_level or (cfg.log_level if cfg else "info")
+    setup_logging(level, cfg.log_format if cfg else "text", worker=args.worker_index)
+    errors = [p for p in problems if p.severity == "error"]
+    for w in problems:
+        if w.severity != "error":
+            log.warning("config: %s", w)
     if errors or cfg is None:
         for e in errors:
             print(f"tessera-broker: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     if n_workers > 1 and args.worker_binds is None:
-        argv = ["serve", "--config", str(config_path)]
+        argv_ = ["serve", "--config", str(config_path)]
         if args.log_level:
-            argv += ["--log-level", args.log_level]
-        return workers.supervise(argv, cfg, n_workers)
+            argv_ += ["--log-level", args.log_level]
+        return workers.supervise(argv_, cfg, n_workers)
     if args.worker_binds is not None:
         cfg = _as_worker(cfg, args.worker_binds)
     from broker.cluster import BackplaneError  # noqa: PLC0415 - no third-party import
 
+    def on_listening(addresses: list[str]) -> None:
+        if dev_dir is not None:
+            # The address actually bound (with --bind HOST:0 the port is only known now).
+            print(_dev_hint(dev_dir, addresses[0]), flush=True)
+            record_dev_broker(dev_dir, f"tls://{addresses[0]}")
+
     try:
-        asyncio.run(_serve(cfg, None, hint))
-    except BackplaneError as exc:
+        asyncio.run(_serve(cfg, None, on_listening))
+    except (_StartError, BackplaneError) as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     except OSError as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     except KeyboardInterrupt:
         return 0
+    finally:
+        if dev_dir is not None:
+            forget_dev_broker()
     return 0
 
 

@@ -591,6 +591,11 @@ class RequestHandler:
 
     # --- timers and closing -------------------------------------------------------------------
 
+    @property
+    def deadline(self) -> float | None:
+        """The handshake or hello deadline still ahead (loop clock), if any."""
+        return self._deadline
+
     def _set_deadline(self, when: float) -> None:
         self._deadline = when
         self.hub.set_timer(self, when)

@@ -5,7 +5,6 @@ shutdown. Connections are :class:`~broker.session.Session` drivers around a
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import json
 import logging
@@ -19,11 +18,11 @@ from typing import Any
 
 from auth.acl import Policy
 from auth.layer import SecurityLayer
-from auth.pump import Offload
 from auth.tls import TLSLayer, server_context
 from broker.audit import Audit
 from broker.backplane import Backplane
 from broker.config import BrokerConfig, ListenerConfig
+from broker.handshake_pool import HandshakePool
 from broker.hub import Hub
 from broker.session import session_factory
 from broker.store import Store
@@ -40,7 +39,8 @@ SERVER_NAME = "tessera/0.1.0"
 #: flooding client hands the loop at once, see broker.handler.EVENTS_PER_TURN).
 _RECV_BUFFER_BYTES = 64 * 1024
 
-#: Threads for blocking handshake steps (Kerberos acceptor steps take ~0.1-0.3 ms each).
+#: Threads for blocking handshake steps (Kerberos acceptor steps take ~0.1-0.3 ms each); see
+#: broker/handshake_pool.py for the per-source bounds.
 _HANDSHAKE_WORKERS = 4
 
 #: Poll interval while waiting for connections to finish closing at shutdown.
@@ -129,6 +129,8 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
                 mechanisms=mechanisms,
                 max_token_bytes=cfg.max_handshake_token_bytes,
                 max_legs=cfg.max_handshake_legs,
+                max_clock_skew=cfg.max_clock_skew,
+                ntlm_user_file=cfg.ntlm_user_file,
             )
 
         make_gss()  # configuration errors surface at start-up, not per connection
@@ -150,6 +152,8 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
                 protect_frames=False,
                 max_token_bytes=cfg.max_handshake_token_bytes,
                 max_legs=cfg.max_handshake_legs,
+                max_clock_skew=cfg.max_clock_skew,
+                ntlm_user_file=cfg.ntlm_user_file,
             ),
         )
 
@@ -175,10 +179,6 @@ class Broker:
         self.server_name = SERVER_NAME
         if policy is None:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
-        ntlm_files = {c.ntlm_user_file for c in config.listeners if c.ntlm_user_file is not None}
-        if ntlm_files:
-            # pyspnego reads NTLM accounts only from this process-wide variable.
-            os.environ["NTLM_USER_FILE"] = str(ntlm_files.pop())
         self.audit = Audit(config.audit_file)
         self.hub = Hub(
             limits=config.limits,
@@ -190,11 +190,9 @@ class Broker:
         )
         self.listeners = [Listener(c, _layer_factory(c)) for c in config.listeners]
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))
-        #: Worker threads for handshake steps that may block (GSS); bounded so a flood of
-        #: handshakes queues instead of spawning threads.
-        self.handshake_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=_HANDSHAKE_WORKERS, thread_name_prefix="tessera-handshake"
-        )
+        #: Worker threads for handshake steps that may block (GSS): a bounded queue per peer
+        #: address, served round-robin, so one source cannot monopolise them (issue #13).
+        self.handshake_pool = HandshakePool(_HANDSHAKE_WORKERS)
         self._ids = itertools.count(1)
         self._stopped: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -210,25 +208,10 @@ class Broker:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def _offload(self) -> Offload:
-        loop = self.loop
-        executor = self.handshake_executor
-
-        def offload(
-            step: Callable[[bytes], None],
-            data: bytes,
-            done: Callable[[BaseException | None], None],
-        ) -> None:
-            fut = loop.run_in_executor(executor, step, data)
-            fut.add_done_callback(lambda f: done(f.exception()))
-
-        return offload
-
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         await self.hub.start()
-        offload = self._offload()
         for lst in self.listeners:
             cfg = lst.config
             factory = session_factory(
@@ -236,7 +219,7 @@ class Broker:
                 lambda lst=lst: lst.make_layer(),  # type: ignore[misc]
                 lambda: next(self._ids),
                 label=lambda lst=lst: lst.label or lst.config.bind,  # type: ignore[misc]
-                offload=offload,
+                pool=self.handshake_pool,
                 recv_buffer=self.recv_buffer,
             )
             lst.server = await self._loop.create_server(
@@ -250,6 +233,17 @@ class Broker:
             host, port = lst.address
             lst.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             log.info("listening on %s (%s)", lst.label, cfg.security)
+
+    async def abandon(self) -> None:
+        """Undo a :meth:`start` that failed part-way (a port was taken): free what it bound."""
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+                await lst.server.wait_closed()
+        self.handshake_pool.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            await self.hub.stop()
+        self.audit.close()
 
     async def serve_until_stopped(self, *, install_signal_handlers: bool = True) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down gracefully."""
@@ -287,7 +281,7 @@ class Broker:
             if lst.server is not None:
                 await lst.server.wait_closed()
         await hub.stop()
-        self.handshake_executor.shutdown(wait=False, cancel_futures=True)
+        self.handshake_pool.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
         log.info("stopped")
 
@@ -300,6 +294,7 @@ class Broker:
             "tasks": len(asyncio.all_tasks(self.loop)),
             "open_fds": _open_fds(),
             "rss_bytes": _rss_bytes(),
+            **{f"handshake_pool_{k}": v for k, v in self.handshake_pool.stats().items()},
         }
 
     def log_info(self) -> None:

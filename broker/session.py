@@ -10,16 +10,18 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from auth.errors import AuthError, HandshakeError
 from auth.layer import SecurityLayer
-from auth.pump import LayerPump, Offload
+from auth.pump import LayerPump, StepSkipped
 from broker.handler import RequestHandler
 
 if TYPE_CHECKING:
+    from broker.handshake_pool import HandshakePool
     from broker.hub import Hub
 
 __all__ = ["Session", "attempted_mechanism"]
@@ -38,7 +40,18 @@ def attempted_mechanism(layer: SecurityLayer) -> str | None:
 class Session(asyncio.BufferedProtocol):
     """The broker's side of one connection, as seen by asyncio."""
 
-    __slots__ = ("_close_timer", "_label", "_recv", "handler", "hub", "layer", "pump", "transport")
+    __slots__ = (
+        "_close_timer",
+        "_label",
+        "_pool",
+        "_recv",
+        "_step",
+        "handler",
+        "hub",
+        "layer",
+        "pump",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -47,14 +60,16 @@ class Session(asyncio.BufferedProtocol):
         conn_id: int,
         *,
         label: str,
-        offload: Offload,
+        pool: HandshakePool,
         recv_buffer: memoryview,
     ) -> None:
         self.hub = hub
         self.layer = layer
-        self.pump = LayerPump(layer, self, offload)
+        self.pump = LayerPump(layer, self, self._offload)
         self.transport: asyncio.Transport | None = None
         self._label = label
+        self._pool = pool
+        self._step: concurrent.futures.Future[None] | None = None
         self._recv = recv_buffer
         self._close_timer: asyncio.TimerHandle | None = None
         self.handler = RequestHandler(hub, self, conn_id, peer="?", listener=label)
@@ -88,9 +103,13 @@ class Session(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.pump.feed(b"")
-        return False
+        # A half-closed peer whose handshake step is queued still gets (and is audited with)
+        # its verdict: the transport stays open until the step is done or the deadline passes.
+        return self.pump.stepping
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._step is not None:  # a queued handshake step of ours need not run any more
+            self._step.cancel()
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -105,6 +124,40 @@ class Session(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.handler.outbox_paused(False)
+
+    # --- blocking handshake steps: the per-source handshake pool ------------------------------
+
+    def _offload(
+        self,
+        step: Callable[[bytes], None],
+        data: bytes,
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Run a blocking handshake step on the broker's pool, fairly per peer address; a step
+        still queued at the handshake deadline, or when the connection went, never runs."""
+        handler = self.handler
+        source = handler.peer.rpartition(":")[0]
+        fut = self._pool.submit(source, step, data, deadline=handler.deadline)
+        if fut is None:  # this address has too many handshakes in progress: refuse early
+            handler.close_code = "handshake_busy"
+            self.hub.count("handshakes_refused_busy")
+            done(StepSkipped())
+            self.abort()
+            return
+        self._step = fut
+        asyncio.wrap_future(fut, loop=self.hub.loop).add_done_callback(
+            lambda f: self._step_finished(f, done)
+        )
+
+    def _step_finished(
+        self, fut: asyncio.Future[None], done: Callable[[BaseException | None], None]
+    ) -> None:
+        self._step = None
+        if fut.cancelled():  # skipped: the connection went, or its deadline passed in the queue
+            done(StepSkipped())
+            self.abort()
+            return
+        done(fut.exception())
 
     # --- PumpOwner: what comes out of the security layer -------------------------------------
 
@@ -193,14 +246,14 @@ def session_factory(
     next_id: Callable[[], int],
     *,
     label: Callable[[], str],
-    offload: Offload,
+    pool: HandshakePool,
     recv_buffer: memoryview,
 ) -> Callable[[], Session]:
     """The ``protocol_factory`` of one listener."""
 
     def factory() -> Session:
         return Session(
-            hub, make_layer(), next_id(), label=label(), offload=offload, recv_buffer=recv_buffer
+            hub, make_layer(), next_id(), label=label(), pool=pool, recv_buffer=recv_buffer
         )
 
     return factory

@@ -54,7 +54,7 @@ from client_sdk.protocol.errors import (
     TesseraError,
     error_from_code,
 )
-from client_sdk.protocol.limits import MAX_HEADER_FIELD_BYTES, MAX_HEADERS
+from client_sdk.protocol.grammar import header_problem
 from client_sdk.protocol.topics import matches, split_pattern, validate_pattern, validate_topic
 
 __all__ = [
@@ -728,20 +728,10 @@ class Client:
 def _checked_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Headers as the protocol allows them (checked here: the broker would close the whole
     connection with PROTOCOL_ERROR instead of refusing one publish)."""
-    hdrs = dict(headers)
-    if len(hdrs) > MAX_HEADERS:
-        raise LocalProtocolError(f"at most {MAX_HEADERS} headers per message")
-    for k, v in hdrs.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise LocalProtocolError("header names and values must be strings")
-        if (
-            len(k.encode("utf-8", "surrogatepass")) > MAX_HEADER_FIELD_BYTES
-            or len(v.encode("utf-8", "surrogatepass")) > MAX_HEADER_FIELD_BYTES
-        ):
-            raise LocalProtocolError(
-                f"header {k[:32]!r}: longer than {MAX_HEADER_FIELD_BYTES} bytes"
-            )
-    return hdrs
+    problem = header_problem(headers)
+    if problem is not None:
+        raise LocalProtocolError(f"headers {problem}")
+    return dict(headers)
 
 
 def _code(value: int) -> ErrorCode:

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 from brokerproc import BrokerProcess
+from timing import scaled
 
 import client_sdk
 from client_sdk import ErrorCode, PermissionDenied, TesseraError
 
-TIMEOUT = 5.0
+TIMEOUT = scaled(5.0)
 
 ACL = """\
 [[allow]]                       # allow[0]

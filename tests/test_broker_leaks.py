@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 from brokerproc import BrokerProcess
+from timing import scaled
 
 import client_sdk
 from auth.tls import client_context
 
-TIMEOUT = 10.0
+TIMEOUT = scaled(10.0)
 
 
 @pytest.fixture(scope="module")

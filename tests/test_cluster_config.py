@@ -58,7 +58,10 @@ def test_without_the_section_there_is_no_cluster(tmp_path: Path) -> None:
         ('redis = "redis://host"\nmax_queue_messages = true', r"max_queue_messages"),
         ('redis = "redis://host"\nchannel_prefix = "a b"', r"channel_prefix"),
         ('redis = "redis://host"\nusername = ""', r"cluster\.username"),
-        ('redis = "redis://host"\npasword_file = "pw"', r"unknown key\(s\) pasword_file"),
+        (
+            'redis = "redis://host"\npasword_file = "pw"',
+            r"pasword_file: unknown key; did you mean `password_file`",
+        ),
     ],
 )
 def test_bad_cluster_settings_name_the_key(tmp_path: Path, body: str, message: str) -> None:

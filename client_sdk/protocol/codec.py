@@ -27,11 +27,10 @@ from client_sdk.protocol.events import (
     Unsubscribe,
     Welcome,
 )
+from client_sdk.protocol.grammar import header_problem
 from client_sdk.protocol.limits import (
     FRAME_HEADER_BYTES,
     MAX_FRAME_BYTES_CEILING,
-    MAX_HEADER_FIELD_BYTES,
-    MAX_HEADERS,
     MAX_ID,
     MAX_REASON_BYTES,
 )
@@ -213,18 +212,9 @@ def _payload(value: object, op: str) -> bytes:
 def _headers(value: object, op: str) -> dict[str, str] | None:
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise _fail(f"'{op}.headers' must be a map of string to string")
-    if len(value) > MAX_HEADERS:
-        raise _fail(f"'{op}.headers' has more than {MAX_HEADERS} entries")
-    for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise _fail(f"'{op}.headers' must be a map of string to string")
-        if (
-            len(k.encode("utf-8", "surrogatepass")) > MAX_HEADER_FIELD_BYTES
-            or len(v.encode("utf-8", "surrogatepass")) > MAX_HEADER_FIELD_BYTES
-        ):
-            raise _fail(f"'{op}.headers' entry longer than {MAX_HEADER_FIELD_BYTES} bytes")
+    problem = header_problem(value)
+    if problem is not None or not isinstance(value, dict):
+        raise _fail(f"'{op}.headers' {problem or 'must be a map of string to string'}")
     return value
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 
 from client_sdk.protocol.errors import InvalidTopic
+from client_sdk.protocol.grammar import MULTI_WILDCARD, SINGLE_WILDCARD, TOKEN
+from client_sdk.protocol.grammar import matches as _matches
 from client_sdk.protocol.limits import MAX_TOPIC_BYTES, MAX_TOPIC_TOKENS
 
 __all__ = [
@@ -24,13 +26,9 @@ __all__ = [
     "validate_topic",
 ]
 
-SINGLE_WILDCARD = "*"
-MULTI_WILDCARD = ">"
-
-# Anything printable but the separators, wildcards, white space and C0/C1 controls.
-_TOKEN = r"[^\s.*>\x00-\x1f\x7f-\x9f]+"
-_TOPIC_RE = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
-_PATTERN_TOKEN_RE = re.compile(rf"{_TOKEN}|\*|>")
+# The grammar itself is client_sdk.protocol.grammar's; these are its whole-string forms.
+_TOPIC_RE = re.compile(rf"{TOKEN}(?:\.{TOKEN})*")
+_PATTERN_TOKEN_RE = re.compile(rf"{TOKEN}|\*|>")
 
 
 def _check_size(value: object, what: str, max_bytes: int) -> str:
@@ -97,11 +95,4 @@ def matches(pattern: str | tuple[str, ...], topic: str | tuple[str, ...]) -> boo
     """True if the concrete ``topic`` matches the subscription ``pattern``."""
     p = split_pattern(pattern) if isinstance(pattern, str) else pattern
     t = split_pattern(topic) if isinstance(topic, str) else topic
-    for i, token in enumerate(p):
-        if token == MULTI_WILDCARD:
-            return len(t) > i
-        if i >= len(t):
-            return False
-        if token != SINGLE_WILDCARD and token != t[i]:
-            return False
-    return len(t) == len(p)
+    return _matches(p, t)
