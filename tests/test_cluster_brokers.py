@@ -317,6 +317,26 @@ async def test_backplane_state_is_exported_to_prometheus(
         assert _scrape(address)["tessera_backplane_connected"] == 1
 
 
+async def test_each_worker_serves_its_own_metrics(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    """``[metrics] bind`` with ``--workers 2``: one listener per worker (port + index, or a free
+    port each with port 0), announced by the supervisor with the worker's tag."""
+    cfg = cluster_config(broker_factory, redis_server)
+    cfg.write_text(cfg.read_text() + '\n[metrics]\nbind = "127.0.0.1:0"\n')
+    proc = broker_factory.track(
+        BrokerProcess(["serve", "--config", str(cfg), "--workers", "2"], workdir=cfg.parent)
+    ).start()
+    out = proc.wait_for_stdout(r"^\[worker 1\] metrics http://")
+    out = proc.wait_for_stdout(r"^\[worker 0\] metrics http://")
+    found = re.findall(r"^\[worker (\d)\] metrics http://([\d.]+):(\d+)/metrics$", out, re.M)
+    assert sorted(w for w, _, _ in found) == ["0", "1"]
+    ports = {int(p) for _, _, p in found}
+    assert len(ports) == 2
+    for _, host, port in found:
+        assert _scrape((host, int(port)))["tessera_backplane_connected"] == 1
+
+
 def test_start_fails_clearly_without_redis(broker_factory: Any, redis_server: RedisProcess) -> None:
     cfg = cluster_config(broker_factory, redis_server)
     redis_server.kill()
