@@ -286,6 +286,56 @@ async def _backplane_run(url: str, seconds: float, payload_bytes: int) -> dict[s
     }
 
 
+async def _pattern_cost(url: str, patterns: int, publishes: int, *, glob: bool = True) -> float:
+    """Redis CPU (us) per PUBLISH while one client holds ``patterns`` PSUBSCRIBE globs that
+    never match (``glob``), or as many plain SUBSCRIBE channels: what one PSUBSCRIBE per
+    Tessera pattern would cost Redis on every publish, against first-token channels."""
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    client = aioredis.Redis.from_url(url)
+    pubsub = client.pubsub()
+    try:
+        if patterns:
+            for start in range(0, patterns, 1000):
+                names = range(start, min(patterns, start + 1000))
+                if glob:
+                    await pubsub.psubscribe(*[f"tessera:t{i}.*" for i in names])
+                else:
+                    await pubsub.subscribe(*[f"tessera:t{i}" for i in names])
+        info = await client.info("server")
+        pid = int(info["process_id"])
+        r0 = cpu([pid])
+        for _ in range(publishes // 1000):
+            pipe = client.pipeline(transaction=False)
+            for _ in range(1000):
+                pipe.publish("tessera:bench", b"x" * 256)
+            await pipe.execute()
+        return (cpu([pid]) - r0) / publishes * 1e6
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+def pattern_scenario(d: Path) -> dict[str, float]:
+    import asyncio  # noqa: PLC0415
+
+    out = {}
+    runs = [
+        ("none", 0, 50_000, True),
+        ("100 globs", 100, 50_000, True),
+        ("1000 globs", 1000, 20_000, True),
+        ("10000 globs", 10_000, 2_000, True),
+        ("10000 channels", 10_000, 50_000, False),
+    ]
+    for name, n, publishes, glob in runs:
+        redis = Redis(d)
+        try:
+            out[name] = asyncio.run(_pattern_cost(redis.url, n, publishes, glob=glob))
+        finally:
+            redis.stop()
+    return out
+
+
 def backplane_scenario(args: argparse.Namespace, d: Path) -> dict[str, Any]:
     import asyncio  # noqa: PLC0415
 
@@ -348,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_scenario(name, args, certs, certs))
         log("backplane alone: RedisBackplane to RedisBackplane")
         backplane = backplane_scenario(args, certs)
+        log("Redis CPU per PUBLISH against the number of PSUBSCRIBE patterns held")
+        patterns = pattern_scenario(certs)
     base = next((r for r in results if r["scenario"] == "single"), None)
     print(f"{'scenario':<14}{'deliveries/s':>14}{'ratio':>8}{'p99 ms':>9}{'broker cores':>13}"
           f"{'redis cores':>12}  lost/dup")  # fmt: skip
@@ -374,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{backplane['redis_us_per_publication']:.1f} us per publication (both ends in one "
         "process)"
     )
+    print(
+        "Redis CPU per PUBLISH (256 B, no subscriber matching) while other clients hold: "
+        + ", ".join(f"{k}: {v:.2f} us" for k, v in patterns.items())
+    )
     for r in results:
         f, lat = r["fanout"], r["latency"]
         print(
@@ -389,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "shared 2-core machine, nothing pinned; indicative",
         "results": results,
         "backplane": backplane,
+        "redis_us_per_publish_by_patterns": patterns,
     }
     if args.json:
         args.json.write_text(json.dumps(meta, indent=1))
