@@ -31,6 +31,7 @@ from broker.config import (
     Problem,
     key_lines,
     load_config,
+    parse_bind,
 )
 from broker.dev import (
     DEFAULT_DEV_BIND,
@@ -264,15 +265,23 @@ def _backplane(cfg: BrokerConfig) -> Backplane | None:
     )
 
 
-def _as_worker(cfg: BrokerConfig, binds_json: str) -> BrokerConfig:
-    """A worker of ``--workers``: listen on the supervisor's reserved addresses, SO_REUSEPORT."""
+def _as_worker(cfg: BrokerConfig, binds_json: str, index: int) -> BrokerConfig:
+    """Worker ``index`` of ``--workers``: listen on the supervisor's reserved addresses with
+    SO_REUSEPORT; its own metrics listener (if any) on the configured port + ``index`` (each
+    worker reports its own process; port 0 stays "any free port")."""
     binds = json.loads(binds_json)
     assert isinstance(binds, list) and len(binds) == len(cfg.listeners), binds
     Broker.reuse_port = True
     listeners = tuple(
         dataclasses.replace(lst, bind=str(b)) for lst, b in zip(cfg.listeners, binds, strict=True)
     )
-    return dataclasses.replace(cfg, listeners=listeners)
+    metrics = cfg.metrics
+    if metrics.bind is not None:
+        host, port = parse_bind(metrics.bind)
+        if port:
+            shown = f"[{host}]" if ":" in host else host
+            metrics = dataclasses.replace(metrics, bind=f"{shown}:{port + index}")
+    return dataclasses.replace(cfg, listeners=listeners, metrics=metrics)
 
 
 async def _serve(
@@ -475,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             argv_ += ["--log-level", args.log_level]
         return workers.supervise(argv_, cfg, n_workers)
     if args.worker_binds is not None:
-        cfg = _as_worker(cfg, args.worker_binds)
+        cfg = _as_worker(cfg, args.worker_binds, args.worker_index or 0)
         # issue #10: N workers cannot share one admin socket; the supervisor forwards SIGHUP
         # (reload) to every worker instead.
         cfg = dataclasses.replace(cfg, admin_socket="")

@@ -117,19 +117,21 @@ def glob_escape(text: str) -> str:
     return "".join(out)
 
 
-def encode_publication(pub: Publication) -> bytes:
-    """One publication as Redis carries it, inside a batch (see :func:`encode_batch`)."""
-    return msgpack.packb(  # type: ignore[no-any-return]
-        [
-            pub.topic,
-            pub.payload,
-            dict(pub.headers) if pub.headers else None,
-            pub.sender,
-            pub.retain,
-            pub.extra or None,
-        ],
-        use_bin_type=True,
+def encode_publication(pub: Publication, packer: msgpack.Packer | None = None) -> bytes:
+    """One publication as Redis carries it, inside a batch (see :func:`encode_batch`).
+    A reused ``packer`` (one per backplane: not shared between threads) saves creating one
+    per call, about 0.5 us of the 0.7."""
+    fields = (
+        pub.topic,
+        pub.payload,
+        dict(pub.headers) if pub.headers else None,
+        pub.sender,
+        pub.retain,
+        pub.extra or None,
     )
+    if packer is None:
+        return msgpack.packb(fields, use_bin_type=True)  # type: ignore[no-any-return]
+    return packer.pack(fields)  # type: ignore[no-any-return]
 
 
 def _array_header(n: int) -> bytes:
@@ -149,44 +151,40 @@ def encode_batch(node: bytes, seq: int, items: Sequence[bytes]) -> bytes:
 
 
 def decode_batch(data: bytes) -> tuple[bytes, int, list[Publication]]:
-    """``(node, seq, publications)`` from a Redis message; raises ValueError if malformed."""
+    """``(node, seq, publications)`` from a Redis message; raises ValueError if malformed.
+
+    The ingest path of every node (each remote publication passes here once per node): exact
+    ``type`` checks and tuples instead of lists keep it near 0.6 us per publication."""
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=False)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ValueError(f"not msgpack: {type(exc).__name__}") from None
-    if not isinstance(obj, list) or len(obj) != 4 or obj[0] != _WIRE_VERSION:
+    if type(obj) is not tuple or len(obj) != 4 or obj[0] != _WIRE_VERSION:
         raise ValueError("not a version-1 batch array")
     _, node, seq, items = obj
-    if not (isinstance(node, bytes) and isinstance(seq, int) and isinstance(items, list)):
-        raise ValueError("batch fields of the wrong type")  # noqa: TRY004 - one error type
-    pubs = []
+    if type(node) is not bytes or type(seq) is not int or type(items) is not tuple:
+        raise ValueError("batch fields of the wrong type")
+    pubs: list[Publication] = []
+    append = pubs.append
     for item in items:
-        if not isinstance(item, list) or len(item) != 6:
+        if type(item) is not tuple or len(item) != 6:
             raise ValueError("a publication is not a 6-element array")
         topic, payload, headers, sender, retain, extra = item
-        if not (
-            isinstance(topic, str)
-            and isinstance(payload, bytes)
-            and (headers is None or isinstance(headers, dict))
-            and (sender is None or isinstance(sender, str))
-            and isinstance(retain, bool)
-            and (extra is None or isinstance(extra, dict))
+        if (
+            type(topic) is not str
+            or type(payload) is not bytes
+            or type(retain) is not bool
+            or (sender is not None and type(sender) is not str)
+            or (extra is not None and type(extra) is not dict)
         ):
             raise ValueError("publication fields of the wrong type")
-        if headers is not None and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-        ):
-            raise ValueError("headers must map strings to strings")
-        pubs.append(
-            Publication(
-                topic=topic,
-                payload=payload,
-                headers=headers,
-                sender=sender,
-                retain=retain,
-                extra=dict(extra) if extra else {},
-            )
-        )
+        if headers is not None:
+            if type(headers) is not dict:
+                raise ValueError("headers must map strings to strings")
+            for k, v in headers.items():
+                if type(k) is not str or type(v) is not str:
+                    raise ValueError("headers must map strings to strings")
+        append(Publication(topic, payload, headers, sender, retain, dict(extra) if extra else {}))
     return node, seq, pubs
 
 
@@ -222,6 +220,7 @@ class RedisBackplane:
         self._echo_prefix = bytes((0x94, _WIRE_VERSION, 0xC4, len(self.node))) + self.node
         self._inject: Callable[[Publication], None] | None = None
         self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._packer = msgpack.Packer(use_bin_type=True)
         self._seq = 0
         self._last_seq: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         #: Local patterns (the hub reports first appearance / last removal of each).
@@ -306,7 +305,7 @@ class RedisBackplane:
             self.stats["refused_queue_full"] += 1
             return False
         channel = f"{self.prefix}:{_first_token(pub.topic)}"
-        self._queue.append((channel, encode_publication(pub)))
+        self._queue.append((channel, encode_publication(pub, self._packer)))
         if len(self._queue) == 1:
             self._wake_writer.set()
         return True

@@ -170,9 +170,47 @@ class BrokerCollector:
                 "How late the event loop ran a timer recently (worst since the last scrape).",
                 value=lag,
             )
+        backplane = info.get("backplane")
+        if isinstance(backplane, Mapping):
+            yield from _backplane_metrics(backplane)
         for key, value in sorted(info.items()):
             if key not in _HANDLED and _number(value) and key.isidentifier():
                 yield GaugeMetricFamily(f"tessera_{key}", f"Broker.info()[{key!r}]", value=value)
+
+
+#: Counters of the Redis backplane's ``health()`` (issue #11, docs/scaling.md); its other numeric
+#: fields (``connected``, ``queue``, ``outage_seconds``, ...) are gauges.
+_BACKPLANE_COUNTERS = frozenset(
+    {
+        "outages",
+        "published",
+        "redis_messages",
+        "received",
+        "refused_disconnected",
+        "refused_queue_full",
+        "lost",
+        "duplicates_dropped",
+        "bad_messages",
+    }
+)
+
+
+def _backplane_metrics(health: Mapping[str, Any]) -> Iterator[Any]:
+    """``tessera_backplane_*`` from ``info()["backplane"]`` (``connected`` is 1 or 0)."""
+    from prometheus_client.core import (  # noqa: PLC0415 - optional extra
+        CounterMetricFamily,
+        GaugeMetricFamily,
+    )
+
+    for key, raw in sorted(health.items()):
+        value = int(raw) if isinstance(raw, bool) else raw
+        if not _number(value) or not key.isidentifier():
+            continue
+        name, doc = f"tessera_backplane_{key}", f"Backplane health()[{key!r}] (docs/scaling.md)."
+        if key in _BACKPLANE_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=value)
+        else:
+            yield GaugeMetricFamily(name, doc, value=value)
 
 
 def _number(value: object) -> bool:

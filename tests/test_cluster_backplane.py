@@ -308,3 +308,29 @@ def test_encoding_round_trip_and_size() -> None:
     ):
         with pytest.raises(ValueError, match=r"msgpack|array|type|headers"):
             decode_batch(bad)
+
+
+async def test_batches_keep_order_across_channels_and_split_by_size(
+    pair: tuple[Node, Node],
+) -> None:
+    a, b = pair
+    b.bp.interest(">", True)  # the glob: every channel, one connection
+    await settle()
+    big = b"x" * 100_000  # three of these exceed one batch's 256 KiB
+    sent = []
+    for i in range(60):  # no await in between: one writer round takes them all
+        topic = ("alpha.x", "beta.y", "alpha.z")[i % 3]
+        payload = big if i % 10 == 0 else str(i).encode()
+        assert a.bp.publish(Publication(topic, payload))
+        sent.append((topic, payload))
+    await until(lambda: len(b.got) == 60)
+    assert [(p.topic, p.payload) for p in b.got] == sent
+    h = a.bp.health()
+    # consecutive publications to one channel share a message; a channel change starts one
+    assert 40 <= h["redis_messages"] < 60
+    before = h["redis_messages"]
+    for _ in range(5):  # 500 KB to one channel: more than one 256 KiB message
+        assert a.bp.publish(Publication("alpha.big", big))
+    await until(lambda: len(b.got) == 65)
+    assert a.bp.health()["redis_messages"] - before >= 2
+    assert all(p.payload == big for p in b.got[60:])

@@ -266,6 +266,79 @@ async def test_redis_killed_and_restarted_mid_stream(
         assert int(re.search(r"(\d+) publication\(s\)", line)[1]) >= 50  # type: ignore[index]
 
 
+def _scrape(address: tuple[str, int]) -> dict[str, float]:
+    import http.client  # noqa: PLC0415
+
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    conn = http.client.HTTPConnection(*address, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/metrics")
+        body = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name.startswith("tessera_backplane_")
+    }
+
+
+async def test_backplane_state_is_exported_to_prometheus(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    cfg = cluster_config(broker_factory, redis_server)
+    cfg.write_text(cfg.read_text() + '\n[metrics]\nbind = "127.0.0.1:0"\n')
+    a = broker_factory.serve(cfg)
+    m = re.search(r"^metrics http://([\d.]+):(\d+)/metrics$", a.wait_for_stdout("^metrics"), re.M)
+    assert m
+    address = (m[1], int(m[2]))
+    async with connect(a.url, pki, "alice") as pub:
+        await pub.publish("p.x", b"1")
+        await pub.publish("p.x", b"2")
+        deadline = time.monotonic() + TIMEOUT
+        while _scrape(address).get("tessera_backplane_published_total", 0) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        before = _scrape(address)
+        assert before["tessera_backplane_connected"] == 1
+        assert before["tessera_backplane_outages_total"] == 0
+        assert before["tessera_backplane_queue_max"] == 10_000
+        mark = a.log_mark()
+        redis_server.kill()
+        a.wait_for_log(r"redis backplane lost", since=mark)
+        await pub.publish("p.x", b"3")  # local only: refused by the backplane
+        during = _scrape(address)
+        assert during["tessera_backplane_connected"] == 0
+        assert during["tessera_backplane_outages_total"] == 1
+        assert during["tessera_backplane_refused_disconnected_total"] >= 1
+        assert during["tessera_backplane_outage_seconds"] > 0
+        redis_server.start()
+        a.wait_for_log(r"redis backplane reconnected", since=mark, timeout=15)
+        assert _scrape(address)["tessera_backplane_connected"] == 1
+
+
+async def test_each_worker_serves_its_own_metrics(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    """``[metrics] bind`` with ``--workers 2``: one listener per worker (port + index, or a free
+    port each with port 0), announced by the supervisor with the worker's tag."""
+    cfg = cluster_config(broker_factory, redis_server)
+    cfg.write_text(cfg.read_text() + '\n[metrics]\nbind = "127.0.0.1:0"\n')
+    proc = broker_factory.track(
+        BrokerProcess(["serve", "--config", str(cfg), "--workers", "2"], workdir=cfg.parent)
+    ).start()
+    out = proc.wait_for_stdout(r"^\[worker 1\] metrics http://")
+    out = proc.wait_for_stdout(r"^\[worker 0\] metrics http://")
+    found = re.findall(r"^\[worker (\d)\] metrics http://([\d.]+):(\d+)/metrics$", out, re.M)
+    assert sorted(w for w, _, _ in found) == ["0", "1"]
+    ports = {int(p) for _, _, p in found}
+    assert len(ports) == 2
+    for _, host, port in found:
+        assert _scrape((host, int(port)))["tessera_backplane_connected"] == 1
+
+
 def test_start_fails_clearly_without_redis(broker_factory: Any, redis_server: RedisProcess) -> None:
     cfg = cluster_config(broker_factory, redis_server)
     redis_server.kill()
