@@ -474,6 +474,10 @@ class RedisBackplane:
             asyncio.create_task(self._writer(), name="redis-backplane-writer"),
             asyncio.create_task(self._syncer(), name="redis-backplane-sync"),
         ]
+        for task in tasks:
+            # Before any await: however this ends (even cancelled itself while waiting below),
+            # a task finishing late with an error has that error seen, never logged as lost.
+            task.add_done_callback(_retrieve)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -486,8 +490,6 @@ class RedisBackplane:
             # Bounded: a task that does not end on cancel (a read inside the client library)
             # must not hold up shutdown; closing the connection afterwards ends it.
             _, pending = await asyncio.wait(tasks, timeout=_CANCEL_WAIT_SECONDS)
-            for task in tasks:
-                task.add_done_callback(_retrieve)
             if pending:
                 log.warning(
                     "redis backplane: %s did not stop on cancel",
