@@ -47,7 +47,8 @@ for _path in (REPO, REPO / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-HOST = "localhost"  # the SPN is tessera/localhost
+HOST = "localhost"
+SERVICE = "flood"  # the SPN is flood/localhost: apart from the test suite's tessera/localhost
 FLOOD_SOURCE = "127.0.0.2"  # the attacker's address (any 127/8 address is loopback on Linux)
 TOKEN_LIMIT_BYTES = 64 * 1024  # the default max_handshake_token_bytes
 KRB5_OID = bytes.fromhex("2a864886f712010202")
@@ -201,14 +202,15 @@ async def measure(
     times = []
     for _ in range(connects):
         began = time.perf_counter()
-        async with client_sdk.connect(url, auth=credential, timeout=30) as client:
+        async with client_sdk.connect(url, auth=credential, service=SERVICE, timeout=30) as c:
             times.append(time.perf_counter() - began)
+            assert str(c.identity).startswith("kerberos:flood-alice@")
     latencies: list[float] = []
-    async with client_sdk.connect(url, auth=credential, timeout=30) as client:
-        sub = await client.subscribe("lat.>")
+    async with client_sdk.connect(url, auth=credential, service=SERVICE, timeout=30) as c:
+        sub = await c.subscribe("lat.>")
         for i in range(messages):
             sent = time.perf_counter()
-            await client.publish("lat.x", str(i).encode())
+            await c.publish("lat.x", str(i).encode())
             async for msg in sub:
                 assert msg.payload == str(i).encode()
                 latencies.append(time.perf_counter() - sent)
@@ -226,7 +228,7 @@ def write_broker_config(directory: Path, keytab: Path, realm: str) -> Path:
                 "[[listeners]]",
                 'bind = "127.0.0.1:0"',
                 'security = "negotiate"',
-                f'service_principal = "tessera/{HOST}@{realm}"',
+                f'service_principal = "{SERVICE}/{HOST}@{realm}"',
                 f'keytab = "{keytab}"',
                 "",
                 "[acl]",
@@ -246,9 +248,9 @@ def prepare_realm(kdc: Any, directory: Path) -> tuple[Path, Any]:
     """The broker keytab and a client credential (a ccache with a TGT)."""
     from auth.negotiate import Kerberos  # noqa: PLC0415
 
-    kdc.add_principal(f"tessera/{HOST}")
+    kdc.add_principal(f"{SERVICE}/{HOST}")
     alice = kdc.add_principal("flood-alice", PASSWORD)
-    keytab = kdc.export_keytab(directory / "broker.keytab", [f"tessera/{HOST}"])
+    keytab = kdc.export_keytab(directory / "broker.keytab", [f"{SERVICE}/{HOST}"])
     ccache = kdc.kinit(alice, PASSWORD, directory / "alice.ccache")
     return keytab, Kerberos(ccache=ccache)
 
@@ -271,21 +273,22 @@ def run(
     messages: int = 200,
     interval: float = 0.005,
     pin: bool = False,
-    broker: Any = None,
 ) -> dict[str, Any]:
-    """Start a broker (unless *broker* is given), measure unloaded and under the flood."""
+    """Start a broker, measure unloaded and under the flood; *pin* puts the broker on CPU 0 and
+    this process and the (niced) flood on CPU 1."""
     from brokerproc import BrokerProcess  # noqa: PLC0415
 
     keytab, credential = prepare_realm(kdc, directory)
-    proc = broker
-    if proc is None:
-        config = write_broker_config(directory, keytab, kdc.realm)
-        proc = BrokerProcess(["serve", "--config", str(config)], workdir=directory, env=kdc.env())
-        proc.start()
-    if pin and shutil.which("taskset"):
+    config = write_broker_config(directory, keytab, kdc.realm)
+    proc = BrokerProcess(["serve", "--config", str(config)], workdir=directory, env=kdc.env())
+    proc.start()
+    affinity = os.sched_getaffinity(0)
+    if pin and shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2:
+        # broker (all threads) on CPU 0; this measuring process and the (niced) flood on CPU 1
         subprocess.run(
             ["taskset", "-a", "-p", "-c", "0", str(proc.pid)], check=True, capture_output=True
         )
+        os.sched_setaffinity(0, {1})
     try:
         url = f"negotiate://{HOST}:{proc.port}"
         asyncio.run(measure(url, credential, connects=3, messages=20, interval=interval))  # warm
@@ -315,14 +318,15 @@ def run(
         result["p99_ratio"] = result["loaded"]["latency_p99_ms"] / max(
             result["unloaded"]["latency_p99_ms"], 1e-6
         )
+        result["unexpected_log_lines"] = proc.unexpected_log_lines()
         return result
     except BaseException:
         lines = [x for x in proc.log_lines() if "127.0.0.2" not in x]
         print("\n".join(lines[-30:]), file=sys.stderr)
         raise
     finally:
-        if broker is None:
-            proc.stop()
+        os.sched_setaffinity(0, affinity)
+        proc.stop()
 
 
 def main() -> None:

@@ -72,6 +72,8 @@ def preflight(
             report.add(("acl", "file"), str(exc))
     if cfg.audit_file is not None:
         _writable(report, ("audit", "file"), cfg.audit_file)
+    if cfg.data_dir is not None:
+        _data_dir(report, cfg.data_dir)
     if cfg.metrics.bind is not None:
         try:
             import prometheus_client  # noqa: F401, PLC0415
@@ -128,6 +130,21 @@ def _writable(report: _Report, path: tuple[str | int, ...], file: Path) -> None:
         report.add(path, f"cannot create {file}: directory not writable")
 
 
+def _data_dir(report: _Report, directory: Path) -> None:
+    """The embedded store's directory exists and is writable, or can be created."""
+    if directory.exists():
+        if not directory.is_dir():
+            report.add(("data_dir",), f"{directory} is not a directory")
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            report.add(("data_dir",), f"{directory} is not writable by this user")
+        return
+    parent = directory.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        report.add(("data_dir",), f"cannot create {directory}: {parent} is not writable")
+
+
 def _listener(report: _Report, i: int, lst: ListenerConfig, *, serving: bool) -> None:
     base: tuple[str | int, ...] = ("listeners", i)
     name = _name(i, lst)
@@ -151,6 +168,8 @@ def _listener(report: _Report, i: int, lst: ListenerConfig, *, serving: bool) ->
         p: Path | None = getattr(lst, key)
         if p is not None:
             _readable(report, (*base, key), p, f"{name}: {key}")
+    for crl in lst.crl:  # issue #10; their contents are checked with the TLS context below
+        _readable(report, (*base, "crl"), crl, f"{name}: crl")
     if (
         lst.keytab is not None
         and lst.service_principal
@@ -171,9 +190,9 @@ def _listener(report: _Report, i: int, lst: ListenerConfig, *, serving: bool) ->
     quiet = _DropAll()
     server_log.addFilter(quiet)  # the broker logs its own start-up warnings when it starts
     try:
-        from broker.server import _layer_factory  # noqa: PLC0415 - server imports this module's callers
+        from broker.server import _layer_factory, listener_crls  # noqa: PLC0415 - server imports this module's callers
 
-        _layer_factory(lst)
+        _layer_factory(lst, listener_crls(lst))
     except ssl.SSLError as exc:
         files = ", ".join(str(p) for p in (lst.cert, lst.key, lst.client_ca) if p is not None)
         report.add(base, f"{name}: TLS cannot load {files}: {exc.reason or exc}")

@@ -1,7 +1,9 @@
-"""``tessera-broker``: run the broker, check a configuration.
+"""``tessera-broker``: run the broker, check a configuration, reload a running broker and list
+its connections (through its admin socket).
 
 Exit codes: 0 success (or a clean shutdown); 1 the configuration, a file it names, or a listener
-is not usable (every problem is printed, naming the listener and the file); 2 usage error.
+is not usable (every problem is printed, naming the listener and the file), or a reload that
+changed nothing; 2 usage error; 3 (``reload``, ``connections``) the broker could not be reached.
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from auth.acl import Policy
+from broker.admin import AdminError, AdminServer, request
 from broker.backplane import Backplane
 from broker.check import preflight
-from broker.config import BrokerConfig, ConfigError, Problem, key_lines, load_config, parse_bind
+from broker.config import (
+    DEFAULT_ADMIN_SOCKET,
+    BrokerConfig,
+    ConfigError,
+    Problem,
+    key_lines,
+    load_config,
+    parse_bind,
+)
 from broker.dev import (
     DEFAULT_DEV_BIND,
     DEFAULT_DEV_DIR,
@@ -32,6 +43,7 @@ from broker.dev import (
 )
 from broker.logs import setup_logging
 from broker.metrics import MetricsServer, start_metrics
+from broker.reload import Reloader
 from broker.server import SERVER_NAME, Broker
 
 __all__ = ["main"]
@@ -42,6 +54,8 @@ log = logging.getLogger("tessera.broker")
 EXIT_INVALID = 1
 #: Bad command line (argparse's own code).
 EXIT_USAGE = 2
+#: ``reload``/``connections``: the running broker could not be reached (issue #10).
+EXIT_UNREACHABLE = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="tessera-broker",
         description="Tessera message broker: authenticated pub/sub over TLS.",
         epilog="exit codes: 0 ok (or a clean shutdown), 1 the configuration, a file it names "
-        "or a listener is not usable, 2 usage (docs/configuration.md).",
+        "or a listener is not usable (or a reload changed nothing), 2 usage, 3 the running "
+        "broker could not be reached (docs/configuration.md).",
     )
     p.add_argument("--version", action="version", version=SERVER_NAME)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -100,6 +115,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--json", action="store_true", help="print the result as JSON")
+    # issue #10: the admin endpoint's commands
+    for name, summary, description in (
+        (
+            "reload",
+            "reload a running broker's configuration",
+            "Ask the running broker to re-read its configuration: server certificate and key, "
+            "client CA, CRLs, ACL and limits. A reload that fails validation changes nothing "
+            "(exit 1, the reason on stderr). Same as sending SIGHUP, but with the outcome.",
+        ),
+        (
+            "connections",
+            "list who is connected",
+            "List the running broker's authenticated connections: identity, mechanism, since "
+            "when, subscriptions and when the credential expires.",
+        ),
+        (
+            "stats",
+            "print the running broker's counters",
+            "Print the running broker's counters and gauges (connections, subscriptions, "
+            "publishes, deliveries, bytes, outbox bytes, slow consumers, handshake pool, open "
+            "file descriptors, RSS): the same figures the metrics endpoint exports.",
+        ),
+    ):
+        cmd = sub.add_parser(name, help=summary, description=description)
+        where = cmd.add_mutually_exclusive_group(required=True)
+        where.add_argument(
+            "--config",
+            type=Path,
+            metavar="FILE",
+            help=f"the broker's configuration (its admin socket; default {DEFAULT_ADMIN_SOCKET} "
+            "beside it)",
+        )
+        where.add_argument("--socket", type=Path, metavar="PATH", help="the admin socket")
+        cmd.add_argument("--json", action="store_true", help="print the answer as JSON")
     return p
 
 
@@ -168,6 +217,25 @@ def _busy_listener(cfg: BrokerConfig) -> str | None:
     return None
 
 
+def _admin_server(broker: Broker, reloader: Reloader) -> AdminServer | None:
+    """The admin endpoint's ops: ``reload``, ``connections`` (issue #10) and ``stats``."""
+    path = broker.config.admin_socket_path
+    if path is None:
+        return None
+
+    async def reload(_: object) -> dict[str, object]:
+        return (await reloader.reload(trigger="admin")).to_json()
+
+    async def connections(_: object) -> dict[str, object]:
+        return {"ok": True, "connections": broker.hub.watch.describe()}
+
+    async def stats(_: object) -> dict[str, object]:
+        return {"ok": True, "stats": broker.info()}
+
+    ops = {"reload": reload, "connections": connections, "stats": stats}
+    return AdminServer(path, ops, audit=broker.audit.record)
+
+
 def _backplane(cfg: BrokerConfig, *, fail_fast: bool = True) -> Backplane | None:
     """The Redis backplane when ``[cluster]`` is configured (imported only then).
     ``fail_fast=False`` (a restarted worker): start even while Redis is unreachable."""
@@ -227,6 +295,29 @@ async def _serve(
     fail_fast: bool = True,
 ) -> None:
     broker = Broker(cfg, policy=policy, backplane=_backplane(cfg, fail_fast=fail_fast))
+    reloader = Reloader(broker)
+    admin = _admin_server(broker, reloader)
+    if admin is not None:
+        try:
+            await admin.start()  # before the listeners: a second broker on this config stops here
+        except AdminError as exc:
+            if cfg.admin_socket is not None:
+                raise  # configured explicitly: the operator relies on it
+            # The default place (beside the configuration) may be read-only, e.g. under
+            # systemd's ProtectSystem=strict: serve anyway; SIGHUP still reloads.
+            log.warning("admin endpoint off (%s); set admin_socket to enable it", exc)
+            admin = None
+    try:
+        await _run(broker, reloader, on_listening)
+    finally:
+        if admin is not None:
+            await admin.stop()
+
+
+async def _run(
+    broker: Broker, reloader: Reloader, on_listening: Callable[[list[str]], None] | None
+) -> None:
+    cfg = broker.config
     try:
         await broker.start()
     except OSError as exc:
@@ -246,6 +337,8 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, broker.request_stop)
     loop.add_signal_handler(signal.SIGUSR1, broker.log_info)
+    loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)  # issue #10: reload, not exit
+    reloader.watch_crls()
     addresses = []
     for lst in broker.listeners:
         host, port = lst.address
@@ -285,10 +378,80 @@ def _dev_hint(directory: Path, address: str) -> str:
     )
 
 
+def _admin_command(args: argparse.Namespace) -> int:
+    """``reload`` / ``connections`` / ``stats``: one request to the running broker's admin
+    socket."""
+    path: Path | None = args.socket
+    if path is None:
+        try:
+            path = load_config(args.config).admin_socket_path
+        except ConfigError as exc:
+            print(f"tessera-broker: error: {exc}", file=sys.stderr)
+            return 1
+        if path is None:
+            print(
+                f"tessera-broker: error: {args.config} turns the admin socket off"
+                ' (admin_socket = "")',
+                file=sys.stderr,
+            )
+            return 1
+    try:
+        answer = request(path, args.command)
+    except AdminError as exc:
+        print(f"tessera-broker: error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    ok = answer.get("ok") is True
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif not ok:
+        print(f"tessera-broker: error: {answer.get('error')}", file=sys.stderr)
+    elif args.command == "reload":
+        _print_reload(answer)
+    elif args.command == "stats":
+        stats = answer.get("stats")
+        for key, value in sorted(stats.items()) if isinstance(stats, dict) else ():
+            print(f"{key} {json.dumps(value, sort_keys=True)}")
+    else:
+        _print_connections(answer)
+    return 0 if ok else 1
+
+
+def _print_reload(answer: dict[str, object]) -> None:
+    print(
+        f"reloaded {answer.get('config')}: policy {answer.get('policy')},"
+        f" {answer.get('subscriptions_removed')} subscription(s) removed,"
+        f" {answer.get('sessions_revoked')} revoked session(s) closed"
+    )
+    for key, label in (("warnings", "warning"), ("restart_needed", "restart needed for")):
+        items = answer.get(key)
+        if isinstance(items, list):
+            for item in items:
+                print(f"{label}: {item}", file=sys.stderr)
+
+
+def _print_connections(answer: dict[str, object]) -> None:
+    rows = answer.get("connections")
+    if not isinstance(rows, list) or not rows:
+        print("no connections")
+        return
+    print(f"{'CONN':>6}  {'IDENTITY':<32} {'SINCE':<25} {'EXPIRES':<25} SUBSCRIPTIONS")
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        subs = row.get("subscriptions")
+        patterns = ", ".join(subs.values()) if isinstance(subs, dict) else ""
+        print(
+            f"{row.get('conn')!s:>6}  {row.get('identity')!s:<32} {row.get('since')!s:<25}"
+            f" {row.get('credential_expires_at') or 'never'!s:<25} {patterns}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.file, args.json)
+    if args.command in ("reload", "connections", "stats"):
+        return _admin_command(args)
 
     from broker import workers  # noqa: PLC0415
 
@@ -329,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         return workers.supervise(argv_, cfg, n_workers)
     if args.worker_binds is not None:
         cfg = _as_worker(cfg, args.worker_binds, args.worker_index or 0)
+        # issue #10: N workers cannot share one admin socket; the supervisor forwards SIGHUP
+        # (reload) to every worker instead.
+        cfg = dataclasses.replace(cfg, admin_socket="")
     from broker.cluster import BackplaneError  # noqa: PLC0415 - no third-party import
 
     def on_listening(addresses: list[str]) -> None:
@@ -339,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(_serve(cfg, None, on_listening, fail_fast=not args.worker_restarted))
-    except (_StartError, BackplaneError) as exc:
+    except (_StartError, AdminError, BackplaneError) as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except OSError as exc:

@@ -31,25 +31,36 @@ from typing import Annotated, Any, ClassVar
 
 from auth.identity import DEFAULT_X509_NAME_FIELDS, validate_x509_name_fields
 from client_sdk.protocol import limits as wire
+from client_sdk.protocol.errors import InvalidTopic
+from client_sdk.protocol.grammar import intersects
+from client_sdk.protocol.topics import validate_pattern
 
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "SECURITY_MODES",
     "SLOW_CONSUMER_POLICIES",
+    "CRL_EXPIRED_POLICIES",
+    "DEFAULT_ADMIN_SOCKET",
     "BrokerConfig",
     "ClusterConfig",
     "Bind",
     "ConfigError",
     "File",
+    "Files",
+    "HistoryConfig",
     "Int",
     "LimitsConfig",
     "ListenerConfig",
+    "MessagingConfig",
     "MetricsConfig",
     "Names",
     "OneOf",
+    "Pattern",
+    "Patterns",
     "Problem",
     "Seconds",
+    "SocketPath",
     "Text",
     "config_from_dict",
     "load_config",
@@ -61,6 +72,10 @@ SLOW_CONSUMER_POLICIES = ("disconnect", "drop")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _TLS_MODES = ("tls", "tls+negotiate")
+#: ``crl_expired`` values (issue #10).
+CRL_EXPIRED_POLICIES = ("refuse", "warn")
+#: The admin socket's file name beside the configuration file (issue #10).
+DEFAULT_ADMIN_SOCKET = "tessera-admin.sock"
 _GSS_MODES = ("negotiate", "tls+negotiate")
 
 
@@ -258,6 +273,58 @@ class IdentityFields(Spec):
             raise _Invalid(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class Files(Spec):
+    """A path or a list of paths (each as :class:`File`); stored as a tuple."""
+
+    def parse(self, value: object, base: Path | None) -> object:
+        items = [value] if isinstance(value, str | Path) else value
+        if not isinstance(items, list | tuple):
+            raise _Invalid("must be a path or a list of paths")
+        try:
+            return tuple(File().parse(item, base) for item in items)
+        except _Invalid:
+            raise _Invalid("must be a path or a list of non-empty paths") from None
+
+
+@dataclass(frozen=True)
+class SocketPath(Spec):
+    """A Unix socket path (resolved like :class:`File`), or ``""`` for none; stored as text."""
+
+    def parse(self, value: object, base: Path | None) -> object:
+        if value == "":
+            return value
+        if not isinstance(value, str | Path):
+            raise _Invalid('must be a path ("" turns it off)')
+        return str(File().parse(value, base))
+
+
+@dataclass(frozen=True)
+class Pattern(Spec):
+    """A subscription pattern (docs/protocol.md section 8)."""
+
+    def parse(self, value: object, base: Path | None) -> object:
+        if not isinstance(value, str):
+            raise _Invalid("must be a topic pattern (a string)")
+        try:
+            validate_pattern(value)
+        except InvalidTopic as exc:
+            raise _Invalid(exc.message) from None
+        return value
+
+
+@dataclass(frozen=True)
+class Patterns(Spec):
+    """A list of subscription patterns (possibly empty); stored as a tuple."""
+
+    def parse(self, value: object, base: Path | None) -> object:
+        if not isinstance(value, list | tuple):
+            raise _Invalid("must be a list of topic patterns")
+        for item in value:
+            Pattern().parse(item, base)
+        return tuple(value)
+
+
 def parse_bind(bind: str) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port``; raises ValueError."""
     host, sep, port_s = bind.rpartition(":")
@@ -404,6 +471,12 @@ class ListenerConfig:
     max_clock_skew: Annotated[float, SecondsBetween(0, 300)] = 60.0
     """``negotiate`` modes: seconds after its end time a Kerberos ticket is still accepted
     (clock skew tolerated; MIT's own 300 s limit still applies on top; docs/kerberos.md)."""
+    crl: Annotated[tuple[Path, ...], Files()] = ()
+    """TLS modes with ``client_ca``: PEM CRL files (``tessera-certs crl``); a client certificate
+    they list is refused, and a reload closes sessions that used one (docs/operations.md)."""
+    crl_expired: Annotated[str, OneOf(CRL_EXPIRED_POLICIES)] = "refuse"
+    """What a listener does while a CRL is past its next update: ``refuse`` new client
+    handshakes (the default: fail closed) or ``warn`` (log, and keep enforcing the stale list)."""
 
     #: Keys that only mean something in some security modes (a key set in another mode is an
     #: error: it would silently do nothing).
@@ -418,6 +491,8 @@ class ListenerConfig:
         "max_handshake_token_bytes": _GSS_MODES,
         "max_handshake_legs": _GSS_MODES,
         "max_clock_skew": _GSS_MODES,
+        "crl": _TLS_MODES,
+        "crl_expired": _TLS_MODES,
     }
 
     def __post_init__(self) -> None:
@@ -448,6 +523,8 @@ class ListenerConfig:
                 )
             if "ntlm" in self.mechanisms and self.ntlm_user_file is None:
                 yield "ntlm_user_file", 'required when "ntlm" is allowed'
+        if self.crl and self.client_ca is None:
+            yield "crl", "needs client_ca (CRLs revoke client certificates)"
 
     @property
     def host(self) -> str:
@@ -499,6 +576,10 @@ class LimitsConfig:
     """Most tokens (levels) in a topic or pattern (may be lowered, not raised)."""
     close_timeout: Annotated[float, Seconds()] = 5.0
     """Seconds a closing connection may take to flush before it is aborted."""
+    max_session_age: Annotated[float | None, Seconds()] = None
+    """Seconds after which an authenticated session must re-authenticate: it is closed with
+    ``CREDENTIAL_EXPIRED`` (23) and the SDK reconnects (Kafka's ``connections.max.reauth.ms``);
+    none by default. A credential that ends sooner ends the session sooner."""
 
     def __post_init__(self) -> None:
         _self_check(self)
@@ -563,6 +644,53 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """One ``[[messaging.history]]`` table: a history stream (docs/messaging.md)."""
+
+    pattern: Annotated[str, Pattern()]
+    """Topics whose messages are kept (one stream, one sequence for all of them)."""
+    max_messages: Annotated[int, Int(min=1, max=10_000_000)] = 1000
+    """Messages kept at most (the oldest goes first)."""
+    max_age: Annotated[float | None, Seconds()] = None
+    """Seconds a message is kept at most (none: only ``max_messages`` applies)."""
+
+    def __post_init__(self) -> None:
+        _self_check(self)
+
+
+@dataclass(frozen=True)
+class MessagingConfig:
+    """``[messaging]``: retained values, requests, verified sender and history
+    (docs/messaging.md)."""
+
+    retain_max_value_bytes: Annotated[int, Int(min=1)] = 64 * 1024
+    """Largest retained value (payload plus headers), in bytes (RETAINED_TOO_LARGE past it)."""
+    retain_max_topics: Annotated[int, Int(min=1)] = 100_000
+    """Topics holding a retained value at once (RETAINED_LIMIT past it)."""
+    retain_max_total_bytes: Annotated[int, Int(min=1)] = 256 * 1024 * 1024
+    """Bytes of all retained values together, also held in memory (RETAINED_LIMIT past it)."""
+    request_timeout_max: Annotated[float, SecondsBetween(0.001, 3600)] = 60.0
+    """Longest request timeout granted, in seconds (a client asking more gets this)."""
+    max_pending_requests: Annotated[int, Int(min=1)] = 1024
+    """Requests one connection may have waiting for an answer (LIMIT_EXCEEDED past it)."""
+    sender: Annotated[tuple[str, ...], Patterns()] = ()
+    """Topic patterns whose plain deliveries carry the publisher's verified identity
+    (``msg.sender``); ``[">"]`` for all. Requests and replies always carry it."""
+    history: tuple[HistoryConfig, ...] = ()
+    """``[[messaging.history]]`` streams; off by default. Their patterns may not overlap."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "history", tuple(self.history))
+        _self_check(self)
+
+    def _relations(self) -> Iterator[tuple[str, str]]:
+        for i, h in enumerate(self.history):
+            for j in range(i):
+                if intersects(h.pattern.split("."), self.history[j].pattern.split(".")):
+                    yield "history", f"[{i}].pattern overlaps [{j}].pattern"
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """The whole broker configuration."""
 
@@ -586,12 +714,28 @@ class BrokerConfig:
     )
     """``text`` (one human line per record) or ``json`` (one JSON object per line)."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin_socket: Annotated[str | None, SocketPath()] = None
+    """The admin endpoint of ``tessera-broker reload``/``connections``: a Unix socket, mode
+    0600. Default (unset): ``tessera-admin.sock`` beside the configuration file; ``""``: none."""
     cluster: ClusterConfig | None = None
     """``[cluster]``: the Redis backplane (docs/scaling.md); None for a single process."""
+    data_dir: Annotated[Path | None, File()] = None
+    """Directory of the embedded store (``tessera.sqlite3``: retained values). Without it the
+    broker keeps no retained values and does not offer the ``retain`` feature."""
+    messaging: MessagingConfig = field(default_factory=MessagingConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "listeners", tuple(self.listeners))
         _self_check(self)
+
+    @property
+    def admin_socket_path(self) -> Path | None:
+        """Where the admin socket is (``None``: no admin endpoint)."""
+        if self.admin_socket == "":
+            return None
+        if self.admin_socket is not None:
+            return Path(self.admin_socket)
+        return self.source.parent / DEFAULT_ADMIN_SOCKET if self.source is not None else None
 
     def _relations(self) -> Iterator[tuple[str, str]]:
         if not self.listeners:

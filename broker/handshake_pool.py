@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -37,9 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 __all__ = [
+    "DEFAULT_FAILURES_PER_SECOND",
+    "DEFAULT_FAILURE_BURST",
+    "DEFAULT_MAX_HELD_PER_SOURCE",
     "DEFAULT_MAX_PER_SOURCE",
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_WORKERS",
+    "FailureGate",
     "HandshakePool",
 ]
 
@@ -224,3 +229,94 @@ class HandshakePool:
                 state = self._sources.get(job.source)
                 if state is not None:
                     self._release(state, job.source)
+
+
+DEFAULT_FAILURES_PER_SECOND: Final = 50.0
+"""Failed handshakes per second one source address may sustain before its new connections are
+held (not read) until the budget refills (fail2ban-style; a real client fails a few times)."""
+
+DEFAULT_FAILURE_BURST: Final = 100
+"""Failed handshakes one source may have in a burst (a reconnect storm with a stale ticket)."""
+
+DEFAULT_MAX_HELD_PER_SOURCE: Final = 256
+"""Connections one address may have held at once; more are closed at accept. A flooder that
+sends and closes without waiting would otherwise pile up held sockets until the deadline."""
+
+_MAX_TRACKED_SOURCES: Final = 65_536  #: buckets kept; full buckets are forgotten first
+
+
+class FailureGate:
+    """A per-source token bucket of handshakes that do not succeed, sans-I/O (clock passed in).
+
+    Before reading a new connection the driver calls :meth:`admit`: ``0.0`` means go ahead (one
+    token is spent), otherwise hold the connection (stop reading it) for that many seconds and
+    ask again. When the handshake succeeds the driver calls :meth:`succeeded`, which gives the
+    token back, so many good clients behind one address are never held; failures keep theirs.
+    A flooding address is so paced to ``rate`` failed handshakes per second, one connection per
+    token (held connections resume one at a time, not in a herd), and a flooder that waits for
+    its verdict waits for the budget: its held connections cost the broker nothing.
+    """
+
+    def __init__(
+        self,
+        rate: float = DEFAULT_FAILURES_PER_SECOND,
+        burst: int = DEFAULT_FAILURE_BURST,
+        *,
+        max_held: int = DEFAULT_MAX_HELD_PER_SOURCE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate <= 0 or burst < 1 or max_held < 1:
+            raise ValueError("rate, burst and max_held must be positive")
+        self._rate = rate
+        self._max_held = max_held
+        self._held: collections.Counter[str] = collections.Counter()
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  #: source -> (tokens, at)
+        self.held = 0  #: times admit() answered "hold" (for the stats)
+        self.refused = 0  #: connections refused because their address had max_held held
+
+    def _tokens(self, source: str, now: float) -> float:
+        tokens, at = self._buckets.get(source, (self._burst, now))
+        return min(self._burst, tokens + (now - at) * self._rate)
+
+    def admit(self, source: str, *, held: bool = False) -> float:
+        """Spend a token of *source* and return ``0.0``, or return the seconds to wait, or
+        ``math.inf``: refuse the connection (its address already has ``max_held`` held).
+        *held* says whether the asking connection is held already (it asks again)."""
+        now = self._clock()
+        tokens = self._tokens(source, now)
+        if tokens < 1.0 - 1e-9:  # (the epsilon: a refill of exactly one token, in floats)
+            if not held:
+                if self._held[source] >= self._max_held:
+                    self.refused += 1
+                    return math.inf
+                self._held[source] += 1
+            self.held += 1
+            return (1.0 - tokens) / self._rate
+        if held:
+            self.release(source)
+        if len(self._buckets) >= _MAX_TRACKED_SOURCES and source not in self._buckets:
+            self._forget_full(now)
+        self._buckets[source] = (tokens - 1.0, now)
+        return 0.0
+
+    def release(self, source: str) -> None:
+        """A held connection of *source* is gone (closed, or admitted)."""
+        self._held[source] -= 1
+        if self._held[source] <= 0:
+            del self._held[source]
+
+    def succeeded(self, source: str) -> None:
+        """The handshake admitted for *source* succeeded: its token comes back."""
+        now = self._clock()
+        tokens = min(self._burst, self._tokens(source, now) + 1.0)
+        if tokens >= self._burst:
+            self._buckets.pop(source, None)  # full again: nothing to remember
+        else:
+            self._buckets[source] = (tokens, now)
+
+    def _forget_full(self, now: float) -> None:
+        full = [s for s in self._buckets if self._tokens(s, now) >= self._burst]
+        for source in full or list(self._buckets)[: len(self._buckets) // 2]:
+            del self._buckets[source]

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,11 @@ from typing import Any
 
 from auth.acl import Policy
 from auth.layer import SecurityLayer
-from auth.tls import TLSLayer, server_context
+from auth.tls import CrlSet, TLSLayer, load_crls, server_context
 from broker.audit import Audit
 from broker.backplane import Backplane
 from broker.config import BrokerConfig, ListenerConfig
-from broker.handshake_pool import HandshakePool
+from broker.handshake_pool import FailureGate, HandshakePool
 from broker.hub import Hub
 from broker.session import session_factory
 from broker.store import Store
@@ -71,6 +72,8 @@ class Listener:
     server: asyncio.Server | None = None
     #: ``host:port`` actually bound (set once listening); used in logs and the audit trail.
     label: str = ""
+    #: The CRLs this listener enforces (issue #10: a reload swaps them with ``make_layer``).
+    crls: CrlSet | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -90,14 +93,38 @@ def _certificate_der(path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(pem[start : end + len("-----END CERTIFICATE-----")])
 
 
-def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
+def listener_crls(cfg: ListenerConfig) -> CrlSet | None:
+    """Load and check a listener's ``crl`` files (``None`` without any); raises ``CrlError``.
+    Logs what an operator must know: a CRL past its next update, a CA without a CRL."""
+    if not cfg.crl or cfg.client_ca is None:
+        return None
+    crls = load_crls(cfg.crl, cfg.client_ca, policy=cfg.crl_expired)  # type: ignore[arg-type]
+    for warning in crls.warnings:
+        log.warning("listener %s: %s", cfg.bind, warning)
+    if crls.expired(time.time()):
+        if cfg.crl_expired == "refuse":
+            log.error(
+                "listener %s: a CRL is past its next update: new client handshakes are REFUSED"
+                ' (crl_expired = "refuse"); run `tessera-certs crl` and `tessera-broker reload`',
+                cfg.bind,
+            )
+        else:
+            log.warning(
+                "listener %s: a CRL is past its next update; still enforcing it"
+                ' (crl_expired = "warn"); run `tessera-certs crl` and `tessera-broker reload`',
+                cfg.bind,
+            )
+    return crls
+
+
+def _layer_factory(cfg: ListenerConfig, crls: CrlSet | None = None) -> Callable[[], SecurityLayer]:
     """Build (and check once) the security-layer factory of a listener."""
     fields = cfg.identity_fields
     ctx = None
     if cfg.security in ("tls", "tls+negotiate"):
         assert cfg.cert is not None
         assert cfg.key is not None
-        ctx = server_context(cfg.cert, cfg.key, cfg.client_ca)
+        ctx = server_context(cfg.cert, cfg.key, cfg.client_ca, crls=crls)
     if cfg.security == "tls":
         assert ctx is not None
         tls_ctx = ctx
@@ -161,6 +188,12 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
     return make_stack
 
 
+def make_listener(cfg: ListenerConfig) -> Listener:
+    """A listener with its layer factory and CRLs (raises on bad material: nothing is bound)."""
+    crls = listener_crls(cfg)
+    return Listener(cfg, _layer_factory(cfg, crls), crls=crls)
+
+
 class Broker:
     """A running broker: call :meth:`start`, then :meth:`serve_until_stopped` or :meth:`stop`."""
 
@@ -180,6 +213,16 @@ class Broker:
         if policy is None:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
         self.audit = Audit(config.audit_file)
+        if store is None and config.data_dir is not None:
+            from broker.store_sqlite import RetainLimits, SQLiteStore  # noqa: PLC0415
+
+            m = config.messaging
+            store = SQLiteStore(
+                config.data_dir,
+                RetainLimits(
+                    m.retain_max_value_bytes, m.retain_max_topics, m.retain_max_total_bytes
+                ),
+            )
         self.hub = Hub(
             limits=config.limits,
             policy=policy,
@@ -187,12 +230,15 @@ class Broker:
             server_name=SERVER_NAME,
             store=store,
             backplane=backplane,
+            messaging=config.messaging,
         )
-        self.listeners = [Listener(c, _layer_factory(c)) for c in config.listeners]
+        self.listeners = [make_listener(c) for c in config.listeners]
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))
         #: Worker threads for handshake steps that may block (GSS): a bounded queue per peer
         #: address, served round-robin, so one source cannot monopolise them (issue #13).
         self.handshake_pool = HandshakePool(_HANDSHAKE_WORKERS)
+        #: Per-address budget of failed blocking handshakes (a flood is held, not read).
+        self.handshake_gate = FailureGate()
         self._ids = itertools.count(1)
         self._stopped: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -220,6 +266,7 @@ class Broker:
                 lambda: next(self._ids),
                 label=lambda lst=lst: lst.label or lst.config.bind,  # type: ignore[misc]
                 pool=self.handshake_pool,
+                gate=self.handshake_gate,
                 recv_buffer=self.recv_buffer,
             )
             lst.server = await self._loop.create_server(
@@ -295,6 +342,9 @@ class Broker:
             "open_fds": _open_fds(),
             "rss_bytes": _rss_bytes(),
             **{f"handshake_pool_{k}": v for k, v in self.handshake_pool.stats().items()},
+            "handshake_queue_depth": self.handshake_pool.stats().get("queued", 0),
+            "handshake_gate_held": self.handshake_gate.held,
+            "handshake_gate_refused": self.handshake_gate.refused,
         }
 
     def log_info(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from auth.pump import LayerPump, StepSkipped
 from broker.handler import RequestHandler
 
 if TYPE_CHECKING:
-    from broker.handshake_pool import HandshakePool
+    from broker.handshake_pool import FailureGate, HandshakePool
     from broker.hub import Hub
 
 __all__ = ["Session", "attempted_mechanism"]
@@ -42,6 +43,8 @@ class Session(asyncio.BufferedProtocol):
 
     __slots__ = (
         "_close_timer",
+        "_gate",
+        "_gate_timer",
         "_label",
         "_pool",
         "_recv",
@@ -61,6 +64,7 @@ class Session(asyncio.BufferedProtocol):
         *,
         label: str,
         pool: HandshakePool,
+        gate: FailureGate,
         recv_buffer: memoryview,
     ) -> None:
         self.hub = hub
@@ -69,6 +73,9 @@ class Session(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._label = label
         self._pool = pool
+        self._gate = gate
+        #: Held, unread, until this address may start another blocking handshake.
+        self._gate_timer: asyncio.TimerHandle | None = None
         self._step: concurrent.futures.Future[None] | None = None
         self._recv = recv_buffer
         self._close_timer: asyncio.TimerHandle | None = None
@@ -91,8 +98,34 @@ class Session(asyncio.BufferedProtocol):
         handler.start(self.hub.now())
         if log.isEnabledFor(logging.DEBUG):  # who() formats eagerly
             log.debug("%s accepted on %s", handler.who(), self._label)
+        if self.layer.blocking_handshake:  # pace addresses whose handshakes keep failing
+            self._gate_retry()
         self.layer.start()
         self.wire_out(self.layer.data_to_send())
+
+    def _source(self) -> str:
+        return self.handler.peer.rpartition(":")[0]
+
+    def _gate_retry(self) -> None:
+        """Read this connection only once its address may start a blocking handshake
+        (broker/handshake_pool.py ``FailureGate``); until then it is held, unread, and the
+        handshake deadline still applies."""
+        held = self._gate_timer is not None
+        self._gate_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            if held:
+                self._gate.release(self._source())
+            return
+        wait = self._gate.admit(self._source(), held=held)
+        if wait == math.inf:  # too many connections of this address held already
+            self.handler.close_code = "handshake_busy"
+            self.abort()
+        elif wait > 0:
+            transport.pause_reading()
+            self._gate_timer = self.hub.loop.call_later(wait, self._gate_retry)
+        elif held:
+            transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._recv
@@ -110,10 +143,15 @@ class Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._step is not None:  # a queued handshake step of ours need not run any more
             self._step.cancel()
+        if self._gate_timer is not None:  # a held connection is gone
+            self._gate_timer.cancel()
+            self._gate_timer = None
+            self._gate.release(self._source())
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
         handler = self.handler
+        self.hub.watch.lost(handler)
         if handler in self.hub.handlers:
             handler.lost()
         if log.isEnabledFor(logging.DEBUG):  # who() formats eagerly
@@ -136,8 +174,7 @@ class Session(asyncio.BufferedProtocol):
         """Run a blocking handshake step on the broker's pool, fairly per peer address; a step
         still queued at the handshake deadline, or when the connection went, never runs."""
         handler = self.handler
-        source = handler.peer.rpartition(":")[0]
-        fut = self._pool.submit(source, step, data, deadline=handler.deadline)
+        fut = self._pool.submit(self._source(), step, data, deadline=handler.deadline)
         if fut is None:  # this address has too many handshakes in progress: refuse early
             handler.close_code = "handshake_busy"
             self.hub.count("handshakes_refused_busy")
@@ -168,7 +205,12 @@ class Session(asyncio.BufferedProtocol):
             transport.write(data)
 
     def layer_established(self) -> bool:
-        return self.handler.authenticated(self.layer.peer_identity, self.hub.now())
+        if self.layer.blocking_handshake:  # a good handshake costs its address no budget
+            self._gate.succeeded(self._source())
+        admitted = self.handler.authenticated(self.layer.peer_identity, self.hub.now())
+        if admitted:
+            self.hub.watch.authenticated(self)  # since, credential expiry (broker/expiry.py)
+        return admitted
 
     def plaintext(self, data: bytes) -> None:
         self.handler.receive(data, self.hub.now())
@@ -247,13 +289,20 @@ def session_factory(
     *,
     label: Callable[[], str],
     pool: HandshakePool,
+    gate: FailureGate,
     recv_buffer: memoryview,
 ) -> Callable[[], Session]:
     """The ``protocol_factory`` of one listener."""
 
     def factory() -> Session:
         return Session(
-            hub, make_layer(), next_id(), label=label(), pool=pool, recv_buffer=recv_buffer
+            hub,
+            make_layer(),
+            next_id(),
+            label=label(),
+            pool=pool,
+            gate=gate,
+            recv_buffer=recv_buffer,
         )
 
     return factory

@@ -8,8 +8,9 @@ workers share topics through the Redis backplane (``[cluster]``), so ``--workers
 without it is refused: split topic spaces would be a silent failure.
 
 The supervisor prints the ``listening`` lines once every worker is listening, forwards SIGTERM
-and SIGINT to the workers (graceful shutdown, each bounded by ``shutdown_timeout``) and SIGUSR1
-(stats), restarts a worker that dies, and gives up when workers keep dying. Exit codes:
+and SIGINT to the workers (graceful shutdown, each bounded by ``shutdown_timeout``), SIGUSR1
+(stats) and SIGHUP (reload; workers have no admin socket), restarts a worker that dies, and
+gives up when workers keep dying. Exit codes:
 :data:`EXIT_OK`, :data:`EXIT_START_FAILED`, :data:`EXIT_USAGE`, :data:`EXIT_CRASH_LOOP`.
 
 Kerberos: the workers get ``KRB5RCACHENAME`` pointing at one MIT ``file2`` replay cache (safe for
@@ -268,6 +269,8 @@ class _Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGUSR1, self.signal_all, signal.SIGUSR1)
+        # issue #10: SIGHUP reloads every worker (each validates and applies on its own)
+        loop.add_signal_handler(signal.SIGHUP, self.signal_all, signal.SIGHUP)
         if not await self.start_all():
             self.exit_code = EXIT_START_FAILED
             await self.stop_all()

@@ -4,7 +4,11 @@ and keep named connection contexts (``tessera context add/use/list/show/remove``
 Exit codes (docs/sdk.md): 0 success; 1 other error (a local file missing or unreadable); 2 usage
 (bad arguments, an invalid topic or header); 3 broker unreachable (refused, no route, lost);
 4 authentication failed; 5 permission denied; 6 protocol error (the peer broke the protocol or
-closed the connection with an error); 7 timeout; 130 interrupted (Ctrl-C).
+closed the connection with an error); 7 timeout (also: ``req`` got no reply in time); 8 ``req``:
+no responders; 130 interrupted (Ctrl-C).
+
+``req`` and ``reply`` send and serve requests (like ``nats req``/``nats reply``); ``pub --retain``
+keeps a topic's last value; ``sub --group`` joins a queue group, ``sub --since`` replays history.
 
 Connection settings, first found wins: the flags, then ``TESSERA_URL``/``TESSERA_CA``/
 ``TESSERA_CERT``/``TESSERA_KEY``, then the context (``--context``, ``TESSERA_CONTEXT`` or the
@@ -34,7 +38,9 @@ from client_sdk.protocol.errors import (
     ConnectionClosed,
     ErrorCode,
     InvalidTopic,
+    NoResponders,
     PermissionDenied,
+    RequestTimeout,
     TesseraError,
 )
 
@@ -42,6 +48,7 @@ __all__ = [
     "EXIT_AUTHENTICATION",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
+    "EXIT_NO_RESPONDERS",
     "EXIT_PERMISSION",
     "EXIT_PROTOCOL",
     "EXIT_TIMEOUT",
@@ -56,7 +63,8 @@ EXIT_UNREACHABLE = 3  #: no broker there: refused, no route, name not found, con
 EXIT_AUTHENTICATION = 4  #: the security handshake failed (either side refused the other)
 EXIT_PERMISSION = 5  #: the broker's ACL refused a publish or subscribe
 EXIT_PROTOCOL = 6  #: the peer broke the protocol, or closed the connection with an error code
-EXIT_TIMEOUT = 7  #: nothing (or no welcome) within --timeout
+EXIT_TIMEOUT = 7  #: nothing (or no welcome) within --timeout; ``req``: no reply within --wait
+EXIT_NO_RESPONDERS = 8  #: ``req``: nobody serves the topic
 EXIT_INTERRUPTED = 130  #: Ctrl-C
 
 _KIND = {
@@ -67,6 +75,7 @@ _KIND = {
     EXIT_PERMISSION: "permission",
     EXIT_PROTOCOL: "protocol",
     EXIT_TIMEOUT: "timeout",
+    EXIT_NO_RESPONDERS: "no_responders",
 }
 
 DEFAULT_URL = "tls://127.0.0.1:7443"
@@ -144,7 +153,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="tessera",
         description="Publish to and subscribe on a Tessera broker.",
         epilog="exit codes: 0 ok, 1 other error, 2 usage, 3 unreachable, 4 authentication, "
-        "5 permission denied, 6 protocol error, 7 timeout, 130 interrupted (docs/sdk.md). "
+        "5 permission denied, 6 protocol error, 7 timeout, 8 no responders, 130 interrupted "
+        "(docs/sdk.md). "
         "Environment: TESSERA_URL, TESSERA_CA, TESSERA_CERT, TESSERA_KEY, TESSERA_CONTEXT, "
         "TESSERA_DEV_DIR.",
     )
@@ -160,6 +170,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--count", type=int, default=0, help="exit after N messages")
     s.add_argument("--json", action="store_true", help="one JSON object per message")
     s.add_argument("--raw", action="store_true", help="print payloads only")
+    s.add_argument(
+        "--group", metavar="NAME", help="join queue group NAME: each message to one member"
+    )
+    s.add_argument(
+        "--since",
+        type=int,
+        metavar="SEQ",
+        help="start from the broker's history after sequence number SEQ",
+    )
     _common(s)
 
     pb = sub.add_parser(
@@ -179,8 +198,45 @@ def _parser() -> argparse.ArgumentParser:
         help="add a header (repeatable)",
     )
     pb.add_argument("--no-ack", action="store_true", help="do not wait for the broker to confirm")
+    pb.add_argument(
+        "--retain",
+        action="store_true",
+        help="keep as the topic's last value for later subscribers (empty DATA clears it)",
+    )
     pb.add_argument("--json", action="store_true", help="print the result (or error) as JSON")
     _common(pb)
+
+    rq = sub.add_parser(
+        "req",
+        help="send a request and print the reply",
+        description="Send DATA as a request on TOPIC and print the first reply. Exit code 8: "
+        "nobody serves TOPIC; 7: no reply within --wait seconds.",
+    )
+    rq.add_argument("topic", metavar="TOPIC")
+    rq.add_argument("data", metavar="DATA", nargs="?", default="")
+    rq.add_argument(
+        "--wait",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="reply timeout (default 5)",
+    )
+    rq.add_argument("--json", action="store_true", help="print the reply (or error) as JSON")
+    _common(rq)
+
+    rp = sub.add_parser(
+        "reply",
+        help="answer requests",
+        description="Serve requests on PATTERN: answer each with DATA, or echo it (--echo).",
+    )
+    rp.add_argument("pattern", metavar="PATTERN")
+    what = rp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--echo", action="store_true", help="answer with the request's payload")
+    what.add_argument("--data", metavar="DATA", help="answer every request with DATA")
+    rp.add_argument("--group", metavar="NAME", help="share requests with other members of NAME")
+    rp.add_argument("-n", "--count", type=int, default=0, help="exit after N requests")
+    rp.add_argument("--json", action="store_true", help="one JSON object per request")
+    _common(rp)
     _context_parser(sub)
     return p
 
@@ -359,13 +415,20 @@ def _format(msg: Delivery, args: argparse.Namespace) -> str:
             obj["payload_base64"] = base64.b64encode(msg.payload).decode("ascii")
         if msg.headers:
             obj["headers"] = dict(msg.headers)
+        if msg.retained:
+            obj["retained"] = True
+        if msg.sender is not None:
+            obj["sender"] = msg.sender
+        if msg.seq is not None:
+            obj["seq"] = msg.seq
+            obj["epoch"] = msg.epoch
         return json.dumps(obj, ensure_ascii=False)
     text = msg.payload.decode("utf-8", "backslashreplace")
     return text if args.raw else f"{msg.topic} {text}"
 
 
 async def _sub(client: Client, args: argparse.Namespace) -> int:
-    subs = [await client.subscribe(p) for p in args.pattern]
+    subs = [await client.subscribe(p, group=args.group, since=args.since) for p in args.pattern]
     queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
 
     async def pump(sub: Any) -> None:
@@ -397,11 +460,55 @@ async def _sub(client: Client, args: argparse.Namespace) -> int:
 async def _pub(client: Client, args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode("utf-8")
     headers: dict[str, str] = dict(args.header)
-    await client.publish(args.topic, data, headers=headers or None, ack=not args.no_ack)
+    await client.publish(
+        args.topic, data, headers=headers or None, ack=not args.no_ack, retain=args.retain
+    )
     if args.json:
-        print(
-            json.dumps({"topic": args.topic, "bytes": len(data), "acknowledged": not args.no_ack})
-        )
+        result = {"topic": args.topic, "bytes": len(data), "acknowledged": not args.no_ack}
+        if args.retain:
+            result["retained"] = True
+        print(json.dumps(result))
+    return 0
+
+
+def _payload_json(payload: bytes) -> dict[str, str]:
+    try:
+        return {"payload": payload.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"payload_base64": base64.b64encode(payload).decode("ascii")}
+
+
+async def _req(client: Client, args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode("utf-8")
+    reply = await client.request(args.topic, data, timeout=args.wait)
+    if args.json:
+        obj: dict[str, Any] = {"topic": args.topic, **_payload_json(reply.payload)}
+        obj["sender"] = reply.sender
+        if reply.headers:
+            obj["headers"] = dict(reply.headers)
+        print(json.dumps(obj, ensure_ascii=False), flush=True)
+    else:
+        print(reply.payload.decode("utf-8", "backslashreplace"), flush=True)
+    return 0
+
+
+async def _reply(client: Client, args: argparse.Namespace) -> int:
+    static = None if args.echo else args.data.encode("utf-8")
+    answered = 0
+    async for req in client.serve(args.pattern, group=args.group):
+        try:
+            await req.respond(req.payload if static is None else static)
+        except TesseraError as exc:  # the requester gave up or went away: keep serving
+            print(f"tessera: could not answer: {exc}", file=sys.stderr)
+        if args.json:
+            obj = {"topic": req.topic, "sender": req.sender, **_payload_json(req.payload)}
+            print(json.dumps(obj, ensure_ascii=False), flush=True)
+        else:
+            text = req.payload.decode("utf-8", "backslashreplace")
+            print(f"{req.topic} {req.sender} {text}", flush=True)
+        answered += 1
+        if args.count and answered >= args.count:
+            break
     return 0
 
 
@@ -411,6 +518,10 @@ async def _run(args: argparse.Namespace) -> int:
     async with connect(args.url, timeout=args.timeout, **creds) as client:
         if args.command == "sub":
             return await _sub(client, args)
+        if args.command == "req":
+            return await _req(client, args)
+        if args.command == "reply":
+            return await _reply(client, args)
         return await _pub(client, args)
 
 
@@ -475,6 +586,10 @@ def _classify(exc: BaseException) -> tuple[int, str, str | None]:
         return EXIT_AUTHENTICATION, f"authentication failed: {exc}", exc.reason
     if isinstance(exc, PermissionDenied):
         return EXIT_PERMISSION, f"permission denied: {exc}", None
+    if isinstance(exc, NoResponders):
+        return EXIT_NO_RESPONDERS, f"no responders: {exc}", "no_responders"
+    if isinstance(exc, RequestTimeout):
+        return EXIT_TIMEOUT, f"no reply: {exc}", "request_timeout"
     if isinstance(exc, ConnectionClosed):
         by_code = {
             ErrorCode.AUTHENTICATION_FAILED: EXIT_AUTHENTICATION,

@@ -426,7 +426,7 @@ ACL_MATRIX: dict[str, list[tuple[str, str, bool]]] = {
         (SUB, "alice.>", True),
         (SUB, "inbox.alice.>", True),  # {user} = alice
         (SUB, "inbox.bob.>", False),
-        (SUB, "inbox.>", False),
+        (SUB, "inbox.>", True),  # filtered (issue #10): only inbox.alice.… is delivered
         (PUB, "ntlm.a", False),  # a Kerberos identity is not an NTLM one
     ],
     "kerberos bob": [
@@ -1071,3 +1071,34 @@ def test_ntlm_without_target_name_refused_on_plain_negotiate(broker: Broker) -> 
     assert reply == b"\x00\x00\x00\x02\x03" + bytes((WireCode.WRONG_SERVICE,))
     audit = broker.proc.wait_for_audit("auth_failure", since=mark, reason="wrong_service")
     assert audit["mechanism"] == "ntlm"
+
+
+async def test_short_ticket_ends_its_session_and_the_sdk_reconnects_with_a_new_one(
+    broker: Broker,
+) -> None:
+    """Issue #10: a session authenticated with a ticket that lives SHORT_TICKET_SECONDS is
+    closed at the ticket's end time with CREDENTIAL_EXPIRED (23); the SDK then reconnects,
+    getting a new ticket (here from the password; a ccache or keytab works alike)."""
+    mark = broker.proc.log_mark()
+    states: list[tuple[client_sdk.ConnectionState, object]] = []
+    async with broker.connect(
+        "short_strict",
+        alice(),
+        server_hostname=SHORT_HOST,
+        reconnect=client_sdk.Reconnect(initial_delay=0.1, max_delay=0.5),
+        on_state_change=lambda state, err: states.append((state, err)),
+    ) as client:
+        assert client.identity == "kerberos:alice@TESSERA.TEST"
+        deadline = time.monotonic() + SHORT_TICKET_SECONDS + 15
+        while client.reconnects < 1:
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.1)
+        sub = await client.subscribe("krb.after")
+        await client.publish("krb.after", b"renewed")
+        assert (await sub.get(timeout=TIMEOUT)).payload == b"renewed"
+    lost = [err for state, err in states if state is client_sdk.ConnectionState.RECONNECTING]
+    assert getattr(lost[0], "code", None) == client_sdk.ErrorCode.CREDENTIAL_EXPIRED
+    record = broker.proc.wait_for_audit(
+        "credential_expired", since=mark, identity="kerberos:alice@TESSERA.TEST"
+    )
+    assert record["mechanism"] == "kerberos"

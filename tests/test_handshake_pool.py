@@ -7,12 +7,13 @@ In-process with real threads; ordering is made deterministic with one worker hel
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from broker.handshake_pool import HandshakePool
+from broker.handshake_pool import FailureGate, HandshakePool
 
 WAIT_SECONDS = 10.0  # generous bound for a worker thread to pick up a job on a loaded machine
 
@@ -151,3 +152,45 @@ def test_configuration_is_validated() -> None:
         HandshakePool(0)
     with pytest.raises(ValueError, match="positive"):
         HandshakePool(1, max_per_source=0)
+
+
+# -- FailureGate: pacing of addresses whose handshakes fail ---------------------------------
+
+
+def test_gate_admits_a_burst_then_paces_failures(clock: FakeClock) -> None:
+    gate = FailureGate(rate=10, burst=3, clock=clock)
+    assert [gate.admit("flood") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert gate.admit("flood") == pytest.approx(0.1)  # 1 token at 10/s
+    assert gate.admit("good") == 0.0  # other addresses have their own budget
+    clock.now += 0.1
+    assert gate.admit("flood") == 0.0
+    assert gate.admit("flood") == pytest.approx(0.1)  # one connection per token, no herd
+    assert gate.held == 2
+
+
+def test_gate_refunds_successful_handshakes(clock: FakeClock) -> None:
+    """Many good clients behind one address (a NAT) are never held."""
+    gate = FailureGate(rate=1, burst=2, clock=clock)
+    for _ in range(100):
+        assert gate.admit("nat") == 0.0
+        gate.succeeded("nat")
+    assert gate.held == 0
+
+
+def test_gate_configuration_is_validated() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        FailureGate(rate=0)
+
+
+def test_gate_bounds_held_connections_per_address(clock: FakeClock) -> None:
+    gate = FailureGate(rate=1, burst=1, max_held=2, clock=clock)
+    assert gate.admit("flood") == 0.0
+    assert gate.admit("flood") > 0  # held 1
+    assert gate.admit("flood") > 0  # held 2
+    assert gate.admit("flood") == math.inf  # a third held one is refused
+    assert gate.refused == 1
+    gate.release("flood")  # a held connection closed
+    assert gate.admit("flood") > 0
+    clock.now += 1
+    assert gate.admit("flood", held=True) == 0.0  # admitted: no longer held
+    assert gate.admit("flood") > 0

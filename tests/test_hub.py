@@ -258,6 +258,12 @@ class SlowStore:
     async def save(self, pubs: Sequence[Publication]) -> None:
         self.saved.extend(pubs)
 
+    def apply(self, pubs: Sequence[Publication]) -> None:
+        pass
+
+    def retained(self, pattern: str) -> Sequence[Publication]:
+        return ()
+
 
 def test_stored_publish_holds_the_publishers_later_requests_in_order() -> None:
     """A publish the store must keep is acknowledged only after it is stored and routed, and the
