@@ -325,6 +325,8 @@ async def test_batches_keep_order_across_channels_and_split_by_size(
         sent.append((topic, payload))
     await until(lambda: len(b.got) == 60)
     assert [(p.topic, p.payload) for p in b.got] == sent
+    # (the sender counts once its pipeline call returns, which may be after b has them all)
+    await until(lambda: a.bp.health()["published"] >= 60)
     h = a.bp.health()
     # consecutive publications to one channel share a message; a channel change starts one
     assert 40 <= h["redis_messages"] < 60
@@ -332,6 +334,7 @@ async def test_batches_keep_order_across_channels_and_split_by_size(
     for _ in range(5):  # 500 KB to one channel: more than one 256 KiB message
         assert a.bp.publish(Publication("alpha.big", big))
     await until(lambda: len(b.got) == 65)
+    await until(lambda: a.bp.health()["published"] >= 65)
     assert a.bp.health()["redis_messages"] - before >= 2
     assert all(p.payload == big for p in b.got[60:])
 
