@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     # Internal: how the --workers supervisor (broker/workers.py) starts each worker.
     serve.add_argument("--worker-binds", default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-restarted", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -235,8 +236,9 @@ def _admin_server(broker: Broker, reloader: Reloader) -> AdminServer | None:
     return AdminServer(path, ops, audit=broker.audit.record)
 
 
-def _backplane(cfg: BrokerConfig) -> Backplane | None:
-    """The Redis backplane when ``[cluster]`` is configured (imported only then)."""
+def _backplane(cfg: BrokerConfig, *, fail_fast: bool = True) -> Backplane | None:
+    """The Redis backplane when ``[cluster]`` is configured (imported only then).
+    ``fail_fast=False`` (a restarted worker): start even while Redis is unreachable."""
     cluster = cfg.cluster
     if cluster is None:
         return None
@@ -262,6 +264,7 @@ def _backplane(cfg: BrokerConfig) -> Backplane | None:
         tls_ca=str(cluster.tls_ca) if cluster.tls_ca is not None else None,
         channel_prefix=cluster.channel_prefix,
         max_queue_messages=cluster.max_queue_messages,
+        fail_fast=fail_fast,
     )
 
 
@@ -285,9 +288,13 @@ def _as_worker(cfg: BrokerConfig, binds_json: str, index: int) -> BrokerConfig:
 
 
 async def _serve(
-    cfg: BrokerConfig, policy: Policy | None, on_listening: Callable[[list[str]], None] | None
+    cfg: BrokerConfig,
+    policy: Policy | None,
+    on_listening: Callable[[list[str]], None] | None,
+    *,
+    fail_fast: bool = True,
 ) -> None:
-    broker = Broker(cfg, policy=policy, backplane=_backplane(cfg))
+    broker = Broker(cfg, policy=policy, backplane=_backplane(cfg, fail_fast=fail_fast))
     reloader = Reloader(broker)
     admin = _admin_server(broker, reloader)
     if admin is not None:
@@ -497,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             record_dev_broker(dev_dir, f"tls://{addresses[0]}")
 
     try:
-        asyncio.run(_serve(cfg, None, on_listening))
+        asyncio.run(_serve(cfg, None, on_listening, fail_fast=not args.worker_restarted))
     except (_StartError, AdminError, BackplaneError) as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
