@@ -4,7 +4,7 @@ Nothing here does I/O: a security layer takes wire bytes in and gives wire bytes
 (see :mod:`auth.layer`); the broker and the SDK drive it from their event loops.
 """
 
-from auth.acl import AclError, Action, BoundPolicy, Decision, Policy, Rule
+from auth.acl import AclError, Action, BoundPolicy, Decision, Grant, Policy, Rule
 from auth.errors import AuthError, HandshakeError, HandshakeReason, IntegrityError
 from auth.identity import (
     ANONYMOUS,
@@ -26,6 +26,7 @@ __all__ = [
     "AuthError",
     "BoundPolicy",
     "Decision",
+    "Grant",
     "HandshakeError",
     "HandshakeReason",
     "Identity",

@@ -15,6 +15,13 @@ not allowed is denied, and a matching deny rule beats any allow rule::
 Rules are compiled when the policy is loaded (patterns split into tokens, principal globs
 turned into regular expressions); :meth:`Policy.check` only walks tuples.
 
+A subscription is decided by :meth:`Policy.subscription`, which returns a :class:`Grant`:
+refused when no topic the pattern matches is readable, *unrestricted* when every one is (the
+broker's fan-out then checks nothing per topic), else *filtered*: accepted, and
+:meth:`Grant.allows` says which topics it delivers (``status.>`` with ``status.secret.>``
+denied; ``org.>`` for a reader of ``org.a.>`` and ``org.b.>``). The decisions are exact:
+:func:`meet` and :func:`escapes` complete the pattern algebra.
+
 Topic syntax is the wire protocol's, replicated here because ``auth`` does not import the
 SDK: a topic is dot-separated non-empty tokens; a pattern may use ``*`` as a whole token (exactly
 one token) and ``>`` as its last token (one or more tokens). Tokens may not contain ``.``, ``*``,
@@ -30,7 +37,7 @@ import functools
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, assert_never
 
@@ -54,11 +61,14 @@ __all__ = [
     "AclError",
     "BoundPolicy",
     "Decision",
+    "Grant",
     "Policy",
     "Rule",
     "covers",
+    "escapes",
     "intersects",
     "matches",
+    "meet",
 ]
 
 #: Mechanisms a rule principal may name (``mechanism:glob``); an unknown one is a load error,
@@ -146,6 +156,73 @@ _INVALID_PATTERN: Final = Decision(allowed=False, rule=None, reason="invalid sub
 # The grammar (split, match, cover, intersect) is written once, in client_sdk.protocol.grammar.
 _split_topic = split_topic
 _split_pattern = split_pattern
+
+
+def meet(first: Sequence[str], second: Sequence[str]) -> tuple[str, ...] | None:
+    """The pattern matching exactly the topics both patterns match, or ``None`` if none does.
+
+    Token by token: ``*`` meets anything and yields the other token; two literals must be equal;
+    a ``>`` yields the rest of the other pattern (which has at least the current token).
+    """
+    out: list[str] = []
+    for i, (x, y) in enumerate(zip(first, second, strict=False)):
+        if x == _TAIL:
+            return (*out, *second[i:])
+        if y == _TAIL:
+            return (*out, *first[i:])
+        if x == _ONE:
+            out.append(y)
+        elif y in (_ONE, x):
+            out.append(x)
+        else:
+            return None
+    return tuple(out) if len(first) == len(second) else None
+
+
+def escapes(pattern: Sequence[str], others: Iterable[Sequence[str]]) -> bool:
+    """True if some topic matches ``pattern`` and none of ``others``.
+
+    Exact, in one pass over ``pattern``: tokens are an unbounded alphabet, so wherever
+    ``pattern`` has a wildcard a witness topic can use a *fresh* token that no other pattern
+    names; a fresh token keeps only the other patterns that have ``*`` there, and any other
+    choice keeps a superset of them, so the fresh choice is always the best one. ``live`` holds
+    the other patterns that match the witness so far; one with ``>`` at the current position
+    covers every continuation (no witness). At a ``>`` in ``pattern`` the witness continues with
+    ``k >= 1`` fresh tokens and only the all-``*`` remainders of ``live`` can match them: the
+    witness exists unless they take every length. The witness may need more tokens than the
+    wire protocol's topic limit allows; then a subscription is accepted that delivers nothing.
+    """
+    size = len(pattern)
+    live = [other for other in others if intersects(other, pattern)]
+    for i, token in enumerate(pattern):
+        if token == _TAIL:
+            lengths: set[int] = set()
+            tail_from: int | None = None  # every length >= tail_from is taken
+            for other in live:
+                rest = other[i:]
+                if not rest:
+                    continue  # it ended; the witness goes on
+                if any(t != _ONE for t in rest[:-1]):
+                    continue  # a literal: a fresh token escapes it
+                if rest[-1] == _TAIL:
+                    n = len(rest)
+                    tail_from = n if tail_from is None else min(tail_from, n)
+                elif rest[-1] == _ONE:
+                    lengths.add(len(rest))
+            if tail_from is None:
+                return True
+            return any(k not in lengths for k in range(1, tail_from))
+        kept: list[Sequence[str]] = []
+        for other in live:
+            if i >= len(other):
+                continue  # it ended; the witness goes on
+            theirs = other[i]
+            if theirs == _TAIL:
+                return False
+            if theirs == _ONE or (token != _ONE and theirs == token):
+                kept.append(other)
+        live = kept
+    return not any(len(other) == size for other in live)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +395,65 @@ _Allowing = tuple[tuple[str, ...], Decision]
 _Denying = tuple[tuple[str, ...] | None, Decision]
 
 
+class Grant:
+    """What a subscription may receive, decided once when it is made.
+
+    * ``possible``: some topic it matches is readable; a subscription that is not possible is
+      refused (``decision`` says why).
+    * ``unrestricted``: every topic it matches is readable (its matches are covered by the
+      allow patterns and no deny pattern touches them), so fan-out needs no per-topic check;
+      the common case costs nothing.
+    * otherwise the subscription is *filtered*: :meth:`allows` decides each topic; the broker
+      asks once per (subscription, topic) and keeps the answer with its per-topic match.
+
+    ``decision`` names the deciding rule for the audit log (``allowed by allow[0]``,
+    ``denied by deny[1]``); a filtered grant's reason ends in ``(filtered)``.
+    """
+
+    __slots__ = ("_allow", "_deny", "_pattern", "decision", "pattern", "possible", "unrestricted")
+
+    def __init__(
+        self,
+        pattern: str,
+        tokens: tuple[str, ...],
+        decision: Decision,
+        *,
+        possible: bool,
+        unrestricted: bool,
+        allow: tuple[tuple[str, ...], ...] = (),
+        deny: tuple[tuple[str, ...], ...] = (),
+    ) -> None:
+        self.pattern = pattern
+        self.decision = decision
+        self.possible = possible
+        self.unrestricted = unrestricted
+        self._pattern = tokens
+        self._allow = allow
+        self._deny = deny
+
+    def __repr__(self) -> str:
+        kind = "unrestricted" if self.unrestricted else "filtered" if self.possible else "refused"
+        return f"<Grant {self.pattern!r} {kind}: {self.decision.reason}>"
+
+    def __bool__(self) -> bool:
+        return self.possible
+
+    def allows(self, topic: str | Sequence[str]) -> bool:
+        """True if the subscription delivers the concrete ``topic`` (it matches the pattern,
+        and the identity may read it). ``topic`` is a dotted string or its tokens."""
+        if not self.possible:
+            return False
+        tokens = _split_topic(topic) if isinstance(topic, str) else topic
+        if tokens is None or not matches(self._pattern, tokens):
+            return False
+        if self.unrestricted:
+            return True
+        for deny in self._deny:
+            if matches(deny, tokens):
+                return False
+        return any(matches(allow, tokens) for allow in self._allow)
+
+
 class BoundPolicy:
     """A policy specialised to one identity: only the rules whose principals match it, with
     placeholders filled in. Cheap to check; :meth:`Policy.bind` caches these."""
@@ -357,7 +493,12 @@ class BoundPolicy:
         self._allow_subscribe = tuple(allow_subscribe)
 
     def check(self, action: Action, subject: str) -> Decision:
-        """Decide ``action`` on ``subject`` (a topic for publish, a pattern for subscribe)."""
+        """Decide ``action`` on ``subject`` (a topic for publish, a pattern for subscribe).
+
+        For a subscribe this is the strict question "may the identity read *every* topic the
+        pattern matches" (:attr:`Grant.unrestricted`); the broker asks :meth:`subscription`,
+        which also accepts a wildcard whose deliveries are filtered.
+        """
         if action is Action.PUBLISH:
             topic = _split_topic(subject)
             if topic is None:
@@ -379,12 +520,77 @@ class BoundPolicy:
             for tokens, decision in self._allow_subscribe:
                 if covers(tokens, pattern):
                     return decision
+            grant = self.subscription(subject)
+            if grant.unrestricted:  # covered by several allow patterns together
+                return grant.decision
             return _NO_ALLOW_RULE
         assert_never(action)
 
     def allows(self, action: Action, subject: str) -> bool:
         """``check(action, subject).allowed``."""
         return self.check(action, subject).allowed
+
+    def permits_anything(self) -> bool:
+        """True if some publish or some subscription is allowed at all (exact): a broker closes
+        a live session whose identity a new policy allows nothing."""
+        for allowing, denying in (
+            (self._allow_publish, self._deny_publish),
+            (self._allow_subscribe, self._deny_subscribe),
+        ):
+            if any(tokens is None for tokens, _ in denying):
+                continue  # an unfillable deny placeholder denies everything of this kind
+            denies = [tokens for tokens, _ in denying if tokens is not None]
+            if any(escapes(tokens, denies) for tokens, _ in allowing):
+                return True
+        return False
+
+    def subscription(self, pattern: str) -> Grant:
+        """What a subscription with ``pattern`` may receive (see :class:`Grant`).
+
+        Accepted (``possible``) if some topic matches ``pattern``, an allow pattern and no
+        deny pattern; ``unrestricted`` if that holds for every topic ``pattern`` matches.
+        """
+        tokens = _split_pattern(pattern)
+        if tokens is None:
+            return Grant(pattern, (), _INVALID_PATTERN, possible=False, unrestricted=False)
+        denying: list[tuple[str, ...]] = []
+        first_deny: Decision | None = None
+        for deny, decision in self._deny_subscribe:
+            if deny is None:  # an unfillable deny placeholder denies everything
+                return Grant(pattern, tokens, decision, possible=False, unrestricted=False)
+            if intersects(deny, tokens):
+                denying.append(deny)
+                if first_deny is None:
+                    first_deny = decision
+        if first_deny is None:
+            for allow, decision in self._allow_subscribe:
+                if covers(allow, tokens):  # the common case: one allow pattern covers it
+                    return Grant(pattern, tokens, decision, possible=True, unrestricted=True)
+        allowing: list[tuple[str, ...]] = []
+        deciding: Decision | None = None
+        for allow, decision in self._allow_subscribe:
+            both = meet(allow, tokens)
+            if both is None:
+                continue
+            allowing.append(allow)
+            if deciding is None and escapes(both, denying):
+                deciding = decision
+        if deciding is None:
+            refusal = first_deny if first_deny is not None and allowing else _NO_ALLOW_RULE
+            return Grant(pattern, tokens, refusal, possible=False, unrestricted=False)
+        if first_deny is None and not escapes(tokens, allowing):
+            # covered by several allow patterns together (org.* and org.*.> cover org.>)
+            return Grant(pattern, tokens, deciding, possible=True, unrestricted=True)
+        filtered = Decision(True, deciding.rule, f"{deciding.reason} (filtered)")
+        return Grant(
+            pattern,
+            tokens,
+            filtered,
+            possible=True,
+            unrestricted=False,
+            allow=tuple(allowing),
+            deny=tuple(denying),
+        )
 
 
 class Policy:
@@ -474,6 +680,14 @@ class Policy:
     def allows(self, identity: Identity, action: Action, subject: str) -> bool:
         """``check(identity, action, subject).allowed``."""
         return self._bind(identity).check(action, subject).allowed
+
+    def subscription(self, identity: Identity, pattern: str) -> Grant:
+        """``bind(identity).subscription(pattern)``: what the subscription may receive."""
+        return self._bind(identity).subscription(pattern)
+
+    def permits_anything(self, identity: Identity) -> bool:
+        """``bind(identity).permits_anything()``: is any publish or subscription allowed."""
+        return self._bind(identity).permits_anything()
 
     def _make_bound(self, identity: Identity) -> BoundPolicy:
         return BoundPolicy(identity, self._compiled)

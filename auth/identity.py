@@ -7,6 +7,7 @@ listener's ``identity_fields``): see :func:`identity_from_certificate` and ``doc
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,10 +39,15 @@ class Identity:
     ``mechanism`` is ``"x509"``, ``"kerberos"``, ``"ntlm"`` or ``"anonymous"``; ``name`` is the
     normalised name within that mechanism (``alice``, ``alice@EXAMPLE.COM``, ``DOMAIN\\alice``).
     ``str(identity)`` is the mechanism-qualified form used by ACL rules and logs: ``x509:alice``.
+
+    ``expires_at`` is when the credential the peer proved it with ends (epoch seconds: a
+    certificate's notAfter), ``None`` when unknown or unlimited. It is not part of equality or
+    the hash: the same principal with a renewed credential is the same identity to the ACL.
     """
 
     mechanism: str
     name: str
+    expires_at: float | None = dataclasses.field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.mechanism}:{self.name}"
@@ -113,7 +119,8 @@ def identity_from_certificate(
         the whole subject as an RFC 4514 string (``CN=alice,O=Example``).
 
     This does not verify the certificate: call it on the peer certificate of a completed TLS
-    handshake. Raises :class:`ValueError` for a bad ``fields`` list and :class:`IdentityError`
+    handshake. The identity's ``expires_at`` is the certificate's notAfter. Raises
+    :class:`ValueError` for a bad ``fields`` list and :class:`IdentityError`
     when the certificate does not parse, no field yields a name, the CN is ambiguous, or the
     chosen name contains control or invisible format characters.
     """
@@ -128,7 +135,7 @@ def identity_from_certificate(
         name = _field_value(cert, field)
         if name:
             _check_name(name, field)
-            return Identity("x509", name)
+            return Identity("x509", name, cert.not_valid_after_utc.timestamp())
     raise IdentityError(f"peer certificate has none of the identity fields: {', '.join(order)}")
 
 

@@ -1,4 +1,4 @@
-"""SPNEGO security layers (Kerberos, and NTLM when enabled) on pyspnego, sans-I/O.
+"""SPNEGO security layers (Kerberos, and NTLM when enabled), sans-I/O, on public library APIs.
 
 :class:`NegotiateServerLayer` (acceptor) and :class:`NegotiateClientLayer` (initiator) implement
 :class:`auth.layer.SecurityLayer`. The wire format is specified in ``docs/protocol.md`` section 2.2:
@@ -13,12 +13,31 @@
 * with ``protect_frames=False`` (mode ``tls+negotiate``, TLS protects the stream and the context
   is bound to it): after DONE the stream passes through unchanged.
 
+Libraries (public interfaces only, no process-wide patches; see docs/kerberos.md):
+
+* Kerberos runs on python-gssapi's low-level API with the Kerberos 5 mechanism itself:
+  ``init_sec_context``/``accept_sec_context`` (which raise their error at once, keeping MIT's
+  minor status for the reason code), ``wrap``/``unwrap`` for records. The SPNEGO envelope around
+  a Kerberos token (one mechanism, never renegotiated) is this module's own: the bounded DER
+  reader below and a few lines of DER writing. System SPNEGO was tried and not used: MIT's
+  SPNEGO mechanism remaps the Kerberos minor status (``Preauthentication failed`` arrives as an
+  opaque mechglue number), so the documented failure reasons could not be told apart.
+* NTLM runs on pyspnego's public ``spnego.client``/``spnego.server`` with its SPNEGO
+  (``protocol="negotiate"``); the client credential is an :class:`spnego.NTLMHash`, which no
+  other mechanism can use, so an NTLM client never tries Kerberos.
+
+Before any library sees a token, the acceptor runs a cheap structural pre-parse of the first one
+(:func:`parse_neg_token_init`): at most :data:`MAX_MECH_TYPES` mechanism OIDs are read, the first
+must be allowed, and the optimistic token must belong to it. A hostile token therefore costs
+microseconds, not a full ASN.1 decode of thousands of OIDs.
+
 Policy is enforced by the acceptor on the *completed* context, not on what was offered: the
 mechanism (Kerberos unless the listener enables NTLM), the target service principal (a ticket
 for another principal in the same keytab is refused), the channel binding when required (MIT
 accepts a client that sent no bindings unless the GSS ``channel_bound`` flag is checked, which we
 do; for NTLM an all-zero binding is refused too), the protection flags when frames are wrapped,
-and NTLMv2 only.
+the ticket's end time against ``max_clock_skew``, NTLMv2 only, and for NTLM without channel
+bindings an NTLM target name that names this service.
 
 Threading: ``blocking_handshake`` is true. Until ``established`` the driver calls ``start`` and
 ``receive_data`` from one worker thread at a time (a Kerberos initiator may talk to the KDC, an
@@ -26,7 +45,8 @@ acceptor reads its keytab); afterwards wrap/unwrap are cheap and run on the even
 must never be used from two threads at once.
 
 Secrets: no token, key or password goes into an exception message or a log record. pyspnego logs
-every token at DEBUG level; importing this module installs a filter that drops those records.
+every SPNEGO token at DEBUG level; importing this module installs a filter that drops those
+records.
 """
 
 from __future__ import annotations
@@ -35,56 +55,44 @@ import enum
 import hashlib
 import logging
 import os
+import struct
+import threading
+import time
 import unicodedata
-from typing import Final, Literal, NoReturn
+from collections.abc import Callable
+from typing import Final, Literal, NamedTuple, NoReturn
 
 from auth.credentials import NTLM, Kerberos
 from auth.errors import AuthError, HandshakeError, HandshakeReason, IntegrityError
 from auth.identity import ANONYMOUS, Identity
 
-# pyspnego's public API (spnego.client/server) cannot restrict the mechanisms, take a keytab and
-# service principal per listener, or expose the Kerberos context for the target/flag checks, so
-# this module uses its internals: NegotiateProxy(_negotiate_contexts=...) with one inner context,
-# GSSAPIProxy(_gssapi_credential=...), GSSAPIProxy._context, ._is_wrapped, spnego._spnego (SPNEGO
-# parsing) and spnego._ntlm_raw.messages (NTLM AUTHENTICATE inspection). Tested with pyspnego
-# 0.12.4; tests/test_negotiate_layer.py exercises every one of them, so pin pyspnego < 0.13.
 try:
     import gssapi
     import gssapi.raw
-    import krb5  # noqa: F401  pyspnego silently drops Kerberos when this is missing
+    import spnego
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from gssapi.raw.named_tuples import InquireContextResult
-    from spnego import _gss as _spnego_gss
-    from spnego._context import ContextReq, GSSMech
-    from spnego._credential import Password
-    from spnego._gss import GSSAPIProxy
-    from spnego._negotiate import NegotiateProxy
-    from spnego._ntlm import NTLMProxy
-    from spnego._ntlm_raw.messages import Authenticate, AvId, MessageType, NTClientChallengeV2
-    from spnego._spnego import NegTokenInit, NegTokenResp, unpack_token
     from spnego.channel_bindings import GssChannelBindings
     from spnego.exceptions import BadBindingsError, BadMechanismError, SpnegoError
 except ImportError as _exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
-        "auth.negotiate needs pyspnego with Kerberos support (the gssapi and krb5 packages): "
-        "install 'tessera[negotiate]'; building gssapi/krb5 needs the libkrb5-dev package. "
-        f"Import failed: {_exc}"
+        "auth.negotiate needs python-gssapi and pyspnego: install 'tessera[negotiate]'; "
+        f"building gssapi needs the libkrb5-dev package. Import failed: {_exc}"
     ) from _exc
 
-if not _spnego_gss.HAS_GSSAPI:  # pragma: no cover
-    raise ImportError(
-        "pyspnego cannot use gssapi/krb5, so Kerberos would silently be unavailable: "
-        f"{_spnego_gss.GSSAPI_IMP_ERR}"
-    )
-if gssapi.MechType.kerberos not in gssapi.raw.indicate_mechs():  # pragma: no cover
+for _needed in ("acquire_cred_from", "acquire_cred_with_password", "export_sec_context"):
+    if not hasattr(gssapi.raw, _needed):  # pragma: no cover - depends on the GSS library
+        raise ImportError(f"the system GSSAPI library lacks {_needed} (use MIT krb5 >= 1.12)")
+
+_KRB5_MECH: Final = gssapi.MechType.kerberos
+if _KRB5_MECH not in gssapi.raw.indicate_mechs():  # pragma: no cover
     raise ImportError("the system GSSAPI library has no Kerberos 5 mechanism (install libkrb5)")
 
-# Surface the real GSS error from step() instead of pyspnego's AttributeError on a later call.
-gssapi.SecurityContext.__DEFER_STEP_ERRORS__ = False  # type: ignore[attr-defined]
-
 __all__ = [
+    "DEFAULT_MAX_CLOCK_SKEW_SECONDS",
     "MAX_LEGS",
+    "MAX_MECH_TYPES",
     "MAX_RECORD_PLAINTEXT_BYTES",
     "MAX_TOKEN_BYTES",
     "MAX_WRAPPED_RECORD_BYTES",
@@ -92,12 +100,14 @@ __all__ = [
     "NTLM",
     "DataKind",
     "Kerberos",
+    "NegTokenInitSummary",
     "NegotiateClientLayer",
     "NegotiateServerLayer",
     "RecordType",
     "WireCode",
     "normalise_kerberos_name",
     "normalise_ntlm_name",
+    "parse_neg_token_init",
     "tls_channel_bindings",
     "tls_server_end_point",
 ]
@@ -120,6 +130,15 @@ _MAX_WRAP_OVERHEAD_BYTES: Final = 1024  # AES Kerberos adds 60 B, RC4 Kerberos ~
 
 MAX_WRAPPED_RECORD_BYTES: Final = MAX_RECORD_PLAINTEXT_BYTES + 1 + _MAX_WRAP_OVERHEAD_BYTES
 """Largest wrapped record body accepted (bytes, checked on the length prefix before buffering)."""
+
+MAX_MECH_TYPES: Final = 8
+"""Most mechanism OIDs a first token may offer. Real initiators send one to three (MIT: krb5;
+Windows: MS-krb5, krb5, NTLM, sometimes NegoEx); more is refused before any further parsing."""
+
+DEFAULT_MAX_CLOCK_SKEW_SECONDS: Final = 60.0
+"""How long after its end time a Kerberos ticket is still accepted (seconds). MIT and Active
+Directory tolerate 300 s of clock skew and accept expired tickets for that long; with NTP-synced
+hosts a minute is plenty and cuts the grace an expired (e.g. revoked user's) ticket gets by 5x."""
 
 MECHANISMS: Final = frozenset({"kerberos", "ntlm"})
 """The mechanism names a listener may allow."""
@@ -165,34 +184,62 @@ class WireCode(enum.IntEnum):
         return cls.__members__.get(reason.name, cls.INTERNAL)
 
 
-# pyspnego's names for the mechanisms it negotiates, and the SPNEGO OIDs that mean each one.
-_MECH_OF_OID: Final[dict[str, str]] = {
-    GSSMech.kerberos.value: "kerberos",
-    GSSMech._ms_kerberos.value: "kerberos",
-    GSSMech._kerberos_draft.value: "kerberos",
-    GSSMech.ntlm.value: "ntlm",
+# -- mechanism OIDs --------------------------------------------------------------------------------
+
+
+def _oid_der(dotted: str) -> bytes:
+    """The DER content octets of an OBJECT IDENTIFIER (X.690 8.19)."""
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray((arcs[0] * 40 + arcs[1],))
+    for arc in arcs[2:]:
+        rest = arc >> 7
+        chunk = [arc & 0x7F]
+        while rest:
+            chunk.append(0x80 | (rest & 0x7F))
+            rest >>= 7
+        out += bytes(reversed(chunk))
+    return bytes(out)
+
+
+_SPNEGO_OID: Final = _oid_der("1.3.6.1.5.5.2")
+_KRB5_OID: Final = _oid_der("1.2.840.113554.1.2.2")
+_NTLM_OID: Final = _oid_der("1.3.6.1.4.1.311.2.2.10")
+# The SPNEGO mechTypes that mean each mechanism: Kerberos also under Microsoft's OID (Windows
+# lists it first) and the pre-RFC one, as MIT does.
+_MECH_OF_OID: Final[dict[bytes, str]] = {
+    _KRB5_OID: "kerberos",
+    _oid_der("1.2.840.48018.1.2.2"): "kerberos",
+    _oid_der("1.3.5.1.5.2"): "kerberos",
+    _NTLM_OID: "ntlm",
 }
-_GSSMECH: Final[dict[str, GSSMech]] = {"kerberos": GSSMech.kerberos, "ntlm": GSSMech.ntlm}
+_NTLMSSP: Final = b"NTLMSSP\x00"
 
 # Context flags requested by the initiator and, when frames are wrapped, required by both sides.
-_REQUESTED: Final = (
-    ContextReq.mutual_auth
-    | ContextReq.replay_detect
-    | ContextReq.sequence_detect
-    | ContextReq.confidentiality
-    | ContextReq.integrity
-)
-_PROTECTION: Final = (
-    ContextReq.replay_detect
-    | ContextReq.sequence_detect
-    | ContextReq.confidentiality
-    | ContextReq.integrity
+_GSS_REQUESTED: Final = (
+    gssapi.RequirementFlag.mutual_authentication
+    | gssapi.RequirementFlag.replay_detection
+    | gssapi.RequirementFlag.out_of_sequence_detection
+    | gssapi.RequirementFlag.confidentiality
+    | gssapi.RequirementFlag.integrity
 )
 _GSS_PROTECTION: Final = int(
     gssapi.RequirementFlag.replay_detection
     | gssapi.RequirementFlag.out_of_sequence_detection
     | gssapi.RequirementFlag.confidentiality
     | gssapi.RequirementFlag.integrity
+)
+_NTLM_REQUESTED: Final = (
+    spnego.ContextReq.mutual_auth
+    | spnego.ContextReq.replay_detect
+    | spnego.ContextReq.sequence_detect
+    | spnego.ContextReq.confidentiality
+    | spnego.ContextReq.integrity
+)
+_NTLM_PROTECTION: Final = (
+    spnego.ContextReq.replay_detect
+    | spnego.ContextReq.sequence_detect
+    | spnego.ContextReq.confidentiality
+    | spnego.ContextReq.integrity
 )
 
 # -- keep tokens out of logs ---------------------------------------------------------------------
@@ -207,12 +254,319 @@ class _DropTokenRecords(logging.Filter):
         return not (isinstance(record.msg, str) and record.msg.startswith(_TOKEN_LOG_PREFIXES))
 
 
-for _name in ("spnego._negotiate", "spnego._gss", "spnego._ntlm"):
-    _logger = logging.getLogger(_name)
-    if not any(isinstance(f, _DropTokenRecords) for f in _logger.filters):
-        _logger.addFilter(_DropTokenRecords())
+def _filter_spnego_loggers() -> None:
+    # A logger's filters only see records logged on it, so every logger of the pyspnego package
+    # gets one (they all exist once ``spnego`` is imported); found by name, not by module.
+    names = [n for n in logging.root.manager.loggerDict if n == "spnego" or n.startswith("spnego.")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTokenRecords) for f in logger.filters):
+            logger.addFilter(_DropTokenRecords())
 
-# -- credentials -----------------------------------------------------------------------------------
+
+_filter_spnego_loggers()
+
+# -- the first token: a cheap structural pre-parse -------------------------------------------------
+
+
+class NegTokenInitSummary(NamedTuple):
+    """What :func:`parse_neg_token_init` reads from a first SPNEGO token."""
+
+    mech_types: tuple[bytes, ...]
+    """The offered mechanism OIDs (DER content octets), at most :data:`MAX_MECH_TYPES`."""
+    mech_token: bytes
+    """The optimistic token for the first mechanism (``b""`` when absent)."""
+    mech_list: bytes
+    """The DER encoding of the ``mechTypes`` SEQUENCE (what a ``mechListMIC`` covers)."""
+    mech_list_mic: bytes
+    """The initiator's ``mechListMIC`` (``b""`` when absent; MIT and Windows send none)."""
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """One DER tag-length-value at *pos*: (tag, start of value, end of value). Single-byte tags,
+    definite lengths of at most 4 octets, the value inside ``[pos, end)``."""
+    if end - pos < 2:
+        raise _Malformed("truncated")
+    tag, first = buf[pos], buf[pos + 1]
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or end - pos < count:
+            raise _Malformed("bad length")
+        length = int.from_bytes(buf[pos : pos + count], "big")
+        pos += count
+    if length > end - pos:
+        raise _Malformed("length past the end")
+    return tag, pos, pos + length
+
+
+def parse_neg_token_init(
+    token: bytes, *, max_mech_types: int = MAX_MECH_TYPES
+) -> NegTokenInitSummary:
+    """Read the mechanism list and optimistic token of an RFC 4178 ``InitialContextToken``
+    holding a ``NegTokenInit``, with bounded work: it stops at the first structural error and
+    after *max_mech_types* OIDs. Raises :class:`ValueError` (never anything else)."""
+    try:
+        return _parse_init(token, max_mech_types)
+    except _Malformed as exc:
+        raise ValueError(f"first token is not a SPNEGO NegTokenInit ({exc})") from None
+
+
+def _parse_init(token: bytes, max_mech_types: int) -> NegTokenInitSummary:
+    end = len(token)
+    tag, pos, stop = _tlv(token, 0, end)
+    if tag != 0x60 or stop != end:
+        raise _Malformed("not an InitialContextToken")
+    tag, oid_start, pos = _tlv(token, pos, end)
+    if tag != 0x06 or token[oid_start:pos] != _SPNEGO_OID:
+        raise _Malformed("not SPNEGO")
+    tag, pos, stop = _tlv(token, pos, end)
+    if tag != 0xA0 or stop != end:
+        raise _Malformed("not a NegTokenInit")
+    tag, pos, end = _tlv(token, pos, end)
+    if tag != 0x30:
+        raise _Malformed("NegTokenInit is not a SEQUENCE")
+    mech_types: list[bytes] | None = None
+    mech_token = mech_list = mech_list_mic = b""
+    last = -1
+    while pos < end:
+        tag, start, stop = _tlv(token, pos, end)
+        pos = stop
+        if tag <= last or not 0xA0 <= tag <= 0xA4:
+            raise _Malformed("unexpected NegTokenInit field")
+        last = tag
+        if tag == 0xA0:  # mechTypes: SEQUENCE OF OBJECT IDENTIFIER
+            inner, at, seq_end = _tlv(token, start, stop)
+            if inner != 0x30 or seq_end != stop:
+                raise _Malformed("mechTypes is not a SEQUENCE")
+            mech_list = token[start:stop]
+            mech_types = []
+            while at < seq_end:
+                if len(mech_types) == max_mech_types:
+                    raise ValueError(f"more than {max_mech_types} mechanisms offered")
+                oid_tag, oid_at, at = _tlv(token, at, seq_end)
+                if oid_tag != 0x06:
+                    raise _Malformed("mechTypes entry is not an OID")
+                mech_types.append(token[oid_at:at])
+        elif tag == 0xA2:  # mechToken: OCTET STRING
+            inner, at, octets_end = _tlv(token, start, stop)
+            if inner != 0x04 or octets_end != stop:
+                raise _Malformed("mechToken is not an OCTET STRING")
+            mech_token = token[at:octets_end]
+        elif tag == 0xA3:  # mechListMIC (RFC 4178); Microsoft's NegTokenInit2 has negHints
+            inner, at, octets_end = _tlv(token, start, stop)
+            if inner == 0x04 and octets_end == stop:
+                mech_list_mic = token[at:octets_end]
+        # [1] reqFlags, [4] mechListMIC of NegTokenInit2: not needed here
+    if not mech_types:
+        raise _Malformed("no mechTypes")
+    return NegTokenInitSummary(tuple(mech_types), mech_token, mech_list, mech_list_mic)
+
+
+class _NegTokenResp(NamedTuple):
+    neg_state: int | None
+    supported_mech: bytes | None
+    response_token: bytes
+    mech_list_mic: bytes
+
+
+_ACCEPT_COMPLETED: Final = 0  # RFC 4178 negState
+
+
+def _parse_neg_token_resp(token: bytes) -> _NegTokenResp:
+    """A SPNEGO ``NegTokenResp``; raises :class:`ValueError` when *token* is not one."""
+    end = len(token)
+    tag, pos, stop = _tlv(token, 0, end)
+    if tag != 0xA1 or stop != end:
+        raise ValueError("not a NegTokenResp")
+    tag, pos, end = _tlv(token, pos, end)
+    if tag != 0x30:
+        raise ValueError("NegTokenResp is not a SEQUENCE")
+    state: int | None = None
+    mech: bytes | None = None
+    octets: dict[int, bytes] = {}
+    last = -1
+    while pos < end:
+        tag, start, pos = _tlv(token, pos, end)
+        if tag <= last or not 0xA0 <= tag <= 0xA3:
+            raise ValueError("unexpected NegTokenResp field")
+        last = tag
+        inner, at, value_end = _tlv(token, start, pos)
+        if value_end != pos:
+            raise ValueError("trailing bytes in a NegTokenResp field")
+        value = token[at:value_end]
+        if tag == 0xA0:
+            if inner != 0x0A or len(value) != 1:
+                raise ValueError("negState is not a one-byte ENUMERATED")
+            state = value[0]
+        elif tag == 0xA1:
+            if inner != 0x06:
+                raise ValueError("supportedMech is not an OID")
+            mech = value
+        elif inner != 0x04:
+            raise ValueError("responseToken/mechListMIC is not an OCTET STRING")
+        else:
+            octets[tag] = value
+    return _NegTokenResp(state, mech, octets.get(0xA2, b""), octets.get(0xA3, b""))
+
+
+def _der(tag: int, value: bytes) -> bytes:
+    """One DER TLV (definite length)."""
+    n = len(value)
+    if n < 0x80:
+        return bytes((tag, n)) + value
+    size = (n.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + n.to_bytes(size, "big") + value
+
+
+_KRB5_MECH_LIST: Final = _der(0x30, _der(0x06, _KRB5_OID))
+
+
+def _kerberos_neg_token_init(mech_token: bytes) -> bytes:
+    """The initiator's first token: a NegTokenInit offering Kerberos 5 alone (RFC 4178 4.2.1)."""
+    init = _der(0x30, _der(0xA0, _KRB5_MECH_LIST) + _der(0xA2, _der(0x04, mech_token)))
+    return _der(0x60, _der(0x06, _SPNEGO_OID) + _der(0xA0, init))
+
+
+def _kerberos_neg_token_resp(supported_mech: bytes, response: bytes, mic: bytes = b"") -> bytes:
+    """The acceptor's last token: accept-completed, the mechanism, the AP-REP (RFC 4178 4.2.2)."""
+    body = _der(0xA0, _der(0x0A, bytes((_ACCEPT_COMPLETED,))))
+    body += _der(0xA1, _der(0x06, supported_mech))
+    if response:
+        body += _der(0xA2, _der(0x04, response))
+    if mic:
+        body += _der(0xA3, _der(0x04, mic))
+    return _der(0xA1, _der(0x30, body))
+
+
+def _is_kerberos_token(token: bytes) -> bool:
+    """An RFC 2743 InitialContextToken whose thisMech is Kerberos 5 (any of its OIDs)."""
+    try:
+        tag, pos, stop = _tlv(token, 0, len(token))
+        if tag != 0x60 or stop != len(token):
+            return False
+        tag, start, pos = _tlv(token, pos, stop)
+    except _Malformed:
+        return False
+    return tag == 0x06 and _MECH_OF_OID.get(token[start:pos]) == "kerberos"
+
+
+# -- NTLM helpers ----------------------------------------------------------------------------------
+
+# MS-NLMP 2.2.1.3 (AUTHENTICATE_MESSAGE) and 2.2.2.1 (AV_PAIR)
+_NTLM_AUTHENTICATE: Final = 3
+_NTLM_NEGOTIATE: Final = 1
+_AV_EOL: Final = 0
+_AV_TARGET_NAME: Final = 9
+_AV_CHANNEL_BINDINGS: Final = 10
+_NTLMV2_CHALLENGE_OFFSET: Final = (
+    16 + 28
+)  # NTProofStr, then the fixed part of NTLMv2_CLIENT_CHALLENGE
+
+
+class _NtlmAuthenticate(NamedTuple):
+    ntlmv2: bool
+    target_name: str | None
+    channel_bindings: bytes | None
+
+
+def _ntlm_message_type(token: bytes) -> int | None:
+    if len(token) < 12 or not token.startswith(_NTLMSSP):
+        return None
+    return int.from_bytes(token[8:12], "little")
+
+
+def _parse_ntlm_authenticate(raw: bytes) -> _NtlmAuthenticate:
+    """The fields of an NTLM AUTHENTICATE message the acceptor's policy needs. Raises
+    :class:`ValueError` (or :class:`struct.error`) on a malformed message."""
+    nt_len, _, nt_offset = struct.unpack_from("<HHI", raw, 20)
+    if nt_offset + nt_len > len(raw):
+        raise ValueError("NtChallengeResponse past the end of the message")
+    response = raw[nt_offset : nt_offset + nt_len]
+    if len(response) <= 24:  # NTLMv1 is exactly 24 bytes; LM-only responses have no NT part
+        return _NtlmAuthenticate(False, None, None)
+    pos = _NTLMV2_CHALLENGE_OFFSET
+    if len(response) < pos:
+        raise ValueError("truncated NTLMv2 response")
+    target: str | None = None
+    binding: bytes | None = None
+    while True:
+        av_id, av_len = struct.unpack_from("<HH", response, pos)
+        pos += 4
+        value = response[pos : pos + av_len]
+        if len(value) != av_len:
+            raise ValueError("truncated AV_PAIR")
+        pos += av_len
+        if av_id == _AV_EOL:
+            break
+        if av_id == _AV_TARGET_NAME:
+            target = value.decode("utf-16-le")
+        elif av_id == _AV_CHANNEL_BINDINGS:
+            binding = value
+    return _NtlmAuthenticate(True, target, binding)
+
+
+def _md4(data: bytes) -> bytes:
+    """MD4 (RFC 1320), for the NT hash of an NTLM password; OpenSSL 3 no longer offers it."""
+    mask = 0xFFFFFFFF
+
+    def rotl(x: int, n: int) -> int:
+        return ((x << n) | (x >> (32 - n))) & mask
+
+    message = data + b"\x80" + b"\x00" * ((55 - len(data)) % 64) + struct.pack("<Q", len(data) * 8)
+    h = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476]
+    for offset in range(0, len(message), 64):
+        x = struct.unpack_from("<16I", message, offset)
+        a, b, c, d = h
+        for i in range(16):  # round 1: F(b, c, d) = (b & c) | (~b & d)
+            k, s = i, (3, 7, 11, 19)[i % 4]
+            a = rotl((a + ((b & c) | (~b & d)) + x[k]) & mask, s)
+            a, b, c, d = d, a, b, c
+        for i in range(16):  # round 2: G = majority
+            k, s = (i % 4) * 4 + i // 4, (3, 5, 9, 13)[i % 4]
+            a = rotl((a + ((b & c) | (b & d) | (c & d)) + x[k] + 0x5A827999) & mask, s)
+            a, b, c, d = d, a, b, c
+        for i in range(16):  # round 3: H = parity
+            k = (0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15)[i]
+            s = (3, 9, 11, 15)[i % 4]
+            a = rotl((a + (b ^ c ^ d) + x[k] + 0x6ED9EBA1) & mask, s)
+            a, b, c, d = d, a, b, c
+        h = [(v + w) & mask for v, w in zip(h, (a, b, c, d), strict=True)]
+    return struct.pack("<4I", *h)
+
+
+# pyspnego's NTLM acceptor reads its accounts only from the NTLM_USER_FILE environment variable:
+# its public API has no per-context option. The variable is set here, in one place, only when a
+# listener enables NTLM, and never over a different value an embedding application set.
+_NTLM_USER_FILE_ENV: Final = "NTLM_USER_FILE"
+_ntlm_env_lock = threading.Lock()
+
+
+def _use_ntlm_user_file(path: str | os.PathLike[str] | None) -> str:
+    """The account file NTLM is verified against; binds NTLM_USER_FILE to *path* if unset."""
+    with _ntlm_env_lock:
+        current = os.environ.get(_NTLM_USER_FILE_ENV)
+        if path is None:
+            chosen = current
+        else:
+            chosen = os.fspath(path)
+            if current and os.path.realpath(current) != os.path.realpath(chosen):
+                raise ValueError(
+                    f"ntlm_user_file: this process already verifies NTLM against {current} "
+                    "(NTLM_USER_FILE); pyspnego reads one process-wide file, so every NTLM "
+                    "listener must name that file"
+                )
+            if not current:
+                os.environ[_NTLM_USER_FILE_ENV] = chosen
+    if not chosen or not os.path.isfile(chosen) or not os.access(chosen, os.R_OK):
+        raise ValueError("ntlm_user_file: NTLM is enabled but no readable account file is named")
+    return chosen
 
 
 # -- channel bindings ------------------------------------------------------------------------------
@@ -380,11 +734,11 @@ def _classify(
     if isinstance(exc, BadMechanismError):
         return HandshakeError(HandshakeReason.MECHANISM_REFUSED, "no usable mechanism")
     if isinstance(exc, SpnegoError):
-        return HandshakeError(default, type(exc).__name__)
+        return HandshakeError(default, "the NTLM exchange failed")
     if not peer_input:
-        return HandshakeError(default, type(exc).__name__)
+        return HandshakeError(default, "the security context could not be set up")
     # struct.error, ValueError, IndexError... from decoding a peer's token.
-    return HandshakeError(HandshakeReason.MALFORMED, f"undecodable token ({type(exc).__name__})")
+    return HandshakeError(HandshakeReason.MALFORMED, "undecodable token")
 
 
 # -- the common record machinery -------------------------------------------------------------------
@@ -394,6 +748,16 @@ _State = Literal["handshake", "established", "failed"]
 
 def _record(kind: RecordType, body: bytes = b"") -> bytes:
     return (len(body) + 1).to_bytes(_HEADER_BYTES, "big") + bytes((kind,)) + body
+
+
+def _gss_bindings(application_data: bytes | None) -> gssapi.raw.ChannelBindings | None:
+    # Address types "unspecified" (0) and no addresses, as RFC 5929 channel bindings are sent by
+    # Windows, Java and pyspnego: the Kerberos checksum covers the whole structure.
+    if application_data is None:
+        return None
+    return gssapi.raw.ChannelBindings(
+        initiator_address_type=0, acceptor_address_type=0, application_data=application_data
+    )
 
 
 class _NegotiateLayer:
@@ -416,22 +780,28 @@ class _NegotiateLayer:
         self._protect = protect_frames
         self._max_token_bytes = max_token_bytes
         self._max_legs = max_legs
-        self._bindings = (
-            GssChannelBindings(application_data=channel_bindings)
-            if channel_bindings is not None
-            else None
-        )
+        self._binding_data = channel_bindings
+        self._gss_bindings = _gss_bindings(channel_bindings)
         self._state: _State = "handshake"
         self._error: AuthError | None = None
         self._inbuf = bytearray()
         self._outbuf = bytearray()
         self._plain = bytearray()
         self._legs = 0
-        self._context: NegotiateProxy | None = None
+        # Kerberos: the GSS (SPNEGO) context; NTLM: pyspnego's SPNEGO context.
+        self._gss_context: gssapi.raw.SecurityContext | None = None
+        self._ntlm: spnego.ContextProxy | None = None
+        self._complete = False
         self._identity: Identity | None = None
         self._mechanism: str | None = None
+        self._chosen: str | None = None
         self._peer_closed = False
         self._close_sent = False
+
+    def _ntlm_bindings(self) -> GssChannelBindings | None:
+        if self._binding_data is None:
+            return None
+        return GssChannelBindings(application_data=self._binding_data)
 
     # -- SecurityLayer -------------------------------------------------------------------------
 
@@ -591,23 +961,26 @@ class _NegotiateLayer:
         self._outbuf += _record(RecordType.ERROR, bytes((WireCode.for_reason(error.reason),)))
         raise error from exc
 
-    def _step(self, token: bytes | None, default: HandshakeReason) -> bytes | None:
-        assert self._context is not None
+    def _step_ntlm(self, token: bytes | None, default: HandshakeReason) -> bytes | None:
+        """One step of the NTLM (pyspnego SPNEGO) context; sets ``_complete``."""
+        assert self._ntlm is not None
         try:
-            return self._context.step(token)
+            out = self._ntlm.step(token)
         except Exception as exc:  # pyspnego raises many types; classified, never echoed
             self._fail_with(exc, default, peer_input=token is not None)
+        self._complete = self._ntlm.complete
+        return out
 
     # -- data phase ----------------------------------------------------------------------------
 
     def _seal(self, plaintext: bytes) -> None:
         gss = self._gss
-        if gss is not None:  # Kerberos: straight to GSS, no pyspnego layers on the hot path
-            wrapped = gssapi.raw.wrap(gss, plaintext, True)
+        if gss is not None:  # Kerberos: straight to GSS
+            wrapped = gssapi.raw.wrap(gss, plaintext, True)  # type: ignore[arg-type]  # stub
             data, sealed = wrapped.message, wrapped.encrypted
         else:
-            assert self._context is not None
-            result = self._context.wrap(plaintext, encrypt=True)
+            assert self._ntlm is not None
+            result = self._ntlm.wrap(plaintext, encrypt=True)
             data, sealed = result.data, result.encrypted
         if not sealed:  # never expected: the context was checked for confidentiality
             raise IntegrityError("the security context cannot seal records")
@@ -620,11 +993,11 @@ class _NegotiateLayer:
         gss = self._gss
         try:
             if gss is not None:
-                unwrapped = gssapi.raw.unwrap(gss, record)
+                unwrapped = gssapi.raw.unwrap(gss, record)  # type: ignore[arg-type]  # stub
                 data, sealed = unwrapped.message, unwrapped.encrypted
             else:
-                assert self._context is not None
-                result = self._context.unwrap(record)
+                assert self._ntlm is not None
+                result = self._ntlm.unwrap(record)
                 data, sealed = result.data, result.encrypted
         except Exception as exc:  # bad MIC, duplicate, gap, too late, undecodable
             raise IntegrityError(
@@ -644,28 +1017,22 @@ class _NegotiateLayer:
 
     # -- helpers for the subclasses ------------------------------------------------------------
 
-    def _kerberos_context(self) -> gssapi.SecurityContext | None:
-        inner = self._inner
-        return inner._context if isinstance(inner, GSSAPIProxy) else None
-
     def _established(self, mechanism: str, identity: Identity) -> None:
         self._mechanism = mechanism
         self._identity = identity
-        self._gss = self._kerberos_context() if self._protect else None
+        self._gss = self._gss_context if mechanism == "kerberos" and self._protect else None
         self._state = "established"
 
-    _inner: GSSAPIProxy | NTLMProxy | None = None
-    _gss: gssapi.SecurityContext | None = None
-    _chosen: str | None = None
+    _gss: gssapi.raw.SecurityContext | None = None
 
 
-def _inquire(ctx: gssapi.SecurityContext | None) -> InquireContextResult | None:
-    """Target, initiator, mechanism and flags of a Kerberos 5 context in one GSS call; None if
-    it is not one."""
+def _inquire(ctx: gssapi.raw.SecurityContext | None) -> InquireContextResult | None:
+    """Target, initiator, mechanism and flags of a Kerberos 5 context in one GSS call (through
+    SPNEGO, GSS reports the negotiated mechanism); None if it is not one."""
     if ctx is None:
         return None
     info = gssapi.raw.inquire_context(ctx, lifetime=False, locally_init=False, complete=False)
-    return info if info.mech == gssapi.MechType.kerberos else None
+    return info if info.mech == _KRB5_MECH else None
 
 
 def _display(name: gssapi.raw.Name | None) -> str:
@@ -678,8 +1045,21 @@ def _display(name: gssapi.raw.Name | None) -> str:
         return ""
 
 
-def _mechanism_of(oid: str) -> str | None:
-    return _MECH_OF_OID.get(oid)
+def _ticket_end_time(ctx: gssapi.raw.SecurityContext) -> tuple[gssapi.raw.SecurityContext, float]:
+    """The end time (UNIX seconds) of the ticket a completed Kerberos acceptor context was built
+    from, and the context to use from now on.
+
+    GSS reports only a lifetime that MIT computes against ``now - clockskew``, so the exact end
+    time comes from the RFC 4121 lucid context (``gss_krb5_export_lucid_sec_context``). That call
+    consumes the context it is given, so it gets a copy: the context is exported once and
+    imported twice, one copy for the lucid export and one for the data phase."""
+    token = gssapi.raw.export_sec_context(ctx)  # invalidates ctx
+    kept = gssapi.raw.import_sec_context(token)
+    copy = gssapi.raw.import_sec_context(token)
+    lucid = gssapi.raw.krb5_export_lucid_sec_context(copy, 1)
+    if not isinstance(lucid, gssapi.raw.Krb5LucidContextV1) or lucid.endtime is None:
+        raise HandshakeError(HandshakeReason.INTERNAL, "no version 1 lucid Kerberos context")
+    return kept, float(lucid.endtime)
 
 
 # -- acceptor --------------------------------------------------------------------------------------
@@ -690,12 +1070,16 @@ class NegotiateServerLayer(_NegotiateLayer):
 
     ``service`` is the service principal (``tessera/host.example@REALM``; with no realm the default
     realm) or a bare host name meaning ``tessera/<host>`` in the default realm; required when
-    Kerberos is allowed. Only tickets for exactly that principal are accepted, from ``keytab`` (or
-    the default keytab, ``KRB5_KTNAME``). NTLM accounts come from the file named by the
-    ``NTLM_USER_FILE`` environment variable (process-wide: pyspnego reads nothing else).
-    ``channel_bindings`` is :func:`tls_channel_bindings` of the listener's certificate; with
-    ``require_channel_binding`` a client that sends none (or all zeros, NTLM) is refused.
-    Configuration errors raise :class:`ValueError` naming the field.
+    Kerberos is allowed, and when NTLM is allowed without channel bindings (the NTLM target name
+    must name it). Only tickets for exactly that principal are accepted, from ``keytab`` (or the
+    default keytab, ``KRB5_KTNAME``), and only until ``max_clock_skew`` seconds after their end
+    time. NTLM accounts come from ``ntlm_user_file`` (see :func:`_use_ntlm_user_file`: pyspnego
+    reads them through the process-wide ``NTLM_USER_FILE``, which must then name the same file;
+    without ``ntlm_user_file`` that variable is used). ``channel_bindings`` is
+    :func:`tls_channel_bindings` of the listener's certificate; with ``require_channel_binding``
+    a client that sends none (or all zeros, NTLM) is refused. ``clock`` returns UNIX time (for
+    the ticket end-time check and :attr:`credential_expires_at`). Configuration errors raise
+    :class:`ValueError` naming the field.
     """
 
     _role = "client"
@@ -711,6 +1095,9 @@ class NegotiateServerLayer(_NegotiateLayer):
         protect_frames: bool = True,
         max_token_bytes: int = MAX_TOKEN_BYTES,
         max_legs: int = MAX_LEGS,
+        max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS,
+        ntlm_user_file: str | os.PathLike[str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(
             protect_frames=protect_frames,
@@ -723,30 +1110,48 @@ class NegotiateServerLayer(_NegotiateLayer):
             raise ValueError(f"mechanisms must be a non-empty subset of {sorted(MECHANISMS)}")
         if require_channel_binding and channel_bindings is None:
             raise ValueError("require_channel_binding needs channel_bindings")
+        if not 0 <= max_clock_skew <= 86_400:
+            raise ValueError("max_clock_skew: must be between 0 and 86400 seconds")
         self._mechanisms = mechanisms
         self._require_binding = require_channel_binding
         self._keytab = os.fspath(keytab) if keytab is not None else None
         self._principal = _service_principal(service) if service is not None else None
+        self._max_clock_skew = float(max_clock_skew)
+        self._clock = clock
+        self._expires_at: float | None = None
         if "kerberos" in mechanisms:
             if self._principal is None:
                 raise ValueError("service (the service principal) is required for kerberos")
             if self._keytab is not None and not os.path.isfile(self._keytab):
                 raise ValueError(f"keytab: no such file: {self._keytab}")
-        if "ntlm" in mechanisms and not _ntlm_user_file():
-            raise ValueError(
-                "ntlm_user_file: NTLM is enabled but NTLM_USER_FILE does not name a readable file"
-            )
+        if "ntlm" in mechanisms:
+            if self._principal is None and not require_channel_binding:
+                raise ValueError(
+                    "service: NTLM without channel bindings needs the service principal "
+                    "(the NTLM target name is checked against it)"
+                )
+            _use_ntlm_user_file(ntlm_user_file)
+
+    @property
+    def credential_expires_at(self) -> float | None:
+        """When the client's credential ends (UNIX time): the Kerberos ticket's end time, once
+        established; ``None`` before that and for NTLM, whose logons do not expire."""
+        return self._expires_at if self.established else None
 
     # -- handshake -----------------------------------------------------------------------------
 
     def _on_token(self, token: bytes) -> None:
-        if self._context is None:
-            self._first_token(token)
-        elif self._chosen == "ntlm":
+        if self._chosen is None:
+            init = self._first_token(token)
+            if self._chosen == "kerberos":
+                self._on_kerberos_token(init)
+                return
+        elif self._chosen == "kerberos":  # one round trip: nothing follows the first token
+            self._fail(HandshakeReason.MALFORMED, "a second token in a Kerberos exchange")
+        else:
             self._check_ntlm_authenticate(token)
-        out = self._step(token, HandshakeReason.BAD_CREDENTIALS)
-        assert self._context is not None
-        if self._context.complete:
+        out = self._step_ntlm(token, HandshakeReason.BAD_CREDENTIALS)
+        if self._complete:
             mechanism, identity = self._accept()
             self._outbuf += _record(RecordType.DONE, out or b"")
             self._established(mechanism, identity)
@@ -755,18 +1160,17 @@ class NegotiateServerLayer(_NegotiateLayer):
         else:
             self._fail(HandshakeReason.INTERNAL, "acceptor produced no token")
 
-    def _first_token(self, token: bytes) -> None:
+    def _first_token(self, token: bytes) -> NegTokenInitSummary:
+        """Bounded checks before any library parses the token: a NegTokenInit with at most
+        MAX_MECH_TYPES mechanisms whose first one is allowed and whose optimistic token is for it.
+        No renegotiation: the completed context is checked again in _accept()."""
         try:
-            init = unpack_token(token)
-        except Exception:
-            init = None
-        if not isinstance(init, NegTokenInit):
-            self._fail(HandshakeReason.MALFORMED, "first token is not a SPNEGO NegTokenInit")
-        if not init.mech_types or not init.mech_token:
-            self._fail(HandshakeReason.MALFORMED, "NegTokenInit without mechanism or token")
-        # No renegotiation: the initiator's preferred mechanism, which its optimistic token is
-        # for, must be allowed here. The completed context is checked again in _accept().
-        chosen = _mechanism_of(init.mech_types[0])
+            init = parse_neg_token_init(token)
+        except ValueError as exc:
+            self._fail(HandshakeReason.MALFORMED, str(exc))
+        if not init.mech_token:
+            self._fail(HandshakeReason.MALFORMED, "NegTokenInit without an optimistic token")
+        chosen = _MECH_OF_OID.get(init.mech_types[0])
         self._chosen = chosen  # known from here on, also for the log line of a refusal
         if chosen is None or chosen not in self._mechanisms:
             self._fail(
@@ -774,42 +1178,69 @@ class NegotiateServerLayer(_NegotiateLayer):
                 f"client offered {chosen or 'an unknown mechanism'} first; "
                 f"allowed: {', '.join(sorted(self._mechanisms))}",
             )
+        if chosen == "kerberos":
+            if not _is_kerberos_token(init.mech_token):
+                self._fail(HandshakeReason.MECHANISM_REFUSED, "optimistic token is not Kerberos")
+            return init
+        if _ntlm_message_type(init.mech_token) != _NTLM_NEGOTIATE:
+            self._fail(HandshakeReason.MECHANISM_REFUSED, "optimistic token is not NTLM")
+        if any(_MECH_OF_OID.get(oid) != "ntlm" for oid in init.mech_types):
+            # pyspnego would set up (and prefer) a Kerberos context of its own for them.
+            self._fail(HandshakeReason.MECHANISM_REFUSED, "NTLM offered with other mechanisms")
         try:
-            inner: GSSAPIProxy | NTLMProxy
-            if chosen == "kerberos":
-                inner = GSSAPIProxy(
-                    usage="accept",
-                    channel_bindings=self._bindings,
-                    context_req=_REQUESTED,
-                    _gssapi_credential=self._acceptor_credential(),
-                )
-            else:
-                inner = NTLMProxy(
-                    usage="accept", channel_bindings=self._bindings, context_req=_REQUESTED
-                )
-            inner._is_wrapped = True  # no per-step token logging by the inner context
-            self._inner = inner
-            self._context = NegotiateProxy(
-                usage="accept",
-                channel_bindings=self._bindings,
-                context_req=_REQUESTED,
-                _negotiate_contexts={_GSSMECH[chosen]: inner},
+            self._ntlm = spnego.server(
+                protocol="negotiate",
+                options=spnego.NegotiateOptions.use_negotiate,
+                channel_bindings=self._ntlm_bindings(),
+                context_req=_NTLM_REQUESTED,
+            )
+        except Exception as exc:
+            self._fail_with(exc, HandshakeReason.INTERNAL, peer_input=False)
+        return init
+
+    def _on_kerberos_token(self, init: NegTokenInitSummary) -> None:
+        """Accept the AP-REQ (one GSS call), apply the policy, answer DONE with the AP-REP in a
+        NegTokenResp ``accept-completed`` naming the OID the client offered (Windows needs its
+        own alias echoed). A mechListMIC from the client is verified and answered (RFC 4178 5)."""
+        try:
+            result = gssapi.raw.accept_sec_context(
+                init.mech_token,
+                acceptor_creds=self._acceptor_credential(),
+                channel_bindings=self._gss_bindings,
             )
         except HandshakeError:
             raise
-        except Exception as exc:
-            self._fail_with(exc, HandshakeReason.INTERNAL, peer_input=False)
+        except Exception as exc:  # GSSError: classified, never echoed
+            self._fail_with(exc, HandshakeReason.BAD_CREDENTIALS)
+        self._gss_context = result.context
+        if result.more_steps:  # user-to-user or DCE style: not offered by real clients
+            self._fail(HandshakeReason.MALFORMED, "Kerberos exchange of more than one token")
+        if init.mech_list_mic:
+            try:
+                gssapi.raw.verify_mic(result.context, init.mech_list, init.mech_list_mic)  # type: ignore[arg-type]
+            except Exception as exc:
+                self._fail_with(exc, HandshakeReason.BAD_CREDENTIALS)
+        mechanism, identity = self._accept()
+        mic = b""
+        if init.mech_list_mic:
+            assert self._gss_context is not None
+            mic = gssapi.raw.get_mic(self._gss_context, init.mech_list)  # type: ignore[arg-type]
+        reply = _kerberos_neg_token_resp(init.mech_types[0], result.token or b"", mic)
+        self._outbuf += _record(RecordType.DONE, reply)
+        self._established(mechanism, identity)
 
-    def _acceptor_credential(self) -> gssapi.Credentials:
+    def _acceptor_credential(self) -> gssapi.raw.Creds:
+        """Kerberos 5 acceptor credential for exactly our principal (read from the keytab at
+        every connection, so rotated keys apply without a restart)."""
         assert self._principal is not None
-        name = gssapi.Name(self._principal, gssapi.NameType.kerberos_principal)
-        store: dict[bytes | str, bytes | str] | None = (
-            {"keytab": self._keytab} if self._keytab is not None else None
-        )
+        name = gssapi.raw.import_name(self._principal.encode(), gssapi.NameType.kerberos_principal)
         try:
-            return gssapi.Credentials(
-                name=name, usage="accept", mechs=[gssapi.MechType.kerberos], store=store
-            )
+            if self._keytab is not None:
+                store = _cred_store(keytab=self._keytab)
+                return gssapi.raw.acquire_cred_from(
+                    store, name=name, mechs=[_KRB5_MECH], usage="accept"
+                ).creds
+            return gssapi.raw.acquire_cred(name, mechs=[_KRB5_MECH], usage="accept").creds
         except gssapi.raw.GSSError as exc:
             # Our keytab lacks the service key: a server configuration problem, not the client's.
             self._outbuf += _record(RecordType.ERROR, bytes((WireCode.INTERNAL,)))
@@ -819,53 +1250,53 @@ class NegotiateServerLayer(_NegotiateLayer):
 
     def _check_ntlm_authenticate(self, token: bytes) -> None:
         """NTLMv2 only; with required bindings, a present non-zero MsvAvChannelBindings (pyspnego
-        accepts an all-zero one, which a relayed client would send); the SPN, when sent, must
-        name our service. The NTLMv2 response covers these fields, so they cannot be altered."""
+        accepts an all-zero one, which a relayed client would send); without bindings, a target
+        name (MsvAvTargetName) naming our service, else one naming another service when sent.
+        The NTLMv2 response covers these fields, so a relay cannot alter or remove them."""
         try:
-            message = unpack_token(token)
-            raw = message.response_token if isinstance(message, NegTokenResp) else None
-            if not raw or not raw.startswith(b"NTLMSSP\x00"):
+            raw = _parse_neg_token_resp(token).response_token
+            if _ntlm_message_type(raw) != _NTLM_AUTHENTICATE:
                 return  # e.g. a bare mechListMIC round; pyspnego validates it
-            if int.from_bytes(raw[8:12], "little") != MessageType.authenticate:
-                return
-            auth = Authenticate.unpack(raw)
-            response = auth.nt_challenge_response or b""
-            if len(response) <= 24:
-                self._fail(HandshakeReason.MECHANISM_REFUSED, "NTLMv1/LM responses are refused")
-            av_pairs = NTClientChallengeV2.unpack(response[16:]).av_pairs
-        except HandshakeError:
-            raise
-        except Exception as exc:
+            auth = _parse_ntlm_authenticate(raw)
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
             self._fail_with(exc, HandshakeReason.MALFORMED)
+        if not auth.ntlmv2:
+            self._fail(HandshakeReason.MECHANISM_REFUSED, "NTLMv1/LM responses are refused")
         if self._require_binding:
-            binding = av_pairs.get(AvId.channel_bindings)
-            if not binding or binding == b"\x00" * 16:
+            if not auth.channel_bindings or auth.channel_bindings == b"\x00" * 16:
                 self._fail(HandshakeReason.CHANNEL_BINDING, "NTLM client sent no channel binding")
-        spn = av_pairs.get(AvId.target_name)
-        if self._principal is not None and isinstance(spn, str) and spn:
+        elif not auth.target_name:
+            # No channel binding to stop a relay: the target name is what ties the exchange to
+            # this service (a victim lured to another service names that one).
+            self._fail(HandshakeReason.WRONG_SERVICE, "NTLM client sent no target name")
+        if self._principal is not None and auth.target_name:
             expected = _split_realm(self._principal)[0]
-            if spn.casefold() != expected.casefold():
-                self._fail(HandshakeReason.WRONG_SERVICE, f"NTLM target {spn!r} is not ours")
+            if auth.target_name.casefold() != expected.casefold():
+                self._fail(
+                    HandshakeReason.WRONG_SERVICE, f"NTLM target {auth.target_name!r} is not ours"
+                )
 
     def _accept(self) -> tuple[str, Identity]:
-        """Policy on the completed context: the mechanism, and for Kerberos the target, flags and
-        channel binding. Returns the mechanism and the client's identity."""
-        assert self._context is not None
-        mechanism = self._context.negotiated_protocol
-        if mechanism not in self._mechanisms or mechanism != self._chosen:
+        """Policy on the completed context: the mechanism, and for Kerberos the target, flags,
+        channel binding and ticket end time. Returns the mechanism and the client's identity."""
+        if self._chosen == "kerberos":
+            return "kerberos", Identity(
+                "kerberos", normalise_kerberos_name(self._accept_kerberos())
+            )
+        assert self._ntlm is not None
+        mechanism = self._ntlm.negotiated_protocol
+        if mechanism != "ntlm" or "ntlm" not in self._mechanisms or self._chosen != "ntlm":
             self._fail(HandshakeReason.MECHANISM_REFUSED, f"completed with {mechanism}")
-        if mechanism == "kerberos":
-            return mechanism, Identity("kerberos", normalise_kerberos_name(self._accept_kerberos()))
-        if self._protect and (self._context.context_attr & _PROTECTION) != _PROTECTION:
+        if self._protect and (self._ntlm.context_attr & _NTLM_PROTECTION) != _NTLM_PROTECTION:
             self._fail(HandshakeReason.MECHANISM_REFUSED, "NTLM without signing and sealing")
-        principal = self._context.client_principal
+        principal = self._ntlm.client_principal
         if not principal:
             self._fail(HandshakeReason.BAD_CREDENTIALS, "no client name")
         return mechanism, Identity("ntlm", normalise_ntlm_name(principal))
 
     def _accept_kerberos(self) -> str:
         """Checks the completed Kerberos context; returns the client principal."""
-        info = _inquire(self._kerberos_context())
+        info = _inquire(self._gss_context)
         if info is None:
             self._fail(HandshakeReason.MECHANISM_REFUSED, "not a Kerberos 5 context")
         if info.target_name is None or not gssapi.raw.compare_name(
@@ -885,6 +1316,18 @@ class NegotiateServerLayer(_NegotiateLayer):
         client = _display(info.initiator_name)
         if not client:
             self._fail(HandshakeReason.BAD_CREDENTIALS, "client name is not valid UTF-8")
+        assert self._gss_context is not None
+        try:
+            self._gss_context, end_time = _ticket_end_time(self._gss_context)
+        except gssapi.raw.GSSError as exc:
+            self._fail_with(exc, HandshakeReason.INTERNAL, peer_input=False)
+        late = self._clock() - end_time
+        if late > self._max_clock_skew:
+            self._fail(
+                HandshakeReason.NO_CREDENTIALS,
+                f"ticket expired {late:.0f} s ago (max_clock_skew {self._max_clock_skew:g} s)",
+            )
+        self._expires_at = end_time
         return client
 
     def _expected_name(self) -> gssapi.raw.Name:
@@ -900,11 +1343,6 @@ def _service_principal(service: str) -> str:
     if "@" in service:
         raise ValueError("service: give 'tessera/host@REALM' or a bare host name")
     return f"tessera/{service}"
-
-
-def _ntlm_user_file() -> str | None:
-    path = os.environ.get("NTLM_USER_FILE")
-    return path if path and os.path.isfile(path) and os.access(path, os.R_OK) else None
 
 
 # -- initiator -------------------------------------------------------------------------------------
@@ -949,6 +1387,8 @@ class NegotiateClientLayer(_NegotiateLayer):
         if self._offer == "ntlm" and int(os.environ.get("LM_COMPAT_LEVEL", "3")) < 3:
             raise ValueError("LM_COMPAT_LEVEL below 3 would allow NTLMv1: refusing")
         self._started = False
+        self._target: gssapi.raw.Name | None = None
+        self._gss_credential: gssapi.raw.Creds | None = None  # None: GSS's default
 
     def start(self) -> None:
         """Get the credential (may ask the KDC: blocking) and queue the first token."""
@@ -957,17 +1397,15 @@ class NegotiateClientLayer(_NegotiateLayer):
         self._started = True
         try:
             try:
-                inner = self._build_inner()
-                inner._is_wrapped = True
-                self._inner = inner
-                self._context = NegotiateProxy(
-                    usage="initiate",
-                    hostname=self._hostname,
-                    service=self._service,
-                    channel_bindings=self._bindings,
-                    context_req=_REQUESTED,
-                    _negotiate_contexts={_GSSMECH[self._offer]: inner},
-                )
+                if self._offer == "ntlm":
+                    self._ntlm = self._ntlm_context()
+                else:
+                    self._target = gssapi.raw.import_name(
+                        f"{self._service}@{self._hostname}".encode(),
+                        gssapi.NameType.hostbased_service,
+                    )
+                    assert isinstance(self._credential, Kerberos)
+                    self._gss_credential = _kerberos_credential(self._credential)
             except HandshakeError:
                 raise
             except Exception as exc:
@@ -981,32 +1419,53 @@ class NegotiateClientLayer(_NegotiateLayer):
             self._error = exc
             raise
 
-    def _build_inner(self) -> GSSAPIProxy | NTLMProxy:
+    def _ntlm_context(self) -> spnego.ContextProxy:
         credential = self._credential
-        if isinstance(credential, NTLM):
-            user = credential.username
-            if credential.domain:
-                user = f"{credential.domain}\\{user}"
-            return NTLMProxy(
-                username=Password(username=user, password=credential.password),
-                hostname=self._hostname,
-                service=self._service,
-                channel_bindings=self._bindings,
-                context_req=_REQUESTED,
-                usage="initiate",
-            )
-        return GSSAPIProxy(
+        assert isinstance(credential, NTLM)
+        user = credential.username
+        if credential.domain:
+            user = f"{credential.domain}\\{user}"
+        # An NT hash credential is usable by NTLM only: pyspnego's SPNEGO then offers NTLM alone.
+        nt_hash = _md4(credential.password.encode("utf-16-le")).hex()
+        return spnego.client(
+            [spnego.NTLMHash(username=user, nt_hash=nt_hash)],
             hostname=self._hostname,
             service=self._service,
-            channel_bindings=self._bindings,
-            context_req=_REQUESTED,
-            usage="initiate",
-            _gssapi_credential=_kerberos_credential(credential),
+            channel_bindings=self._ntlm_bindings(),
+            context_req=_NTLM_REQUESTED,
+            protocol="negotiate",
+            options=spnego.NegotiateOptions.use_negotiate,
         )
+
+    def _step(self, token: bytes | None, default: HandshakeReason) -> bytes | None:
+        """One initiator step. Kerberos: *token* is the AP-REP (or None for the AP-REQ), and the
+        first output is wrapped in our NegTokenInit."""
+        if self._offer == "ntlm":
+            return self._step_ntlm(token, default)
+        assert self._target is not None
+        try:
+            result = gssapi.raw.init_sec_context(
+                self._target,
+                creds=self._gss_credential,
+                context=self._gss_context,
+                mech=_KRB5_MECH,
+                flags=_GSS_REQUESTED,
+                channel_bindings=self._gss_bindings,
+                input_token=token,
+            )
+        except Exception as exc:  # GSSError: classified, never echoed
+            self._fail_with(exc, default, peer_input=token is not None)
+        self._gss_context = result.context
+        self._complete = not result.more_steps
+        if token is None:
+            return _kerberos_neg_token_init(result.token or b"")
+        return result.token
 
     def _on_token(self, token: bytes) -> None:
         if not self._started:
             self._fail(HandshakeReason.MALFORMED, "token before start()")
+        if self._offer == "kerberos":  # the acceptor answers a Kerberos token with DONE or ERROR
+            self._fail(HandshakeReason.MALFORMED, "unexpected token in a Kerberos exchange")
         out = self._step(token, HandshakeReason.BAD_CREDENTIALS)
         if out:
             self._outbuf += _record(RecordType.TOKEN, out)
@@ -1014,61 +1473,86 @@ class NegotiateClientLayer(_NegotiateLayer):
     def _on_done(self, token: bytes) -> None:
         if not self._started:
             self._fail(HandshakeReason.MALFORMED, "DONE before start()")
-        assert self._context is not None
-        if token and self._step(token, HandshakeReason.BAD_CREDENTIALS):
+        if self._offer == "kerberos":
+            self._kerberos_done(token)
+            return
+        if token and (self._complete or self._step(token, HandshakeReason.BAD_CREDENTIALS)):
             self._fail(HandshakeReason.MALFORMED, "server finished before the client")
-        if not self._context.complete:
+        if not self._complete:
             self._fail(HandshakeReason.MALFORMED, "server finished before the client")
-        mechanism = self._context.negotiated_protocol
-        if mechanism != self._offer:
-            self._fail(HandshakeReason.MECHANISM_REFUSED, f"completed with {mechanism}")
-        assert mechanism is not None
-        if mechanism == "kerberos":
-            info = _inquire(self._kerberos_context())
-            if info is None:
-                self._fail(HandshakeReason.MECHANISM_REFUSED, "not a Kerberos 5 context")
-            flags = int(info.flags or 0)
-            if not flags & gssapi.RequirementFlag.mutual_authentication:
-                self._fail(HandshakeReason.BAD_CREDENTIALS, "server did not authenticate")
-            if self._protect and (flags & _GSS_PROTECTION) != _GSS_PROTECTION:
-                self._fail(HandshakeReason.MECHANISM_REFUSED, "context lacks record protection")
-            identity = Identity("kerberos", normalise_kerberos_name(_display(info.target_name)))
-        else:
-            if self._protect and (self._context.context_attr & _PROTECTION) != _PROTECTION:
-                self._fail(HandshakeReason.MECHANISM_REFUSED, "NTLM without signing and sealing")
-            identity = ANONYMOUS
-        self._established(mechanism, identity)
+        assert self._ntlm is not None
+        if self._ntlm.negotiated_protocol != "ntlm":
+            self._fail(
+                HandshakeReason.MECHANISM_REFUSED,
+                f"completed with {self._ntlm.negotiated_protocol}",
+            )
+        if self._protect and (self._ntlm.context_attr & _NTLM_PROTECTION) != _NTLM_PROTECTION:
+            self._fail(HandshakeReason.MECHANISM_REFUSED, "NTLM without signing and sealing")
+        self._established("ntlm", ANONYMOUS)
+
+    def _kerberos_done(self, token: bytes) -> None:
+        """The acceptor's NegTokenResp: accept-completed, Kerberos, the AP-REP (mutual
+        authentication), and a mechListMIC only if it sends one (verified then)."""
+        try:
+            resp = _parse_neg_token_resp(token)
+        except (ValueError, IndexError) as exc:
+            self._fail_with(exc, HandshakeReason.MALFORMED)
+        if resp.neg_state != _ACCEPT_COMPLETED or not resp.response_token:
+            self._fail(HandshakeReason.MALFORMED, "server finished before the client")
+        if resp.supported_mech is not None and _MECH_OF_OID.get(resp.supported_mech) != "kerberos":
+            self._fail(HandshakeReason.MECHANISM_REFUSED, "server chose another mechanism")
+        if self._step(resp.response_token, HandshakeReason.BAD_CREDENTIALS) or not self._complete:
+            self._fail(HandshakeReason.MALFORMED, "server finished before the client")
+        if resp.mech_list_mic:
+            try:
+                gssapi.raw.verify_mic(self._gss_context, _KRB5_MECH_LIST, resp.mech_list_mic)  # type: ignore[arg-type]
+            except Exception as exc:
+                self._fail_with(exc, HandshakeReason.BAD_CREDENTIALS)
+        info = _inquire(self._gss_context)
+        if info is None:
+            self._fail(HandshakeReason.MECHANISM_REFUSED, "not a Kerberos 5 context")
+        flags = int(info.flags or 0)
+        if not flags & gssapi.RequirementFlag.mutual_authentication:
+            self._fail(HandshakeReason.BAD_CREDENTIALS, "server did not authenticate")
+        if self._protect and (flags & _GSS_PROTECTION) != _GSS_PROTECTION:
+            self._fail(HandshakeReason.MECHANISM_REFUSED, "context lacks record protection")
+        identity = Identity("kerberos", normalise_kerberos_name(_display(info.target_name)))
+        self._established("kerberos", identity)
 
 
-def _kerberos_credential(credential: Kerberos) -> gssapi.Credentials | None:
-    """The initiator credential, or None for GSS's default choice (cache, then client keytab)."""
-    mech = gssapi.MechType.kerberos
+def _cred_store(**elements: str) -> dict[bytes | str, bytes | str]:
+    """A GSS credential store (RFC 5588 ext.) with *bytes* keys and values. python-gssapi's raw
+    ``acquire_cred_from`` keeps only C pointers into the objects it is given: str values would be
+    encoded into temporaries freed before MIT reads them (seen as a random fallback to the
+    default keytab under load), so the bytes are made here and live as long as the dict."""
+    return {key.encode(): value.encode() for key, value in elements.items()}
+
+
+def _kerberos_credential(credential: Kerberos) -> gssapi.raw.Creds | None:
+    """The Kerberos 5 initiator credential: from a password, a client keytab, a credential
+    cache, or None for GSS's default choice (cache, then client keytab)."""
+    mechs = [_KRB5_MECH]
     name = (
-        gssapi.Name(credential.principal, gssapi.NameType.kerberos_principal)
+        gssapi.raw.import_name(credential.principal.encode(), gssapi.NameType.kerberos_principal)
         if credential.principal
         else None
     )
     if credential.password is not None:
         assert name is not None
-        result = gssapi.raw.acquire_cred_with_password(
-            name, credential.password.encode("utf-8"), usage="initiate", mechs=[mech]
-        )
-        return gssapi.Credentials(base=result.creds)
+        return gssapi.raw.acquire_cred_with_password(
+            name, credential.password.encode("utf-8"), usage="initiate", mechs=mechs
+        ).creds
     if credential.keytab is not None:
         # MIT gets a ticket from the client keytab into a memory cache on first use and again
         # when it expires. One cache per (principal, keytab) in the process: connections share
         # tickets, and reconnecting does not leak a new cache each time.
         keytab = os.fspath(credential.keytab)
         key = hashlib.sha256(f"{credential.principal}\0{keytab}".encode()).hexdigest()[:32]
-        store: dict[bytes | str, bytes | str] = {
-            "client_keytab": keytab,
-            "ccache": f"MEMORY:tessera-{key}",
-        }
-        return gssapi.Credentials(name=name, usage="initiate", mechs=[mech], store=store)
+        store = _cred_store(client_keytab=keytab, ccache=f"MEMORY:tessera-{key}")
+        return gssapi.raw.acquire_cred_from(store, name=name, mechs=mechs, usage="initiate").creds
     if credential.ccache is not None:
-        return gssapi.Credentials(
-            name=name, usage="initiate", mechs=[mech], store={"ccache": credential.ccache}
-        )
+        store = _cred_store(ccache=credential.ccache)
+        return gssapi.raw.acquire_cred_from(store, name=name, mechs=mechs, usage="initiate").creds
     if name is not None:
-        return gssapi.Credentials(name=name, usage="initiate", mechs=[mech])
+        return gssapi.raw.acquire_cred(name, mechs=mechs, usage="initiate").creds
     return None

@@ -64,6 +64,15 @@ class StackedLayer:
         return self._inner.peer_identity if self.established and self._inner else None
 
     @property
+    def credential_expires_at(self) -> float | None:
+        """The inner layer's ``credential_expires_at`` (UNIX time the authenticated credential,
+        e.g. a Kerberos ticket, ends), once established; ``None`` if it has none."""
+        if not self.established:
+            return None
+        value = getattr(self._inner, "credential_expires_at", None)
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
     def blocking_handshake(self) -> bool:
         # With a factory the inner layer is unknown until the outer handshake: assume it blocks
         # (the negotiate layers do), so drivers run the whole handshake off the loop.

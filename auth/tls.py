@@ -13,9 +13,10 @@ import contextlib
 import os
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, Literal, cast
 
 from auth.errors import HandshakeError, HandshakeReason
 from auth.identity import (
@@ -28,9 +29,14 @@ from auth.identity import (
 
 __all__ = [
     "ALPN_PROTOCOL",
+    "CRL_EXPIRED_POLICIES",
     "TLS12_CIPHERS",
+    "CrlError",
+    "CrlSet",
     "TLSLayer",
+    "certificate_expires_at",
     "client_context",
+    "load_crls",
     "server_context",
 ]
 
@@ -88,9 +94,18 @@ def server_context(
     cert: str | Path,
     key: str | Path,
     client_ca: str | Path | None = None,
+    *,
+    crls: CrlSet | None = None,
 ) -> ssl.SSLContext:
     """A broker listener's context. With ``client_ca`` a client certificate issued by that CA
-    is required; without it clients are not asked for one (their identity is ``anonymous``)."""
+    is required; without it clients are not asked for one (their identity is ``anonymous``).
+
+    With ``crls`` (from :func:`load_crls`, which needs ``client_ca``) a revoked client
+    certificate is refused. Policy ``"refuse"``: the CRLs are given to OpenSSL
+    (``VERIFY_CRL_CHECK_LEAF``), which also refuses every client handshake while a CRL is past
+    its next update. Policy ``"warn"``: the revoked serials are checked after OpenSSL's chain
+    verification, whether or not a CRL has expired (the broker logs that it has).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
@@ -103,7 +118,153 @@ def server_context(
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     else:
         ctx.verify_mode = ssl.CERT_NONE
+    if crls is not None and crls.files:
+        if client_ca is None:
+            raise CrlError(
+                "a CRL needs client_ca: without client certificates there is nothing to revoke"
+            )
+        if crls.policy == "refuse":
+            for path in crls.files:
+                ctx.load_verify_locations(cafile=path)  # a PEM file's CRLs go to the store too
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        else:
+            ctx.sslobject_class = type(
+                "RevocationCheckedSSLObject", (_RevocationCheckedSSLObject,), {"crls": crls}
+            )
     return ctx
+
+
+#: What a listener does when a CRL is past its next update (the ``crl_expired`` key).
+CRL_EXPIRED_POLICIES: Final = ("refuse", "warn")
+
+CrlExpiredPolicy = Literal["refuse", "warn"]
+
+
+class CrlError(ValueError):
+    """A CRL file is missing, malformed, not signed by a configured CA, or misconfigured.
+    The message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class CrlSet:
+    """The revocation lists one listener enforces, parsed and signature-checked.
+
+    ``revoked`` holds ``(issuer DER, serial)`` pairs; ``next_update`` is the earliest next
+    update of the files (epoch seconds; ``None`` if no CRL names one); ``warnings`` are load
+    findings for the log (a CA in the bundle without a CRL: OpenSSL would refuse its clients).
+    """
+
+    files: tuple[str, ...]
+    policy: CrlExpiredPolicy
+    revoked: frozenset[tuple[bytes, int]]
+    next_update: float | None
+    warnings: tuple[str, ...] = ()
+
+    def expired(self, now: float) -> bool:
+        """True once a CRL is past its next update."""
+        return self.next_update is not None and now >= self.next_update
+
+    def is_revoked(self, der: bytes) -> bool:
+        """True if the DER certificate is on one of the lists (by issuer and serial)."""
+        from cryptography import x509  # noqa: PLC0415 - kept off `import auth`
+
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return False
+        return (cert.issuer.public_bytes(), cert.serial_number) in self.revoked
+
+
+def load_crls(
+    paths: Iterable[str | Path],
+    client_ca: str | Path,
+    *,
+    policy: CrlExpiredPolicy = "refuse",
+) -> CrlSet:
+    """Read PEM CRL files and check each is signed by a CA certificate in ``client_ca``.
+
+    Raises :class:`CrlError` naming the file on any problem, so a reload with a bad CRL
+    changes nothing. Expiry is not an error here: ask :meth:`CrlSet.expired`.
+    """
+    from cryptography import x509  # noqa: PLC0415 - kept off `import auth`
+
+    if policy not in CRL_EXPIRED_POLICIES:
+        raise CrlError(f"crl_expired must be one of: {', '.join(CRL_EXPIRED_POLICIES)}")
+    files = tuple(str(p) for p in paths)
+    try:
+        cas = x509.load_pem_x509_certificates(Path(client_ca).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CrlError(f"{client_ca}: cannot read the client CA bundle: {exc}") from None
+    revoked: set[tuple[bytes, int]] = set()
+    next_update: float | None = None
+    covered: set[bytes] = set()
+    for path in files:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise CrlError(f"{path}: cannot read CRL: {exc.strerror or exc}") from None
+        if b"-----BEGIN X509 CRL-----" not in data:
+            raise CrlError(f"{path}: not a PEM CRL (expected -----BEGIN X509 CRL-----)")
+        for block in data.split(b"-----END X509 CRL-----")[:-1]:
+            pem = block[block.find(b"-----BEGIN X509 CRL-----") :] + b"-----END X509 CRL-----\n"
+            try:
+                crl = x509.load_pem_x509_crl(pem)
+            except ValueError as exc:
+                raise CrlError(f"{path}: not a valid CRL: {exc}") from None
+            issuer = crl.issuer.public_bytes()
+            signer = next(
+                (
+                    ca
+                    for ca in cas
+                    if ca.subject.public_bytes() == issuer
+                    and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+                ),
+                None,
+            )
+            if signer is None:
+                raise CrlError(f"{path}: the CRL is not signed by a CA in {client_ca}")
+            covered.add(issuer)
+            end = crl.next_update_utc
+            if end is not None:
+                stamp = end.timestamp()
+                next_update = stamp if next_update is None else min(next_update, stamp)
+            revoked.update((issuer, entry.serial_number) for entry in crl)
+    warnings = tuple(
+        f"{client_ca}: no CRL for the CA {ca.subject.rfc4514_string()}: with crl_expired ="
+        ' "refuse" OpenSSL refuses the clients it issued (a leaf needs its issuer\'s CRL)'
+        for ca in cas
+        if ca.subject.public_bytes() not in covered
+    )
+    return CrlSet(files, policy, frozenset(revoked), next_update, warnings if files else ())
+
+
+class _RevocationCheckedSSLObject(ssl.SSLObject):
+    """``crl_expired = "warn"``: the revoked serials are checked here, after OpenSSL's chain
+    verification, so an expired CRL still revokes what it lists (through the public
+    :attr:`ssl.SSLContext.sslobject_class` hook)."""
+
+    crls: CrlSet
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        der = self.getpeercert(binary_form=True)
+        if der and self.crls.is_revoked(der):
+            error = ssl.SSLCertVerificationError(
+                1, "certificate verify failed: certificate revoked"
+            )
+            error.verify_code = 23  # X509_V_ERR_CERT_REVOKED
+            error.verify_message = "certificate revoked"
+            raise error
+
+
+def certificate_expires_at(der: bytes) -> float | None:
+    """A DER certificate's notAfter as epoch seconds (``None`` if it does not parse)."""
+    from cryptography import x509  # noqa: PLC0415 - kept off `import auth`
+
+    try:
+        return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+    except ValueError:
+        return None
 
 
 def client_context(
@@ -200,6 +361,13 @@ class TLSLayer:
     @property
     def peer_identity(self) -> Identity | None:
         return self._peer
+
+    @property
+    def credential_expires_at(self) -> float | None:
+        """When the peer's credential ends (epoch seconds): its certificate's notAfter, or
+        ``None`` before the handshake or without a peer certificate (an anonymous client)."""
+        peer = self._peer
+        return peer.expires_at if peer is not None else None
 
     @property
     def tls_version(self) -> str | None:

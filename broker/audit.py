@@ -1,7 +1,9 @@
 """The audit trail: one JSON object per line for every security-relevant event.
 
 Events: ``auth_success``, ``auth_failure``, ``denied``, ``slow_consumer``, ``handshake_timeout``,
-``heartbeat_timeout``, ``limit_exceeded``, ``layer_failure``, ``close``. Each line carries the time
+``heartbeat_timeout``, ``limit_exceeded``, ``layer_failure``, ``close``; and (issue #10)
+``reload``, ``revoked``, ``credential_expired``, ``policy_closed``, ``crl_expired``,
+``admin_denied``. Each line carries the time
 (UTC, ISO 8601), the event, the connection id, the peer address, the listener, the identity when
 known, and a reason code. Never a credential, a token, or a payload.
 

@@ -2,16 +2,30 @@
 
 Creates, in a folder (``./tessera-dev`` by default): a development CA, a server certificate for
 ``localhost``/``127.0.0.1``, a client certificate named ``dev``, a permissive ACL and a broker
-configuration. Nothing here is meant for production: the CA key sits next to the certificates.
+configuration. While it runs, the broker records its directory and URL in
+``$XDG_RUNTIME_DIR/tessera/dev-broker.json`` (client_sdk/contexts.py) for ``tessera ... --dev``.
+Nothing here is meant for production: the CA key sits next to the certificates.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 from certs import pki
+from client_sdk.contexts import DevRecord, remove_dev_record, write_dev_record
 
-__all__ = ["DEFAULT_DEV_BIND", "DEFAULT_DEV_DIR", "DEV_CLIENT", "ensure_dev_setup"]
+__all__ = [
+    "DEFAULT_DEV_BIND",
+    "DEFAULT_DEV_DIR",
+    "DEV_CLIENT",
+    "ensure_dev_setup",
+    "forget_dev_broker",
+    "record_dev_broker",
+]
+
+log = logging.getLogger("tessera.broker")
 
 DEFAULT_DEV_DIR = Path("tessera-dev")
 DEFAULT_DEV_BIND = "127.0.0.1:7443"
@@ -62,3 +76,15 @@ def ensure_dev_setup(directory: Path = DEFAULT_DEV_DIR, bind: str = DEFAULT_DEV_
     config = directory / "broker.toml"
     config.write_text(_DEV_CONFIG.format(bind=bind), encoding="utf-8")
     return config
+
+
+def record_dev_broker(directory: Path, url: str) -> None:
+    """Tell clients where this dev broker keeps its files (``tessera ... --dev`` reads it)."""
+    try:
+        write_dev_record(DevRecord(dir=str(directory.resolve()), url=url, pid=os.getpid()))
+    except OSError as exc:  # clients fall back to ./tessera-dev
+        log.warning("cannot record the dev broker for clients: %s", exc)
+
+
+def forget_dev_broker() -> None:
+    remove_dev_record(os.getpid())

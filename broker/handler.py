@@ -19,13 +19,15 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
-from auth.acl import Action, Decision
+from auth.acl import Action, Decision, Grant
 from auth.identity import Identity
 from broker.backplane import Publication
 from broker.config import LimitsConfig
 from broker.outbox import Outbox, Verdict
+from broker.store import StoreError
 from client_sdk.protocol import (
     Close,
     Connection,
@@ -46,6 +48,7 @@ from client_sdk.protocol import (
 )
 from client_sdk.protocol.codec import encode_frame
 from client_sdk.protocol.errors import LocalProtocolError
+from client_sdk.protocol.events import Message, Reply, Request, Response
 from client_sdk.protocol.limits import MAX_ID, MIN_HEARTBEAT_MS
 
 __all__ = ["EVENTS_PER_TURN", "ConnectionIO", "HubPort", "Outcome", "RequestHandler"]
@@ -57,11 +60,11 @@ log = logging.getLogger("tessera.broker")
 #: so that a flooding client cannot raise everyone else's latency (issue #8, measured in bench/).
 EVENTS_PER_TURN = 128
 
-#: The backlog of every connection that has none (never appended to: see ``_defer``).
-_NO_BACKLOG: deque[Event] = deque()
-
 #: Decisions cached per connection ((action, subject) -> allowed); cleared when full.
 _ACL_CACHE_ENTRIES = 256
+
+#: Retained-snapshot frames joined into one outbox block (one write covers many topics).
+SNAPSHOT_BLOCK_FRAMES = 256
 
 
 class Outcome(enum.Enum):
@@ -98,7 +101,13 @@ class HubPort(Protocol):
 
     def check(self, identity: Identity, action: Action, subject: str) -> Decision: ...
 
+    def subscription(self, identity: Identity, pattern: str) -> Grant: ...
+
+    def permits_anything(self, identity: Identity) -> bool: ...
+
     def admit_identity(self, handler: RequestHandler) -> bool: ...
+
+    features: tuple[str, ...]
 
     def publish(
         self,
@@ -109,15 +118,44 @@ class HubPort(Protocol):
         """Run ``pub`` through the pipeline (decide, store, route, other nodes)."""
 
     def route_plain(self, topic: str, payload: bytes, frame: bytes | None) -> bool:
-        """Route an already allowed plain publish at once if nothing else wants it (no store,
-        no other node); False: the caller runs :meth:`publish` instead."""
+        """Route an already allowed plain publish at once if the full pipeline would add nothing
+        (see ``Hub._plain_routable``); False: the caller runs :meth:`publish` instead."""
 
     def route_block(self, topic: str, frames: bytes, count: int) -> bool:
         """:meth:`route_plain` for ``count`` publishes at once (delivery frames encoded)."""
 
-    def subscribe(self, handler: RequestHandler, pattern: str) -> None: ...
+    def barrier(self) -> None:
+        """Hand this turn's delivery blocks to their subscribers now."""
 
-    def unsubscribe(self, handler: RequestHandler, pattern: str) -> None: ...
+    def retained_for(self, handler: RequestHandler, pattern: str) -> list[Message]:
+        """The retained snapshot for a new subscription (ACL-filtered)."""
+
+    def resume(
+        self, handler: RequestHandler, pattern: str, since: int | None, epoch: str | None
+    ) -> tuple[Ok, list[Message] | None]:
+        """The new subscription's ``ok`` and, with ``since``, what it missed."""
+
+    def join(
+        self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
+    ) -> None: ...
+
+    def leave(
+        self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
+    ) -> None: ...
+
+    def request(self, handler: RequestHandler, event: Request) -> ErrorCode | None: ...
+
+    def reply(self, responder: RequestHandler, event: Reply) -> bool: ...
+
+    def forget_requests(self, handler: RequestHandler) -> None: ...
+
+    def subscribe(
+        self, handler: RequestHandler, pattern: str, grant: Grant | None = None
+    ) -> None: ...
+
+    def unsubscribe(
+        self, handler: RequestHandler, pattern: str, grant: Grant | None = None
+    ) -> None: ...
 
     def wake(self, handler: RequestHandler) -> None:
         """``handler`` has queued output: call its :meth:`~RequestHandler.flush` this turn."""
@@ -146,6 +184,14 @@ def heartbeat_ms(requested: int | None, configured_s: float) -> int:
     return max(MIN_HEARTBEAT_MS, min(requested, configured))
 
 
+def _whole_pattern_required(grant: Grant) -> Grant:
+    """Queue-group and responder subscriptions are routed by the hub's groups, which do not
+    filter per topic: an ACL-filtered grant for one is refused (docs/acl.md)."""
+    reason = "a queue group or responder subscription must be allowed its whole pattern"
+    refused = Decision(allowed=False, rule=None, reason=reason)
+    return Grant(grant.pattern, (), refused, possible=False, unrestricted=False)
+
+
 class RequestHandler:
     """Decisions for one connection. Also the router's subscriber (:meth:`deliver`)."""
 
@@ -155,7 +201,11 @@ class RequestHandler:
         "_busy",
         "_deadline",
         "_dirty",
+        "_grants",
+        "_ordered",
+        "_ordered_bytes",
         "_pub_allowed",
+        "_pump_scheduled",
         "_suspended",
         "_write_paused",
         "authed",
@@ -172,7 +222,9 @@ class RequestHandler:
         "opened",
         "outbox",
         "peer",
+        "pending_requests",
         "sender",
+        "sub_kinds",
         "subs",
     )
 
@@ -205,6 +257,19 @@ class RequestHandler:
         #: The session is open for deliveries (welcome sent, not closing).
         self.opened = False
         self.subs: dict[int, str] = {}
+        #: What each subscription may receive (issue #10: filtered wildcards), by sid.
+        self._grants: dict[int, Grant] = {}
+        #: Subscriptions that are not plain: sid -> (group, serve). Plain ones are routed by
+        #: the router; these by the hub's queue groups and responders.
+        self.sub_kinds: dict[int, tuple[str | None, bool]] = {}
+        #: Requests this connection sent that wait for an answer.
+        self.pending_requests = 0
+        #: While a retained snapshot is going out: what must follow it, in order (snapshot
+        #: cursors and deliveries routed meanwhile), and the bytes held there.
+        #: (Created when first needed: an idle connection holds no deque, ~760 bytes each.)
+        self._ordered: deque[_Snapshot | tuple[bytes, int]] | None = None
+        self._ordered_bytes = 0
+        self._pump_scheduled = False
         self.close_code: str | None = None
         #: The security layer finished (``authenticated`` was called).
         self.authed = False
@@ -214,7 +279,7 @@ class RequestHandler:
         self.describe_mechanism: Callable[[], str | None] = lambda: None
         self._acl_cache: dict[tuple[Action, str], bool] = {}
         #: Events decoded but not yet handled (the turn's budget ran out, or the store is busy).
-        self._backlog: deque[Event] = _NO_BACKLOG  # see _defer
+        self._backlog: deque[Event] | None = None
         self._busy = False  #: a continuation is scheduled
         self._suspended = False  #: waiting for the store to finish a publish
         self._dirty = False
@@ -276,10 +341,20 @@ class RequestHandler:
             return
         if self._backlog or self._suspended:
             # Reading is paused while a backlog exists; bytes still in flight queue behind it.
-            self._defer(self.conn.receive_data(data, now))
+            self.io.pause_reading()
+            self._hold(self.conn.receive_data(data, now))
             return
         self._handle(self.conn.receive_data(data, now, EVENTS_PER_TURN), now)
         self._after_turn(now)
+
+    def _hold(self, events: list[Event]) -> None:
+        """Keep ``events`` for a later turn, after those already held."""
+        if not events:
+            return
+        if self._backlog is None:
+            self._backlog = deque(events)
+        else:
+            self._backlog.extend(events)
 
     def _after_turn(self, now: float) -> None:
         if self._suspended or self.conn.closed:
@@ -293,15 +368,6 @@ class RequestHandler:
             self._busy = False
             self.io.resume_reading()
 
-    def _defer(self, events: list[Event]) -> None:
-        """Queue events behind the backlog (a deque of its own only while one exists: an empty
-        deque is ~760 bytes, and most connections are idle)."""
-        if events:
-            if self._backlog is _NO_BACKLOG:
-                self._backlog = deque(events)
-            else:
-                self._backlog.extend(events)
-
     def _continue(self) -> None:
         self._busy = False
         if self._suspended or self.closing:
@@ -311,10 +377,12 @@ class RequestHandler:
         if backlog:
             take = [backlog.popleft() for _ in range(min(len(backlog), EVENTS_PER_TURN))]
             if not backlog:
-                self._backlog = _NO_BACKLOG
+                self._backlog = None
         else:
             take = self.conn.receive_backlog(now, EVENTS_PER_TURN)
         self._handle(take, now)
+        if self._suspended or self.closing:
+            return  # reading stays paused: the store's answer (or nothing) goes on from here
         if self._backlog or self.conn.has_backlog:
             self._busy = True
             self.hub.later(self._continue)
@@ -323,13 +391,18 @@ class RequestHandler:
 
     def lost(self) -> None:
         """The transport is gone: release everything held for this connection."""
+        self.closing = True  # a continuation already scheduled finds nothing to do
         self.hub.set_timer(self, None)
-        for pattern in self.subs.values():
-            self.hub.unsubscribe(self, pattern)
+        for sid, pattern in list(self.subs.items()):
+            self._drop_sub(sid, pattern)
         self.subs.clear()
+        self._grants.clear()
+        self.hub.forget_requests(self)
+        self._ordered = None
+        self._ordered_bytes = 0
         self.opened = False
         self.outbox.clear()
-        self._backlog.clear()
+        self._backlog = None
         if self.conn.state is not State.CLOSED:
             self.conn.state = State.CLOSED
         self.hub.forget(self)
@@ -340,7 +413,7 @@ class RequestHandler:
     def _handle(self, events: list[Event], now: float) -> None:
         for i, event in enumerate(events):
             if self._suspended:
-                self._defer(events[i:])
+                self._hold(events[i:])
                 break
             kind = type(event)
             if kind is Publish:
@@ -349,6 +422,12 @@ class RequestHandler:
             elif kind is Subscribe:
                 assert isinstance(event, Subscribe)
                 self._on_subscribe(event)
+            elif kind is Request:
+                assert isinstance(event, Request)
+                self._on_request(event)
+            elif kind is Reply:
+                assert isinstance(event, Reply)
+                self._on_reply(event)
             elif kind is Unsubscribe:
                 assert isinstance(event, Unsubscribe)
                 self._on_unsubscribe(event)
@@ -395,6 +474,7 @@ class RequestHandler:
                 identity=ident.name if ident else "",
                 max_frame=limits.max_frame_bytes,
                 heartbeat_ms=heartbeat_ms(event.heartbeat_ms, limits.heartbeat_interval),
+                features=self.hub.features,
             )
         )
         self.conn.mark_alive(now)
@@ -425,9 +505,27 @@ class RequestHandler:
             self._audit("denied", action=action.value, subject=subject, reason=decision.reason)
         return decision.allowed
 
+    def _grant(self, pattern: str) -> Grant:
+        """The ACL's answer for a subscription (issue #10): refused, unrestricted or filtered
+        (the router then delivers only the topics the identity may read)."""
+        ident = self.identity
+        if ident is None:
+            refused = Decision(allowed=False, rule=None, reason="not authenticated")
+            return Grant(pattern, (), refused, possible=False, unrestricted=False)
+        grant = self.hub.subscription(ident, pattern)
+        if not grant.possible:
+            self._audit("denied", action="subscribe", subject=pattern, reason=grant.decision.reason)
+        return grant
+
+    def may_see(self, topic: str) -> bool:
+        """May this identity receive a stored message on ``topic`` (a retained value, a history
+        entry)? A filter, not a request: no cache churn, no audit record per topic."""
+        ident = self.identity
+        return ident is not None and self.hub.check(ident, Action.SUBSCRIBE, topic).allowed
+
     def _on_publish(self, event: Publish) -> None:
         ack = event.ack
-        pub = Publication(event.topic, event.payload, event.headers, self.sender)
+        pub = Publication(event.topic, event.payload, event.headers, self.sender, event.retain)
         outcome = self.hub.publish(self, pub, lambda exc: self._stored(ack, exc))
         if outcome is Outcome.DONE:
             if ack is not None:
@@ -483,11 +581,13 @@ class RequestHandler:
             if ack is not None:
                 self._reply(Ok(ack=ack))
         else:
-            self._reply(Error(ErrorCode.LIMIT_EXCEEDED, str(exc)[:200], ack=ack))
+            code = exc.code if isinstance(exc, StoreError) else ErrorCode.STORE_FAILED
+            self._reply(Error(code, str(exc)[:200], ack=ack))
         self._take_replies()
         if self._backlog or self.conn.has_backlog:
-            self._busy = True
-            self.hub.later(self._continue)
+            if not self._busy:
+                self._busy = True
+                self.hub.later(self._continue)
         else:
             self.io.resume_reading()
 
@@ -504,7 +604,12 @@ class RequestHandler:
                 Error(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions", sid=sid)
             )
             return
-        if not self.allowed(Action.SUBSCRIBE, event.pattern):
+        grant = self._grant(event.pattern)
+        if grant.possible and not grant.unrestricted and (event.group is not None or event.serve):
+            # Queue groups and responders are routed by the hub, not the filtering router: they
+            # must be allowed the whole pattern (docs/acl.md, "Filtered wildcards").
+            grant = _whole_pattern_required(grant)
+        if not grant.possible:
             log.info("%s subscribe to %r denied", self.who(), event.pattern)
             self._reply(
                 Error(
@@ -514,11 +619,138 @@ class RequestHandler:
                 )
             )
             return
-        self.subs[sid] = event.pattern
-        self.hub.subscribe(self, event.pattern)
-        self._reply(Ok(sid=sid))
+        pattern = event.pattern
+        if not self.conn.can_answer:
+            return
+        # What was routed before this subscription existed goes out before its ok; the ok
+        # marks the switch (docs/protocol.md section 16.3).
+        self._take_replies()
+        self.hub.barrier()
+        self.subs[sid] = pattern
+        self._grants[sid] = grant
+        if event.group is not None or event.serve:
+            self.sub_kinds[sid] = (event.group, event.serve)
+            self.hub.join(self, sid, pattern, event.group, event.serve)
+        else:
+            self.hub.subscribe(self, pattern, grant)
+        snapshot: list[Message] = []
+        answer = Ok()
+        if not event.serve:
+            answer, missed = self.hub.resume(self, pattern, event.since, event.epoch)
+            # A resumption gets what it missed; a fresh subscription the retained values.
+            snapshot = missed if missed is not None else self.hub.retained_for(self, pattern)
+        ok = encode_frame(replace(answer, sid=sid))
+        if snapshot or self._ordered:
+            if self._ordered is None:
+                self._ordered = deque()
+            self._ordered.append(_Snapshot(sid, ok, snapshot))
+            self._pump()
+        else:
+            self._push_ordered(ok, 0)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s subscribed sid=%d %r", self.who(), sid, event.pattern)
+            log.debug("%s subscribed sid=%d %r", self.who(), sid, pattern)
+
+    def _drop_sub(self, sid: int, pattern: str) -> None:
+        kind = self.sub_kinds.pop(sid, None)
+        grant = self._grants.pop(sid, None)
+        if kind is None:
+            self.hub.unsubscribe(self, pattern, grant)
+        else:
+            self.hub.leave(self, sid, pattern, kind[0], kind[1])
+        for item in self._ordered or ():
+            if isinstance(item, _Snapshot) and item.sid == sid:
+                item.frames = []  # its ok still goes out, in order; the rest is moot
+
+    def _on_request(self, event: Request) -> None:
+        rid = event.rid
+        if not self.allowed(Action.PUBLISH, event.topic):
+            log.info("%s request to %r denied", self.who(), event.topic)
+            self._reply(
+                Error(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"not allowed to publish to {event.topic!r}",
+                    rid=rid,
+                )
+            )
+            return
+        code = self.hub.request(self, event)
+        if code is ErrorCode.NO_RESPONDERS:
+            self._reply(Error(code, f"no responders for {event.topic!r}", rid=rid))
+        elif code is ErrorCode.LIMIT_EXCEEDED:
+            self._reply(Error(code, "too many requests waiting for an answer", rid=rid))
+        elif code is not None:
+            self._reply(Error(code, f"request id {rid} is in use", rid=rid))
+
+    def _on_reply(self, event: Reply) -> None:
+        if self.hub.reply(self, event):
+            if event.ack is not None:
+                self._reply(Ok(ack=event.ack))
+        elif event.ack is not None:
+            self._reply(
+                Error(
+                    ErrorCode.UNKNOWN_REQUEST,
+                    "no such request: answered, expired or not delivered here",
+                    ack=event.ack,
+                )
+            )
+
+    def answer(self, event: Response | Error) -> None:
+        """An answer the hub produced for this connection (a request's reply or failure)."""
+        if not self.opened or not self.conn.can_answer:
+            return
+        try:
+            self.conn.send(event)
+        except LocalProtocolError:  # a reply too large for this client
+            self.conn.send(Error(ErrorCode.LIMIT_EXCEEDED, "the reply is too large", rid=event.rid))
+        self._take_replies()
+
+    # --- retained snapshots, in order ---------------------------------------------------------
+
+    @property
+    def load(self) -> float:
+        """How full this connection's outbox is, 0 to 1 (queue groups skip busy members)."""
+        outbox = self.outbox
+        return (outbox.bytes + self._ordered_bytes) / outbox.max_bytes
+
+    def _push_ordered(self, data: bytes, count: int) -> None:
+        if self.outbox.push(data, count) is Verdict.OVERFLOW:
+            self._overflow(len(data), count)
+            return
+        if not self._dirty:
+            self._dirty = True
+            self.hub.wake(self)
+
+    def _pump(self) -> None:
+        """Move snapshot frames (then what was held behind them) into the outbox while it is
+        below half its bound; the rest follows when the outbox has been written."""
+        self._pump_scheduled = False
+        ordered = self._ordered
+        if ordered is None:
+            return
+        outbox = self.outbox
+        half = outbox.max_bytes // 2
+        half_messages = outbox.max_messages // 2
+        block_frames = max(1, min(SNAPSHOT_BLOCK_FRAMES, half_messages))
+        while (
+            ordered and outbox.bytes < half and outbox.messages < half_messages and not self.closing
+        ):
+            item = ordered[0]
+            if isinstance(item, tuple):
+                ordered.popleft()
+                self._ordered_bytes -= len(item[0])
+                self._push_ordered(item[0], item[1])
+                continue
+            if item.ok is not None:
+                self._push_ordered(item.ok, 0)
+                item.ok = None
+            block = item.take(block_frames)
+            if block:
+                self._push_ordered(b"".join(block), len(block))
+            if not item.frames:
+                ordered.popleft()
+        if not ordered:
+            self._ordered = None
+            self._ordered_bytes = 0
 
     def _on_unsubscribe(self, event: Unsubscribe) -> None:
         pattern = self.subs.pop(event.sid, None)
@@ -531,7 +763,7 @@ class RequestHandler:
                 )
             )
             return
-        self.hub.unsubscribe(self, pattern)
+        self._drop_sub(event.sid, pattern)
         self._reply(Ok(sid=event.sid))
 
     def recheck(self) -> int:
@@ -542,10 +774,28 @@ class RequestHandler:
         self._pub_allowed = None
         removed = 0
         for sid, pattern in list(self.subs.items()):
-            if self.allowed(Action.SUBSCRIBE, pattern):
+            old = self._grants.get(sid)
+            grant = self._grant(pattern)
+            if sid in self.sub_kinds and not grant.unrestricted:
+                grant = _whole_pattern_required(grant)  # groups and responders: whole pattern
+            if grant.possible and sid in self.sub_kinds:
+                self._grants[sid] = grant
+                continue
+            if grant.possible:
+                self._grants[sid] = grant
+                if not grant.unrestricted:
+                    # a snapshot or replay still going out obeys the new policy too
+                    for item in self._ordered or ():
+                        if isinstance(item, _Snapshot) and item.sid == sid:
+                            item.frames = [m for m in item.frames if grant.allows(m.topic)]
+                if old is None or not (old.unrestricted and grant.unrestricted):
+                    # what it may receive changed (or may have): file it with the new filter
+                    self.hub.unsubscribe(self, pattern, old)
+                    self.hub.subscribe(self, pattern, grant)
                 continue
             del self.subs[sid]
-            self.hub.unsubscribe(self, pattern)
+            self._grants[sid] = old if old is not None else grant
+            self._drop_sub(sid, pattern)
             removed += 1
             if self.conn.state is State.OPEN:
                 self.conn.send(
@@ -557,6 +807,12 @@ class RequestHandler:
                 )
         if removed:
             self._take_replies()
+        ident = self.identity
+        if ident is not None and self.opened and not self.hub.permits_anything(ident):
+            # issue #10: an identity the new policy allows nothing has no business staying
+            log.info("%s no longer allowed anything, closing", self.who())
+            self._audit("policy_closed")
+            self.close(ErrorCode.PERMISSION_DENIED, "this identity is no longer allowed anything")
         return removed
 
     # --- outbound ---------------------------------------------------------------------------
@@ -565,6 +821,15 @@ class RequestHandler:
         """Router callback: queue a block of ``count`` delivery frames (the same bytes object
         for every subscriber of the block). Hot path: keep lean."""
         if not self.opened:
+            return
+        if self._ordered:
+            # A snapshot is going out: live deliveries wait behind it (bounded like the outbox).
+            outbox = self.outbox
+            if outbox.bytes + self._ordered_bytes + len(data) > outbox.max_bytes:
+                self._overflow(len(data), count)
+                return
+            self._ordered.append((data, count))  # not None: tested just above
+            self._ordered_bytes += len(data)
             return
         verdict = self.outbox.push(data, count)
         if verdict is Verdict.QUEUED:
@@ -610,6 +875,8 @@ class RequestHandler:
             pending_messages=outbox.messages + count,
         )
         outbox.clear()
+        self._ordered = None  # what was held behind a snapshot goes with the connection
+        self._ordered_bytes = 0
         self.close(ErrorCode.SLOW_CONSUMER, "slow consumer: too many undelivered bytes")
 
     def outbox_paused(self, paused: bool) -> None:
@@ -641,8 +908,16 @@ class RequestHandler:
         data = outbox.take()
         if data:
             self.io.write(data)
+        if self._ordered and not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.hub.later(self._pump)
 
     # --- timers and closing -------------------------------------------------------------------
+
+    @property
+    def deadline(self) -> float | None:
+        """The handshake or hello deadline still ahead (loop clock), if any."""
+        return self._deadline
 
     def _set_deadline(self, when: float) -> None:
         self._deadline = when
@@ -692,9 +967,43 @@ class RequestHandler:
         self.opened = False
         self.closing = True
         self.hub.set_timer(self, None)
-        self._backlog.clear()
+        self._backlog = None
         self._suspended = False
         if graceful:
+            ordered = self._ordered
+            if ordered:
+                # Deliveries (acknowledged to their publishers) and answers held behind a
+                # snapshot still go out, ahead of our close; the rest of the snapshot does not.
+                for item in ordered:
+                    if isinstance(item, tuple):
+                        self.outbox.push_final(item[0])
+                    elif item.ok is not None:
+                        self.outbox.push_final(item.ok)
+                self._ordered = None
+                self._ordered_bytes = 0
             self.outbox.push_final(self.conn.data_to_send())
             self.flush()
         self.io.close(graceful=graceful)
+
+
+class _Snapshot:
+    """A new subscription's ``ok`` and retained snapshot, going out in blocks."""
+
+    __slots__ = ("frames", "ok", "sid")
+
+    def __init__(self, sid: int, ok: bytes, messages: list[Message]) -> None:
+        self.sid = sid
+        self.ok: bytes | None = ok
+        #: Messages still to send, last first (``take`` pops from the end).
+        self.frames = [_with_sid(m, sid) for m in reversed(messages)]
+
+    def take(self, n: int) -> list[bytes]:
+        frames = self.frames
+        out: list[bytes] = []
+        while frames and len(out) < n:
+            out.append(encode_frame(frames.pop()))
+        return out
+
+
+def _with_sid(msg: Message, sid: int) -> Message:
+    return replace(msg, sid=sid)

@@ -13,13 +13,13 @@ each frame is handed over at once. Crossing to other processes or nodes is the h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from client_sdk.protocol.codec import encode_message_frame
 from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
 
-__all__ = ["Router", "Subscriber"]
+__all__ = ["Router", "Subscriber", "SubscriptionFilter"]
 
 #: Topics whose subscriber lists are cached; the cache is cleared when full or on any change.
 _MATCH_CACHE_ENTRIES = 8192
@@ -31,6 +31,17 @@ class Subscriber(Protocol):
     def deliver(self, data: bytes, count: int) -> None:
         """Queue ``count`` encoded delivery frames, concatenated in ``data``; never blocks,
         never awaits. The same ``data`` object is handed to every subscriber of the block."""
+
+
+class SubscriptionFilter(Protocol):
+    """What an ACL grant tells the router about one subscription (:class:`auth.acl.Grant`)."""
+
+    @property
+    def unrestricted(self) -> bool:
+        """Every topic the pattern matches may be delivered: no per-topic check."""
+
+    def allows(self, topic: Sequence[str]) -> bool:
+        """The subscription may deliver this concrete topic (its tokens)."""
 
 
 class _Node:
@@ -58,6 +69,23 @@ class _Block:
         self.count = count  #: frames in ``chunks``
 
 
+_FilterKey = tuple[Subscriber, SubscriptionFilter]
+
+
+class _FilteredNode:
+    """A node of the filtered trie: like :class:`_Node`, keyed by (subscriber, filter)."""
+
+    __slots__ = ("children", "rest", "subs")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _FilteredNode] = {}
+        self.rest: dict[_FilterKey, int] = {}
+        self.subs: dict[_FilterKey, int] = {}
+
+    def empty(self) -> bool:
+        return not (self.children or self.rest or self.subs)
+
+
 class Router:
     """Subscriptions and fan-out for one broker process."""
 
@@ -70,14 +98,25 @@ class Router:
         self._pending: list[_Block] = []
         self._cache: dict[str, tuple[Subscriber, ...]] = {}
         self._count = 0
+        #: ACL-filtered subscriptions (issue #10), in a trie of their own whose tables are keyed
+        #: by (subscriber, filter): a topic's match walks it only when it is not empty, and asks
+        #: each filter once per (subscription, topic), kept with the topic's cached match.
+        self._filtered = _FilteredNode()
+        self._filtered_count = 0
 
     @property
     def subscription_count(self) -> int:
         return self._count
 
-    def subscribe(self, subscriber: Subscriber, pattern: str) -> None:
+    def subscribe(
+        self, subscriber: Subscriber, pattern: str, grant: SubscriptionFilter | None = None
+    ) -> None:
         """Add one subscription (``pattern`` already validated). A subscriber may hold the same
-        pattern several times (different subscription ids); it still gets one copy."""
+        pattern several times (different subscription ids); it still gets one copy. With a
+        ``grant`` that is not unrestricted, only the topics it allows are delivered."""
+        if grant is not None and not grant.unrestricted:
+            self._add_filtered(subscriber, pattern, grant)
+            return
         tokens = pattern.split(".")
         node = self._root
         for token in tokens[:-1]:
@@ -92,8 +131,14 @@ class Router:
         self._count += 1
         self._cache.clear()
 
-    def unsubscribe(self, subscriber: Subscriber, pattern: str) -> None:
-        """Remove one subscription added with :meth:`subscribe`; prune empty nodes."""
+    def unsubscribe(
+        self, subscriber: Subscriber, pattern: str, grant: SubscriptionFilter | None = None
+    ) -> None:
+        """Remove one subscription added with :meth:`subscribe` (with the same ``grant``);
+        prune empty nodes."""
+        if grant is not None and not grant.unrestricted:
+            self._remove_filtered(subscriber, pattern, grant)
+            return
         tokens = pattern.split(".")
         path: list[tuple[_Node, str]] = []
         node = self._root
@@ -157,25 +202,120 @@ class Router:
                 for node in level:
                     if node.subs:
                         found.update(dict.fromkeys(node.subs))
+        if self._filtered_count:
+            self._match_filtered(tokens, found)
         result = tuple(found)
         if len(self._cache) >= _MATCH_CACHE_ENTRIES:
             self._cache.clear()
         self._cache[topic] = result
         return result
 
-    def route(self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None) -> int:
-        """Encode once, hand the same bytes to every local subscriber; returns how many."""
-        subscribers = self._cache.get(topic)
+    # --- ACL-filtered subscriptions (issue #10) -----------------------------------------------
+
+    def _filtered_table(
+        self, pattern: str, *, create: bool
+    ) -> tuple[dict[_FilterKey, int] | None, list[tuple[_FilteredNode, str]]]:
+        tokens = pattern.split(".")
+        path: list[tuple[_FilteredNode, str]] = []
+        node = self._filtered
+        for token in tokens[:-1]:
+            child = node.children.get(token)
+            if child is None:
+                if not create:
+                    return None, path
+                child = node.children[token] = _FilteredNode()
+            path.append((node, token))
+            node = child
+        last = tokens[-1]
+        if last == MULTI_WILDCARD:
+            return node.rest, path
+        child = node.children.get(last)
+        if child is None:
+            if not create:
+                return None, path
+            child = node.children[last] = _FilteredNode()
+        path.append((node, last))
+        return child.subs, path
+
+    def _add_filtered(
+        self, subscriber: Subscriber, pattern: str, grant: SubscriptionFilter
+    ) -> None:
+        table, _ = self._filtered_table(pattern, create=True)
+        assert table is not None
+        key = (subscriber, grant)
+        table[key] = table.get(key, 0) + 1
+        self._count += 1
+        self._filtered_count += 1
+        self._cache.clear()
+
+    def _remove_filtered(
+        self, subscriber: Subscriber, pattern: str, grant: SubscriptionFilter
+    ) -> None:
+        table, path = self._filtered_table(pattern, create=False)
+        key = (subscriber, grant)
+        if table is None or key not in table:
+            return
+        if table[key] == 1:
+            del table[key]
+        else:
+            table[key] -= 1
+        self._count -= 1
+        self._filtered_count -= 1
+        self._cache.clear()
+        for parent, token in reversed(path):
+            if not parent.children[token].empty():
+                break
+            del parent.children[token]
+
+    def _match_filtered(self, tokens: list[str], found: dict[Subscriber, None]) -> None:
+        """Add the subscribers whose filtered subscriptions deliver ``tokens``."""
+        reached: list[dict[_FilterKey, int]] = []
+        last = len(tokens) - 1
+        level = [self._filtered]
+        for i, token in enumerate(tokens):
+            nxt: list[_FilteredNode] = []
+            for node in level:
+                if node.rest:
+                    reached.append(node.rest)
+                for key in (token, SINGLE_WILDCARD):
+                    child = node.children.get(key)
+                    if child is not None:
+                        nxt.append(child)
+            if not nxt:
+                break
+            level = nxt
+            if i == last:
+                reached.extend(node.subs for node in level if node.subs)
+        for table in reached:
+            for subscriber, grant in table:
+                if subscriber not in found and grant.allows(tokens):
+                    found[subscriber] = None
+
+    def route(
+        self,
+        topic: str,
+        payload: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        sender: str | None = None,
+        seq: int | None = None,
+        epoch: str | None = None,
+    ) -> int:
+        """Encode once, hand the same bytes to every local subscriber; returns how many.
+        ``sender`` (the publisher's verified identity) and the history position (``seq``,
+        ``epoch``) go into the one encoded frame."""
+        subscribers = self._cache.get(topic)  # match's own cache: filtered ones included
         if subscribers is None:
             subscribers = self.match(topic)
         if not subscribers:
             return 0
-        return self._queue(subscribers, encode_message_frame(topic, payload, headers))
+        frame = encode_message_frame(topic, payload, headers, sender=sender, seq=seq, epoch=epoch)
+        return self._queue(subscribers, frame)
 
     def route_frame(self, topic: str, payload: bytes, frame: bytes | None) -> int:
         """:meth:`route` without headers, with the delivery ``frame`` already built (``None``:
         encode it here, only if someone subscribes)."""
-        subscribers = self._cache.get(topic)
+        subscribers = self._cache.get(topic)  # match's own cache: filtered ones included
         if subscribers is None:
             subscribers = self.match(topic)
         if not subscribers:
@@ -201,7 +341,7 @@ class Router:
     def route_block(self, topic: str, frames: bytes, count: int) -> int:
         """Queue ``count`` delivery frames to ``topic``, already encoded back to back in
         ``frames``; returns how many deliveries (``count`` per subscriber)."""
-        subscribers = self._cache.get(topic)
+        subscribers = self._cache.get(topic)  # match's own cache: filtered ones included
         if subscribers is None:
             subscribers = self.match(topic)
         if not subscribers:

@@ -5,13 +5,13 @@ shutdown. Connections are :class:`~broker.session.Session` drivers around a
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import json
 import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +19,11 @@ from typing import Any
 
 from auth.acl import Policy
 from auth.layer import SecurityLayer
-from auth.pump import Offload
-from auth.tls import TLSLayer, server_context
+from auth.tls import CrlSet, TLSLayer, load_crls, server_context
 from broker.audit import Audit
 from broker.backplane import Backplane
 from broker.config import BrokerConfig, ListenerConfig
+from broker.handshake_pool import FailureGate, HandshakePool
 from broker.hub import Hub
 from broker.session import session_factory
 from broker.store import Store
@@ -40,7 +40,8 @@ SERVER_NAME = "tessera/0.1.0"
 #: flooding client hands the loop at once, see broker.handler.EVENTS_PER_TURN).
 _RECV_BUFFER_BYTES = 64 * 1024
 
-#: Threads for blocking handshake steps (Kerberos acceptor steps take ~0.1-0.3 ms each).
+#: Threads for blocking handshake steps (Kerberos acceptor steps take ~0.1-0.3 ms each); see
+#: broker/handshake_pool.py for the per-source bounds.
 _HANDSHAKE_WORKERS = 4
 
 #: Poll interval while waiting for connections to finish closing at shutdown.
@@ -71,6 +72,8 @@ class Listener:
     server: asyncio.Server | None = None
     #: ``host:port`` actually bound (set once listening); used in logs and the audit trail.
     label: str = ""
+    #: The CRLs this listener enforces (issue #10: a reload swaps them with ``make_layer``).
+    crls: CrlSet | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -90,14 +93,38 @@ def _certificate_der(path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(pem[start : end + len("-----END CERTIFICATE-----")])
 
 
-def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
+def listener_crls(cfg: ListenerConfig) -> CrlSet | None:
+    """Load and check a listener's ``crl`` files (``None`` without any); raises ``CrlError``.
+    Logs what an operator must know: a CRL past its next update, a CA without a CRL."""
+    if not cfg.crl or cfg.client_ca is None:
+        return None
+    crls = load_crls(cfg.crl, cfg.client_ca, policy=cfg.crl_expired)  # type: ignore[arg-type]
+    for warning in crls.warnings:
+        log.warning("listener %s: %s", cfg.bind, warning)
+    if crls.expired(time.time()):
+        if cfg.crl_expired == "refuse":
+            log.error(
+                "listener %s: a CRL is past its next update: new client handshakes are REFUSED"
+                ' (crl_expired = "refuse"); run `tessera-certs crl` and `tessera-broker reload`',
+                cfg.bind,
+            )
+        else:
+            log.warning(
+                "listener %s: a CRL is past its next update; still enforcing it"
+                ' (crl_expired = "warn"); run `tessera-certs crl` and `tessera-broker reload`',
+                cfg.bind,
+            )
+    return crls
+
+
+def _layer_factory(cfg: ListenerConfig, crls: CrlSet | None = None) -> Callable[[], SecurityLayer]:
     """Build (and check once) the security-layer factory of a listener."""
     fields = cfg.identity_fields
     ctx = None
     if cfg.security in ("tls", "tls+negotiate"):
         assert cfg.cert is not None
         assert cfg.key is not None
-        ctx = server_context(cfg.cert, cfg.key, cfg.client_ca)
+        ctx = server_context(cfg.cert, cfg.key, cfg.client_ca, crls=crls)
     if cfg.security == "tls":
         assert ctx is not None
         tls_ctx = ctx
@@ -129,6 +156,8 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
                 mechanisms=mechanisms,
                 max_token_bytes=cfg.max_handshake_token_bytes,
                 max_legs=cfg.max_handshake_legs,
+                max_clock_skew=cfg.max_clock_skew,
+                ntlm_user_file=cfg.ntlm_user_file,
             )
 
         make_gss()  # configuration errors surface at start-up, not per connection
@@ -150,6 +179,8 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
                 protect_frames=False,
                 max_token_bytes=cfg.max_handshake_token_bytes,
                 max_legs=cfg.max_handshake_legs,
+                max_clock_skew=cfg.max_clock_skew,
+                ntlm_user_file=cfg.ntlm_user_file,
             ),
         )
 
@@ -157,8 +188,17 @@ def _layer_factory(cfg: ListenerConfig) -> Callable[[], SecurityLayer]:
     return make_stack
 
 
+def make_listener(cfg: ListenerConfig) -> Listener:
+    """A listener with its layer factory and CRLs (raises on bad material: nothing is bound)."""
+    crls = listener_crls(cfg)
+    return Listener(cfg, _layer_factory(cfg, crls), crls=crls)
+
+
 class Broker:
     """A running broker: call :meth:`start`, then :meth:`serve_until_stopped` or :meth:`stop`."""
+
+    #: Issue #11: ``--workers`` processes listen on one port with SO_REUSEPORT (broker/workers.py).
+    reuse_port = False
 
     def __init__(
         self,
@@ -172,11 +212,17 @@ class Broker:
         self.server_name = SERVER_NAME
         if policy is None:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
-        ntlm_files = {c.ntlm_user_file for c in config.listeners if c.ntlm_user_file is not None}
-        if ntlm_files:
-            # pyspnego reads NTLM accounts only from this process-wide variable.
-            os.environ["NTLM_USER_FILE"] = str(ntlm_files.pop())
         self.audit = Audit(config.audit_file)
+        if store is None and config.data_dir is not None:
+            from broker.store_sqlite import RetainLimits, SQLiteStore  # noqa: PLC0415
+
+            m = config.messaging
+            store = SQLiteStore(
+                config.data_dir,
+                RetainLimits(
+                    m.retain_max_value_bytes, m.retain_max_topics, m.retain_max_total_bytes
+                ),
+            )
         self.hub = Hub(
             limits=config.limits,
             policy=policy,
@@ -184,14 +230,15 @@ class Broker:
             server_name=SERVER_NAME,
             store=store,
             backplane=backplane,
+            messaging=config.messaging,
         )
-        self.listeners = [Listener(c, _layer_factory(c)) for c in config.listeners]
+        self.listeners = [make_listener(c) for c in config.listeners]
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))
-        #: Worker threads for handshake steps that may block (GSS); bounded so a flood of
-        #: handshakes queues instead of spawning threads.
-        self.handshake_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=_HANDSHAKE_WORKERS, thread_name_prefix="tessera-handshake"
-        )
+        #: Worker threads for handshake steps that may block (GSS): a bounded queue per peer
+        #: address, served round-robin, so one source cannot monopolise them (issue #13).
+        self.handshake_pool = HandshakePool(_HANDSHAKE_WORKERS)
+        #: Per-address budget of failed blocking handshakes (a flood is held, not read).
+        self.handshake_gate = FailureGate()
         self._ids = itertools.count(1)
         self._stopped: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -207,25 +254,10 @@ class Broker:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def _offload(self) -> Offload:
-        loop = self.loop
-        executor = self.handshake_executor
-
-        def offload(
-            step: Callable[[bytes], None],
-            data: bytes,
-            done: Callable[[BaseException | None], None],
-        ) -> None:
-            fut = loop.run_in_executor(executor, step, data)
-            fut.add_done_callback(lambda f: done(f.exception()))
-
-        return offload
-
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         await self.hub.start()
-        offload = self._offload()
         for lst in self.listeners:
             cfg = lst.config
             factory = session_factory(
@@ -233,15 +265,32 @@ class Broker:
                 lambda lst=lst: lst.make_layer(),  # type: ignore[misc]
                 lambda: next(self._ids),
                 label=lambda lst=lst: lst.label or lst.config.bind,  # type: ignore[misc]
-                offload=offload,
+                pool=self.handshake_pool,
+                gate=self.handshake_gate,
                 recv_buffer=self.recv_buffer,
             )
             lst.server = await self._loop.create_server(
-                factory, cfg.host, cfg.port, reuse_address=True, backlog=4096
+                factory,
+                cfg.host,
+                cfg.port,
+                reuse_address=True,
+                reuse_port=self.reuse_port,  # issue #11: see Broker.reuse_port
+                backlog=4096,
             )
             host, port = lst.address
             lst.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             log.info("listening on %s (%s)", lst.label, cfg.security)
+
+    async def abandon(self) -> None:
+        """Undo a :meth:`start` that failed part-way (a port was taken): free what it bound."""
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+                await lst.server.wait_closed()
+        self.handshake_pool.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            await self.hub.stop()
+        self.audit.close()
 
     async def serve_until_stopped(self, *, install_signal_handlers: bool = True) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down gracefully."""
@@ -279,7 +328,7 @@ class Broker:
             if lst.server is not None:
                 await lst.server.wait_closed()
         await hub.stop()
-        self.handshake_executor.shutdown(wait=False, cancel_futures=True)
+        self.handshake_pool.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
         log.info("stopped")
 
@@ -292,6 +341,10 @@ class Broker:
             "tasks": len(asyncio.all_tasks(self.loop)),
             "open_fds": _open_fds(),
             "rss_bytes": _rss_bytes(),
+            **{f"handshake_pool_{k}": v for k, v in self.handshake_pool.stats().items()},
+            "handshake_queue_depth": self.handshake_pool.stats().get("queued", 0),
+            "handshake_gate_held": self.handshake_gate.held,
+            "handshake_gate_refused": self.handshake_gate.refused,
         }
 
     def log_info(self) -> None:

@@ -7,8 +7,20 @@ publishing connection's later requests wait behind it, so per-publisher order is
 may fill ``Publication.extra`` (history sequence, epoch) during ``save``; those fields then go out
 with the delivery.
 
-The default, :class:`NullStore`, stores nothing. The embedded engine (SQLite in the data
-directory) and the clustered one (Redis) implement the same protocol.
+What a new subscription is sent first (its retained snapshot) comes from ``retained``, a
+synchronous read of the store's **visible** view. A saved publication becomes visible only when
+the hub calls ``apply`` for it, and the hub does so in the same synchronous step in which it
+routes it. So a subscription that starts before that step receives the old value in its snapshot
+and the new one live; one that starts after receives the new value in its snapshot and not live:
+no gap, no duplicate (docs/messaging.md, "Retained values").
+
+Several concurrent ``save`` calls (from different publishers) are what a store batches into one
+durable write; the hub calls ``save`` once per stored publish and never waits for one publisher's
+save before starting another's.
+
+The default, :class:`NullStore`, stores nothing. The embedded engine
+(:class:`broker.store_sqlite.SQLiteStore`, SQLite in the data directory) and a clustered one
+(Redis) implement the same protocol.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from broker.backplane import Publication
+from client_sdk.protocol.errors import ErrorCode
 
 __all__ = ["NullStore", "Store", "StoreError"]
 
@@ -34,11 +47,27 @@ class Store(Protocol):
         """Must ``pub`` be stored before it is routed? Called for every publish: keep it cheap."""
 
     async def save(self, pubs: Sequence[Publication]) -> None:
-        """Store ``pubs`` durably, in order; raise :class:`StoreError` to refuse them."""
+        """Store ``pubs`` durably, in order; raise :class:`StoreError` to refuse them (then
+        none of them is stored). Does not change what ``retained`` returns: see ``apply``."""
+
+    def apply(self, pubs: Sequence[Publication]) -> None:
+        """Make saved ``pubs`` visible to ``retained``; the hub calls it in the step that routes
+        them. Synchronous, never blocks."""
+
+    def retained(self, pattern: str) -> Sequence[Publication]:
+        """The visible retained value of every topic matching ``pattern``, as a snapshot taken
+        now (later ``apply`` calls do not change the returned sequence). Synchronous."""
 
 
 class StoreError(Exception):
-    """The store refused a publication (over a limit, disk full); the message says why."""
+    """The store refused a publication; ``code`` is the wire error code for the publisher
+    (``RETAINED_TOO_LARGE``, ``RETAINED_LIMIT``, ``STORE_FAILED``) and the message says why
+    (it names no payload)."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.STORE_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class NullStore:
@@ -55,3 +84,9 @@ class NullStore:
 
     async def save(self, pubs: Sequence[Publication]) -> None:
         pass
+
+    def apply(self, pubs: Sequence[Publication]) -> None:
+        pass
+
+    def retained(self, pattern: str) -> Sequence[Publication]:
+        return ()

@@ -1,4 +1,5 @@
-"""``tessera-certs``: create a CA, issue server and client certificates, show a certificate.
+"""``tessera-certs``: create a CA, issue server and client certificates, show a certificate,
+revoke one and publish the CRL.
 
 Exit status: 0 on success, 1 when the operation fails (the reason goes to stderr as
 ``tessera-certs: error: ...``), 2 for a usage error.
@@ -14,7 +15,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import TextIO
 
-from certs.pki import RSA_MAX_BITS, RSA_MIN_BITS, CertsError, IssuedFiles, describe, init_ca, issue
+from certs.pki import (
+    CRL_DAYS_DEFAULT,
+    REVOCATION_REASONS,
+    RSA_MAX_BITS,
+    RSA_MIN_BITS,
+    CertsError,
+    CrlInfo,
+    IssuedFiles,
+    describe,
+    init_ca,
+    issue,
+    make_crl,
+    revoke,
+)
 
 __all__ = ["main"]
 
@@ -85,6 +99,40 @@ def _cmd_show(args: argparse.Namespace) -> int:
     else:
         _print_description(info, sys.stdout)
     return _EXIT_OK
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    entry, info = revoke(
+        args.dir,
+        cert=args.file,
+        serial=args.serial,
+        reason=args.reason,
+        crl_days=args.crl_days,
+    )
+    if args.json:
+        print(json.dumps({**info.to_json(), "revocation": entry.to_json()}))
+    else:
+        who = f" ({entry.subject})" if entry.subject else ""
+        print(f"revoked serial {entry.serial:x}{who}, reason {entry.reason}")
+        _print_crl(info)
+        print("reload the broker to apply it: tessera-broker reload")
+    return _EXIT_OK
+
+
+def _cmd_crl(args: argparse.Namespace) -> int:
+    info = make_crl(args.dir, days=args.days)
+    if args.json:
+        print(json.dumps(info.to_json()))
+    else:
+        _print_crl(info)
+    return _EXIT_OK
+
+
+def _print_crl(info: CrlInfo) -> None:
+    print(
+        f"wrote {info.path} (CRL number {info.number}, {len(info.revoked)} revoked,"
+        f" next update {info.to_json()['next_update']})"
+    )
 
 
 def _report(files: IssuedFiles, *, as_json: bool) -> None:
@@ -245,6 +293,44 @@ def _build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", type=Path, metavar="FILE", help="PEM or DER certificate")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.set_defaults(handler=_cmd_show)
+
+    revoke_parser = commands.add_parser(
+        "revoke",
+        help="revoke a certificate and write a fresh CRL",
+        description="Record a certificate as revoked (DIR/revoked.json) and write DIR/crl.pem, "
+        "signed by the CA. Name the certificate by its FILE or by --serial. Then run "
+        "`tessera-broker reload`: sessions that authenticated with it are closed.",
+    )
+    _add_dir(revoke_parser)
+    target = revoke_parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("file", nargs="?", type=Path, metavar="FILE", help="the certificate")
+    target.add_argument("--serial", metavar="HEX", help="the certificate's serial number (hex)")
+    revoke_parser.add_argument(
+        "--reason",
+        choices=tuple(REVOCATION_REASONS),
+        default="unspecified",
+        help="RFC 5280 reason (default: %(default)s)",
+    )
+    revoke_parser.add_argument(
+        "--crl-days",
+        type=int,
+        default=CRL_DAYS_DEFAULT,
+        metavar="N",
+        help="the new CRL's next update, in days (default: %(default)s)",
+    )
+    revoke_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    revoke_parser.set_defaults(handler=_cmd_revoke)
+
+    crl = commands.add_parser(
+        "crl",
+        help="write a fresh CRL (refresh its next update)",
+        description="Sign DIR/crl.pem again from DIR/revoked.json with a new next update. Run "
+        "it regularly (cron) before the current CRL expires, then `tessera-broker reload`.",
+    )
+    _add_dir(crl)
+    _add_days(crl, default=CRL_DAYS_DEFAULT)
+    crl.add_argument("--json", action="store_true", help="print JSON instead of text")
+    crl.set_defaults(handler=_cmd_crl)
     return parser
 
 

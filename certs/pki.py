@@ -6,6 +6,8 @@ Everything here works on plain files in one directory ``D``::
     D/ca-key.pem        the CA private key (0600), needed only to issue
     D/<stem>.pem        an issued leaf certificate (0644)
     D/<stem>-key.pem    its private key (0600)
+    D/revoked.json      the serials revoked by ``revoke`` (0644), the CRL's source of truth
+    D/crl.pem           the certificate revocation list signed by the CA (0644)
 
 Private keys are unencrypted PKCS#8 PEM, created with mode 0600 from the first byte; every file is
 written to a temporary file in the same directory and moved into place with :func:`os.replace`, so
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -34,7 +37,7 @@ from typing import Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -43,6 +46,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = [
     "CA_CERT_FILENAME",
     "CA_KEY_FILENAME",
+    "CRL_DAYS_DEFAULT",
+    "CRL_FILENAME",
+    "REVOCATION_REASONS",
+    "REVOKED_FILENAME",
+    "CrlInfo",
+    "Revocation",
     "AlreadyExistsError",
     "CANotFoundError",
     "CertsError",
@@ -52,6 +61,9 @@ __all__ = [
     "init_ca",
     "issue",
     "load_certificate",
+    "make_crl",
+    "revocations",
+    "revoke",
 ]
 
 KeyType = Literal["ec", "rsa"]
@@ -63,6 +75,27 @@ CA_CERT_FILENAME = "ca.pem"
 """The CA certificate inside the certificate directory."""
 CA_KEY_FILENAME = "ca-key.pem"
 """The CA private key inside the certificate directory."""
+
+CRL_FILENAME = "crl.pem"
+"""The CRL inside the certificate directory (``revoke`` and ``crl`` write it)."""
+REVOKED_FILENAME = "revoked.json"
+"""The list of revoked serials inside the certificate directory."""
+CRL_DAYS_DEFAULT = 7
+"""A CRL's default lifetime (``nextUpdate - thisUpdate``) in days: long enough to survive a
+weekend without a refresh, short enough that a stale list is noticed (Let's Encrypt's CRLs
+also last about a week). Refresh it with ``tessera-certs crl`` from cron, well before."""
+
+#: RFC 5280 reason names (``tessera-certs revoke --reason``); ``certificateHold`` is left out:
+#: a revocation here is final.
+REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "cACompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+}
 
 NOT_BEFORE_BACKDATE_SECONDS = 300
 """New certificates start this far in the past so a peer whose clock runs a little behind still
@@ -136,6 +169,50 @@ class IssuedFiles:
     """The PEM certificate (mode 0644)."""
     key: Path
     """The PEM PKCS#8 private key, unencrypted (mode 0600)."""
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One revoked certificate, as kept in ``revoked.json``."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str
+    """An RFC 5280 reason name, a key of :data:`REVOCATION_REASONS`."""
+    subject: str | None = None
+    """The certificate's subject (RFC 4514), when it was revoked from its file."""
+    not_after: datetime | None = None
+    """When the certificate expires anyway, when known."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "serial": f"{self.serial:x}",
+            "revoked_at": _iso(self.revoked_at),
+            "reason": self.reason,
+            "subject": self.subject,
+            "not_after": _iso(self.not_after) if self.not_after is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class CrlInfo:
+    """What :func:`make_crl` wrote."""
+
+    path: Path
+    number: int
+    """The CRL number (RFC 5280 cRLNumber), one more than the previous CRL's."""
+    this_update: datetime
+    next_update: datetime
+    revoked: tuple[Revocation, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "crl": str(self.path),
+            "number": self.number,
+            "this_update": _iso(self.this_update),
+            "next_update": _iso(self.next_update),
+            "revoked": [r.to_json() for r in self.revoked],
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,6 +346,83 @@ def issue(
     return files
 
 
+def revoke(
+    directory: Path | str,
+    *,
+    cert: Path | str | None = None,
+    serial: int | str | None = None,
+    reason: str = "unspecified",
+    crl_days: int = CRL_DAYS_DEFAULT,
+) -> tuple[Revocation, CrlInfo]:
+    """Revoke a certificate issued by *directory*'s CA and write a fresh ``crl.pem``.
+
+    Name the certificate by its file (*cert*; it must have been issued by this CA) or by its
+    *serial* (an int, or hex as printed by ``tessera-certs show``). Revoking a serial twice is
+    not an error: the first revocation is kept. Returns the revocation and the new CRL.
+    """
+    directory = Path(directory)
+    if reason not in REVOCATION_REASONS:
+        raise CertsError(
+            f"unknown revocation reason {reason!r}; expected one of: "
+            f"{', '.join(REVOCATION_REASONS)}"
+        )
+    if (cert is None) == (serial is None):
+        raise CertsError("name the certificate to revoke: a certificate FILE or --serial HEX")
+    _check_days(crl_days, flag="--crl-days")
+    ca_cert, ca_key = _load_ca(directory)
+    subject: str | None = None
+    not_after: datetime | None = None
+    if cert is not None:
+        leaf = load_certificate(cert)
+        if leaf.issuer != ca_cert.subject or not _signed_by(leaf, ca_cert):
+            raise CertsError(f"{cert} was not issued by the CA in {directory}")
+        number = leaf.serial_number
+        subject = leaf.subject.rfc4514_string()
+        not_after = leaf.not_valid_after_utc
+    else:
+        number = _parse_serial(serial)
+    state = _load_revoked(directory)
+    entries: dict[int, Revocation] = {r.serial: r for r in state.revoked}
+    entry = entries.get(number)
+    if entry is None:
+        entry = Revocation(number, _utcnow(), reason, subject, not_after)
+        entries[number] = entry
+    info = _write_crl(
+        directory,
+        ca_cert,
+        ca_key,
+        revoked=tuple(entries.values()),
+        previous_number=state.number,
+        days=crl_days,
+    )
+    return entry, info
+
+
+def make_crl(directory: Path | str, *, days: int = CRL_DAYS_DEFAULT) -> CrlInfo:
+    """Sign and write a fresh ``crl.pem`` (next update in *days*) from ``revoked.json``.
+
+    Run it before the current CRL's next update (from cron): a listener whose CRL has expired
+    refuses new client handshakes by default (``crl_expired = "refuse"``).
+    """
+    directory = Path(directory)
+    _check_days(days)
+    ca_cert, ca_key = _load_ca(directory)
+    state = _load_revoked(directory)
+    return _write_crl(
+        directory,
+        ca_cert,
+        ca_key,
+        revoked=state.revoked,
+        previous_number=state.number,
+        days=days,
+    )
+
+
+def revocations(directory: Path | str) -> tuple[Revocation, ...]:
+    """The revocations recorded in *directory* (empty when nothing was ever revoked)."""
+    return _load_revoked(Path(directory)).revoked
+
+
 def load_certificate(path: Path | str) -> x509.Certificate:
     """Load the first certificate in a PEM (or DER) file; a :class:`CertsError` says why not."""
     path = Path(path)
@@ -381,9 +535,9 @@ def _check_key_params(key_type: str, rsa_bits: int) -> None:
         )
 
 
-def _check_days(days: int) -> None:
+def _check_days(days: int, *, flag: str = "--days") -> None:
     if isinstance(days, bool) or not isinstance(days, int) or days <= 0:
-        raise CertsError(f"invalid --days {days!r}: must be a whole number of days, at least 1")
+        raise CertsError(f"invalid {flag} {days!r}: must be a whole number of days, at least 1")
 
 
 def _validity(
@@ -689,6 +843,153 @@ def _describe_key_usage(cert: x509.Certificate) -> list[str]:
 def _describe_eku(cert: x509.Certificate) -> list[str]:
     eku = _extension(cert, x509.ExtendedKeyUsage)
     return [_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku or ()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Revocation
+
+
+@dataclass(frozen=True)
+class _RevokedState:
+    revoked: tuple[Revocation, ...]
+    number: int  # the last CRL number written (0: none yet)
+
+
+_REVOKED_FORMAT = 1
+
+
+def _signed_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _parse_serial(serial: int | str | None) -> int:
+    if isinstance(serial, int) and not isinstance(serial, bool):
+        number = serial
+    elif isinstance(serial, str):
+        text = serial.strip().lower().replace(":", "")
+        text = text.removeprefix("0x")
+        try:
+            number = int(text, 16)
+        except ValueError:
+            raise CertsError(
+                f"invalid serial {serial!r}: expected hex, as printed by `tessera-certs show`"
+            ) from None
+    else:
+        raise CertsError(f"invalid serial {serial!r}")
+    if not 0 < number < 2**160:  # RFC 5280: positive, at most 20 octets
+        raise CertsError(f"invalid serial {serial!r}: must be positive and at most 20 bytes")
+    return number
+
+
+def _parse_time(value: object, where: str) -> datetime:
+    if not isinstance(value, str):
+        raise CertsError(f"{where}: expected an ISO 8601 time")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise CertsError(f"{where}: invalid time {value!r}") from None
+    if moment.tzinfo is None:
+        raise CertsError(f"{where}: time {value!r} has no time zone")
+    return moment.astimezone(UTC)
+
+
+def _load_revoked(directory: Path) -> _RevokedState:
+    path = directory / REVOKED_FILENAME
+    if not path.exists():
+        return _RevokedState((), 0)
+    raw = _read_file(path, what="revocation list")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CertsError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") != _REVOKED_FORMAT:
+        raise CertsError(f"{path}: not a Tessera revocation list (version {_REVOKED_FORMAT})")
+    number = data.get("crl_number", 0)
+    items = data.get("revoked", [])
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise CertsError(f"{path}: crl_number must be a non-negative integer")
+    if not isinstance(items, list):
+        raise CertsError(f"{path}: revoked must be a list")
+    revoked: list[Revocation] = []
+    for i, item in enumerate(items):
+        where = f"{path}: revoked[{i}]"
+        if not isinstance(item, dict):
+            raise CertsError(f"{where}: expected an object")
+        reason = item.get("reason", "unspecified")
+        if reason not in REVOCATION_REASONS:
+            raise CertsError(f"{where}: unknown reason {reason!r}")
+        subject = item.get("subject")
+        not_after = item.get("not_after")
+        revoked.append(
+            Revocation(
+                serial=_parse_serial(item.get("serial")),
+                revoked_at=_parse_time(item.get("revoked_at"), f"{where}.revoked_at"),
+                reason=reason,
+                subject=subject if isinstance(subject, str) else None,
+                not_after=None
+                if not_after is None
+                else _parse_time(not_after, f"{where}.not_after"),
+            )
+        )
+    return _RevokedState(tuple(revoked), number)
+
+
+def _write_crl(
+    directory: Path,
+    ca_cert: x509.Certificate,
+    ca_key: _SigningKey,
+    *,
+    revoked: tuple[Revocation, ...],
+    previous_number: int,
+    days: int,
+) -> CrlInfo:
+    number = previous_number + 1
+    now = _utcnow()
+    next_update = now + timedelta(days=days)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                _subject_key_identifier(ca_cert)
+            ),
+            critical=False,
+        )
+    )
+    for entry in revoked:
+        revoked_cert = x509.RevokedCertificateBuilder().serial_number(entry.serial)
+        revoked_cert = revoked_cert.revocation_date(entry.revoked_at)
+        if entry.reason != "unspecified":  # RFC 5280 5.3.1: omit rather than say unspecified
+            revoked_cert = revoked_cert.add_extension(
+                x509.CRLReason(REVOCATION_REASONS[entry.reason]), critical=False
+            )
+        builder = builder.add_revoked_certificate(revoked_cert.build())
+    crl = builder.sign(ca_key, _signature_hash(ca_key))
+    listing = {
+        "version": _REVOKED_FORMAT,
+        "crl_number": number,
+        "revoked": [entry.to_json() for entry in revoked],
+    }
+    crl_path = directory / CRL_FILENAME
+    revoked_path = directory / REVOKED_FILENAME
+    # The listing first: if the CRL write fails, `tessera-certs crl` rebuilds it from there.
+    for target, data in (
+        (revoked_path, (json.dumps(listing, indent=2) + "\n").encode()),
+        (crl_path, crl.public_bytes(serialization.Encoding.PEM)),
+    ):
+        try:
+            os.replace(_stage(target, data, _CERT_FILE_MODE), target)
+        except OSError as exc:
+            raise CertsError(f"cannot write {target}: {exc.strerror or exc}") from None
+    _fsync_directory(directory)
+    return CrlInfo(crl_path, number, now, next_update, revoked)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,13 +16,14 @@ import contextlib
 import enum
 import itertools
 import logging
+import os
 import random
 import ssl
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from auth.credentials import NTLM, Kerberos
@@ -41,20 +42,26 @@ from client_sdk.protocol import (
     ProtocolFailure,
     Publish,
     Rejected,
+    Request,
+    Response,
     Subscribe,
     Unsubscribe,
     Welcome,
 )
+from client_sdk.protocol import Reply as ReplyFrame
 from client_sdk.protocol.errors import (
     AuthenticationError,
+    BrokerError,
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
     LocalProtocolError,
+    RequestTimeout,
     TesseraError,
     error_from_code,
 )
 from client_sdk.protocol.grammar import header_problem
+from client_sdk.protocol.limits import MAX_REQUEST_TIMEOUT_MS
 from client_sdk.protocol.topics import matches, split_pattern, validate_pattern, validate_topic
 
 __all__ = [
@@ -62,8 +69,12 @@ __all__ = [
     "Client",
     "ConnectionState",
     "Delivery",
+    "HistoryGap",
+    "IncomingRequest",
     "PublishBufferFull",
     "Reconnect",
+    "Reply",
+    "Service",
     "Subscription",
     "connect",
 ]
@@ -74,6 +85,12 @@ DEFAULT_PORT = 7443
 
 #: Messages a subscription buffers for a slow application (see ``overflow``).
 DEFAULT_MAX_PENDING_MESSAGES = 10_000
+
+#: ``request`` waits this much longer than its timeout for the broker's REQUEST_TIMEOUT answer
+#: before giving up on its own (the broker's clock and ours run independently).
+REQUEST_TIMEOUT_GRACE = 1.0
+
+_T = TypeVar("_T")
 
 _SCHEMES = ("tls", "negotiate", "tls+negotiate")
 
@@ -88,6 +105,9 @@ _RETRYABLE_CODES = frozenset(
         ErrorCode.INTERNAL_ERROR,
         ErrorCode.LIMIT_EXCEEDED,
         ErrorCode.HANDSHAKE_TIMEOUT,
+        # The credential ended: reconnecting re-reads the certificate files (or the ccache), so
+        # a renewed credential is picked up; if there is none the handshake fails and says why.
+        ErrorCode.CREDENTIAL_EXPIRED,
     }
 )
 
@@ -157,16 +177,39 @@ class Delivery:
     topic: str
     payload: bytes
     headers: Mapping[str, str] | None = None
+    #: A stored last value sent because the subscription is new (not a live publish).
+    retained: bool = False
+    #: The publisher's identity (``mechanism:name``) as the broker authenticated it, when the
+    #: broker stamps it (docs/messaging.md, "Verified sender"); never set by a client.
+    sender: str | None = None
+    #: History sequence number and stream epoch, for topics the broker keeps history for.
+    seq: int | None = None
+    epoch: str | None = None
 
 
-class Subscription:
-    """A live subscription: iterate it with ``async for``; end it with :meth:`unsubscribe`.
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to :meth:`Client.request`."""
 
-    Messages wait in a bounded local queue (``max_pending``). When the application falls
-    further behind, ``overflow`` decides: ``"drop_new"`` (default) discards arriving messages,
-    ``"drop_old"`` discards the oldest queued one; either way :attr:`dropped` counts them.
-    A subscription survives reconnects: the client subscribes again for it.
-    """
+    payload: bytes
+    headers: Mapping[str, str] | None = None
+    #: The responder's identity as the broker authenticated it.
+    sender: str | None = None
+
+
+class HistoryGap(TesseraError):
+    """A subscription resumed after a reconnect could not be given everything it missed
+    (history too short, or the broker restarted without persisted history: a new epoch)."""
+
+    def __init__(self, pattern: str, epoch: str | None, seq: int | None) -> None:
+        super().__init__(f"messages on {pattern!r} were lost while disconnected")
+        self.pattern = pattern
+        self.epoch = epoch
+        self.seq = seq
+
+
+class _Inbox(Generic[_T]):
+    """A bounded local queue behind ``async for`` (shared by subscriptions and services)."""
 
     def __init__(
         self,
@@ -175,6 +218,9 @@ class Subscription:
         pattern: str,
         max_pending: int,
         overflow: Literal["drop_new", "drop_old"],
+        *,
+        group: str | None,
+        serve: bool,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -186,13 +232,23 @@ class Subscription:
         self._tokens = split_pattern(pattern)
         self.max_pending = max_pending
         self.overflow = overflow
+        #: The queue group this subscription is a member of, if any.
+        self.group = group
+        self.serve = serve
         self.dropped = 0
-        self._queue: collections.deque[Delivery] = collections.deque()
+        self._queue: collections.deque[_T] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._ended: BaseException | None = None
         self.active = True
+        #: The broker's ``ok`` for this subscription arrived on the current connection.
+        self.ready = False
 
-    def _put(self, msg: Delivery) -> None:
+    @property
+    def plain(self) -> bool:
+        """Receives topic-dispatched deliveries (no group, not serving)."""
+        return self.group is None and not self.serve
+
+    def _put(self, msg: _T) -> None:
         if len(self._queue) >= self.max_pending:
             self.dropped += 1
             if self.overflow == "drop_new":
@@ -210,10 +266,7 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def __aiter__(self) -> AsyncIterator[Delivery]:
-        return self
-
-    async def __anext__(self) -> Delivery:
+    async def _next(self) -> _T:
         while not self._queue:
             if not self.active:
                 if self._ended is not None and not isinstance(self._ended, ConnectionClosedOK):
@@ -226,15 +279,149 @@ class Subscription:
                 self._waiter = None
         return self._queue.popleft()
 
-    async def get(self, timeout: float | None = None) -> Delivery:
-        """The next message (raises ``TimeoutError`` after ``timeout`` seconds)."""
-        async with asyncio.timeout(timeout):
-            return await self.__anext__()
-
     async def unsubscribe(self) -> None:
         """End the subscription on the broker; messages already queued can still be read."""
         if self.active:
             await self._client._unsubscribe(self)
+
+
+class Subscription(_Inbox[Delivery]):
+    """A live subscription: iterate it with ``async for``; end it with :meth:`unsubscribe`.
+
+    Messages wait in a bounded local queue (``max_pending``). When the application falls
+    further behind, ``overflow`` decides: ``"drop_new"`` (default) discards arriving messages,
+    ``"drop_old"`` discards the oldest queued one; either way :attr:`dropped` counts them.
+    A subscription survives reconnects: the client subscribes again for it, resuming from the
+    last history sequence number it saw when the broker keeps history for its topics; a gap
+    that cannot be filled is counted in :attr:`gaps`, passed to ``on_gap`` and reported to the
+    client's ``on_error`` as a :class:`HistoryGap`.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        sid: int,
+        pattern: str,
+        max_pending: int,
+        overflow: Literal["drop_new", "drop_old"],
+        *,
+        group: str | None = None,
+        on_gap: Callable[[HistoryGap], None] | None = None,
+    ) -> None:
+        super().__init__(client, sid, pattern, max_pending, overflow, group=group, serve=False)
+        self.on_gap = on_gap
+        #: History position: the stream epoch and the last sequence number received.
+        self.epoch: str | None = None
+        self.last_seq = 0
+        #: Gaps the broker reported on resumption (messages lost while disconnected).
+        self.gaps = 0
+        #: Subscribe with ``since`` (the topics have history, or the application asked for it).
+        self._resume = False
+
+    def _deliver(self, msg: Message) -> None:
+        if msg.seq is not None:
+            if msg.epoch == self.epoch and msg.seq <= self.last_seq:
+                return  # already seen (a resumption overlapping live delivery)
+            self.epoch, self.last_seq = msg.epoch, msg.seq
+        self._put(
+            Delivery(
+                msg.topic, msg.payload, msg.headers, msg.retained, msg.sender, msg.seq, msg.epoch
+            )
+        )
+
+    def __aiter__(self) -> AsyncIterator[Delivery]:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        return await self._next()
+
+    async def get(self, timeout: float | None = None) -> Delivery:
+        """The next message (raises ``TimeoutError`` after ``timeout`` seconds)."""
+        async with asyncio.timeout(timeout):
+            return await self._next()
+
+
+class IncomingRequest:
+    """A request delivered to a :class:`Service`: answer it once with :meth:`respond`."""
+
+    __slots__ = (
+        "_client",
+        "_link",
+        "_responded",
+        "_token",
+        "headers",
+        "payload",
+        "sender",
+        "topic",
+    )
+
+    def __init__(self, client: Client, link: Link | None, msg: Message) -> None:
+        self._client = client
+        self._link = link
+        assert msg.reply is not None
+        self._token = msg.reply
+        self._responded = False
+        self.topic = msg.topic
+        self.payload = msg.payload
+        self.headers = msg.headers
+        #: The requester's identity as the broker authenticated it (``mechanism:name``).
+        self.sender = msg.sender
+
+    async def respond(
+        self,
+        payload: bytes | bytearray | memoryview | str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Send the answer; returns once the broker has routed it to the requester. Raises
+        :class:`BrokerError` (``UNKNOWN_REQUEST``) when the request is gone: answered by another
+        responder, timed out, or its connection was lost."""
+        if self._responded:
+            raise LocalProtocolError("this request was already answered")
+        self._responded = True
+        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        hdrs = _checked_headers(headers) if headers else None
+        await self._client._respond(self._link, self._token, data, hdrs)
+
+
+class Service(_Inbox[IncomingRequest]):
+    """Requests to a pattern: ``async for req in client.serve("cmd.>"): await req.respond(...)``.
+
+    The broker subscribes it on first iteration (or ``await service.start()``). With a
+    ``group``, each request goes to one member of the group. A service survives reconnects;
+    requests received on a lost connection can no longer be answered.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        sid: int,
+        pattern: str,
+        max_pending: int,
+        group: str | None,
+    ) -> None:
+        super().__init__(client, sid, pattern, max_pending, "drop_new", group=group, serve=True)
+        self._started: asyncio.Task[None] | None = None
+
+    async def start(self) -> Service:
+        """Subscribe on the broker (raises :class:`PermissionDenied` if the ACL refuses)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._client._subscribe(self))
+        await asyncio.shield(self._started)
+        return self
+
+    def __aiter__(self) -> AsyncIterator[IncomingRequest]:
+        return self
+
+    async def __anext__(self) -> IncomingRequest:
+        await self.start()  # at once when started; raises if the subscription was refused
+        return await self._next()
+
+    async def __aenter__(self) -> Service:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.unsubscribe()
 
 
 @dataclass(slots=True)
@@ -281,13 +468,18 @@ class Client:
         self._final: ConnectionClosed | None = None
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._subs: dict[int, Subscription] = {}
+        self._subs: dict[int, _Inbox[Any]] = {}
         self._sub_waiters: dict[int, asyncio.Future[None]] = {}
         self._unsub_waiters: dict[int, asyncio.Future[None]] = {}
         self._acks: dict[int, _Ack] = {}
         self._outq: collections.deque[Publish] = collections.deque()
         self._outq_bytes = 0
         self._dispatch_cache: dict[str, tuple[Subscription, ...]] = {}
+        #: Pending requests: rid -> (the link it went out on, the caller's future).
+        self._requests: dict[int, tuple[Link, asyncio.Future[Reply]]] = {}
+        self._reply_acks: dict[int, asyncio.Future[None]] = {}
+        #: The broker orders ``ok {sid}`` with deliveries (feature ``retain``, section 16.3).
+        self._ordered_ok = False
         self._ids = itertools.count(1)
         self.state = ConnectionState.CONNECTING
         #: The broker's welcome on the current (or last) connection.
@@ -322,8 +514,13 @@ class Client:
         *,
         headers: Mapping[str, str] | None = None,
         ack: bool = True,
+        retain: bool = False,
     ) -> None:
         """Publish ``payload`` on ``topic``.
+
+        With ``retain=True`` the broker also keeps the message as the topic's last value for
+        subscribers that come later (an empty payload clears it); with ``ack`` the call returns
+        once the value is durable.
 
         With ``ack=True`` (the default) this returns once the broker has accepted the message
         and raises :class:`PermissionDenied` if the ACL refuses it; across a reconnect the
@@ -336,9 +533,11 @@ class Client:
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         hdrs = _checked_headers(headers) if headers else None
         self._check_usable()
+        if retain:
+            self._require("retain")
         link = self._link if self.state is ConnectionState.CONNECTED else None
         if not ack:
-            event = Publish(topic, data, hdrs)
+            event = Publish(topic, data, hdrs, retain=retain)
             if link is not None:
                 link.send(event)
                 if link.writable is not None:
@@ -347,7 +546,7 @@ class Client:
                 self._enqueue(event)
             return
         ack_id = next(self._ids) & 0xFFFFFFFF
-        event = Publish(topic, data, hdrs, ack=ack_id)
+        event = Publish(topic, data, hdrs, ack=ack_id, retain=retain)
         entry = _Ack(event, self._loop.create_future())
         if link is not None:
             link.send(event)
@@ -366,20 +565,100 @@ class Client:
         *,
         max_pending: int = DEFAULT_MAX_PENDING_MESSAGES,
         overflow: Literal["drop_new", "drop_old"] = "drop_new",
+        group: str | None = None,
+        since: int | None = None,
+        epoch: str | None = None,
+        on_gap: Callable[[HistoryGap], None] | None = None,
     ) -> Subscription:
         """Subscribe to ``pattern`` (``*`` = one token, ``>`` = the rest); returns once the
-        broker has accepted it, or raises :class:`PermissionDenied` / :class:`InvalidTopic`."""
+        broker has accepted it, or raises :class:`PermissionDenied` / :class:`InvalidTopic`.
+
+        The first messages are the retained values of matching topics (``msg.retained``),
+        when the broker keeps any. With ``group``, subscriptions of the same group on the same
+        pattern share its messages: each goes to one member. ``since`` (and ``epoch``) start
+        from the history after that sequence number, where the broker keeps history; after a
+        reconnect the client does this by itself."""
         validate_pattern(pattern)
         self._check_usable()
+        if group is not None:
+            self._require("group")
+        if since is not None:
+            self._require("history")
         sid = next(self._ids) & 0xFFFFFFFF
-        sub = Subscription(self, sid, pattern, max_pending, overflow)
+        sub = Subscription(self, sid, pattern, max_pending, overflow, group=group, on_gap=on_gap)
+        if since is not None:
+            sub.epoch, sub.last_seq, sub._resume = epoch, since, True
+        await self._subscribe(sub)
+        return sub
+
+    def serve(
+        self,
+        pattern: str,
+        *,
+        group: str | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING_MESSAGES,
+    ) -> Service:
+        """Serve requests on ``pattern``: ``async for req in client.serve("cmd.>"): ...``.
+
+        Needs subscribe rights on ``pattern``. With ``group``, members share the requests."""
+        validate_pattern(pattern)
+        self._check_usable()
+        self._require("request")
+        if group is not None:
+            self._require("group")
+        sid = next(self._ids) & 0xFFFFFFFF
+        return Service(self, sid, pattern, max_pending, group)
+
+    async def request(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview | str = b"",
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> Reply:
+        """Send a request to whoever serves ``topic`` and return the first :class:`Reply`.
+
+        Raises :class:`NoResponders` at once when nobody serves the topic,
+        :class:`RequestTimeout` (a ``TimeoutError``) after ``timeout`` seconds (a reply that
+        comes later is discarded), :class:`PermissionDenied` without publish rights, and
+        :class:`ConnectionClosedError` if the connection is lost first (the request may or
+        may not have been carried out; it is not resent)."""
+        validate_topic(topic)
+        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        hdrs = _checked_headers(headers) if headers else None
+        if not 0 < timeout <= MAX_REQUEST_TIMEOUT_MS / 1000:
+            raise ValueError("timeout must be above 0 and at most one hour")
+        self._check_usable()
+        self._require("request")
+        link = self._link if self.state is ConnectionState.CONNECTED else None
+        if link is None:
+            raise ConnectionClosedError(ErrorCode.NORMAL, "not connected: request not sent")
+        rid = next(self._ids) & 0xFFFFFFFF
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        self._requests[rid] = (link, fut)
+        try:
+            link.send(Request(rid, topic, data, hdrs, max(1, int(timeout * 1000))))
+            async with asyncio.timeout(timeout + REQUEST_TIMEOUT_GRACE):
+                return await fut
+        except TimeoutError as exc:
+            if isinstance(exc, RequestTimeout):
+                raise
+            raise RequestTimeout(f"no reply within {timeout:g} s") from None
+        finally:
+            # The rid is never reused on this client: a late answer finds nothing and is dropped.
+            self._requests.pop(rid, None)
+
+    async def _subscribe(self, sub: _Inbox[Any]) -> None:
+        sid = sub.sid
         fut: asyncio.Future[None] = self._loop.create_future()
         self._sub_waiters[sid] = fut
         self._subs[sid] = sub
         self._dispatch_cache.clear()
         try:
             if self.state is ConnectionState.CONNECTED and self._link is not None:
-                self._link.send(Subscribe(sid, pattern))
+                sub.ready = False
+                self._link.send(self._subscribe_frame(sub))
             # else: sent by _resume() when the client is connected again
             await fut
         except BaseException:
@@ -389,7 +668,35 @@ class Client:
             raise
         finally:
             self._sub_waiters.pop(sid, None)
-        return sub
+
+    def _subscribe_frame(self, sub: _Inbox[Any]) -> Subscribe:
+        since = epoch = None
+        if isinstance(sub, Subscription) and sub._resume:
+            since, epoch = sub.last_seq, sub.epoch
+        return Subscribe(sub.sid, sub.pattern, sub.group, sub.serve, since, epoch)
+
+    async def _respond(
+        self, link: Link | None, token: int, payload: bytes, headers: dict[str, str] | None
+    ) -> None:
+        if link is None or link is not self._link or self.state is not ConnectionState.CONNECTED:
+            raise BrokerError(
+                "the connection this request came on is gone", ErrorCode.UNKNOWN_REQUEST
+            )
+        ack_id = next(self._ids) & 0xFFFFFFFF
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._reply_acks[ack_id] = fut
+        try:
+            link.send(ReplyFrame(token, payload, headers, ack=ack_id))
+            await fut
+        finally:
+            self._reply_acks.pop(ack_id, None)
+
+    def _require(self, feature: str) -> None:
+        w = self.welcome
+        if w is None or w.features is None or feature not in w.features:
+            raise LocalProtocolError(
+                f"this broker does not offer {feature!r} (docs/protocol.md section 16.1)"
+            )
 
     async def close(self) -> None:
         """Close the connection cleanly and stop reconnecting (idempotent)."""
@@ -503,8 +810,9 @@ class Client:
 
     def _resume(self, link: Link) -> None:
         """After a reconnect: subscribe again, resend unacknowledged and buffered publishes."""
-        for sid, sub in self._subs.items():
-            link.send(Subscribe(sid, sub.pattern))
+        for sub in self._subs.values():
+            sub.ready = False
+            link.send(self._subscribe_frame(sub))
         for ack_id in sorted(self._acks):
             entry = self._acks[ack_id]
             if entry.sent:
@@ -553,13 +861,19 @@ class Client:
     def link_events(self, link: Link, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Message):
-                self._dispatch(event)
+                self._dispatch(link, event)
             elif isinstance(event, Ok):
-                self._resolve(event.sid, event.ack, None)
+                self._on_ok(event)
+            elif isinstance(event, Response):
+                pending = self._requests.pop(event.rid, None)
+                if pending is not None and not pending[1].done():
+                    pending[1].set_result(Reply(event.payload, event.headers, event.sender))
             elif isinstance(event, Error):
                 self._on_error_frame(link, event)
             elif isinstance(event, Welcome):
                 self.welcome = event
+                feats = event.features or ()
+                self._ordered_ok = "retain" in feats or "history" in feats
                 waiter = self._welcome_waiter
                 if link is self._dialing and waiter is not None and not waiter.done():
                     waiter.set_result(event)
@@ -588,7 +902,11 @@ class Client:
         if event.code == ErrorCode.SLOW_CONSUMER and event.dropped:
             # The broker's slow-consumer policy is "drop": it discarded deliveries for us.
             self.broker_dropped += event.dropped
-        if event.sid is not None or event.ack is not None:
+        if event.rid is not None:
+            pending = self._requests.pop(event.rid, None)
+            if pending is not None and not pending[1].done():
+                pending[1].set_exception(err)
+        elif event.sid is not None or event.ack is not None:
             self._resolve(event.sid, event.ack, err)
         elif link is self._dialing:
             # An error before welcome (e.g. unsupported version): the broker closes next.
@@ -624,6 +942,11 @@ class Client:
             if not fut.done():
                 fut.set_result(None)
             del self._unsub_waiters[sid]
+        self._fail_requests(
+            ConnectionClosedError(
+                cause.code, "connection lost: the request may or may not have been carried out"
+            )
+        )
         if self._reconnect is not None and _retryable(cause):
             log.warning("connection lost (%s); reconnecting", cause)
             self._set_state(ConnectionState.RECONNECTING, cause)
@@ -659,7 +982,7 @@ class Client:
                 return
         elif ack is not None:
             entry = self._acks.get(ack)
-            fut = entry.future if entry is not None else None
+            fut = entry.future if entry is not None else self._reply_acks.get(ack)
         if fut is None or fut.done():
             if err is not None:
                 self._report(err)
@@ -669,21 +992,69 @@ class Client:
         else:
             fut.set_exception(err)
 
-    def _dispatch(self, msg: Message) -> None:
+    def _on_ok(self, event: Ok) -> None:
+        sid = event.sid
+        sub = self._subs.get(sid) if sid is not None else None
+        if sub is not None:
+            sub.ready = True
+            if isinstance(sub, Subscription):
+                if event.recovered is False:
+                    gap = HistoryGap(sub.pattern, event.epoch, event.seq)
+                    sub.gaps += 1
+                    if sub.on_gap is not None:
+                        try:
+                            sub.on_gap(gap)
+                        except Exception:
+                            log.exception("on_gap callback failed")
+                    self._report(gap)
+                if event.epoch is not None and event.recovered is not True:
+                    # A fresh start (or after a gap): count from the stream's position now.
+                    sub.epoch, sub.last_seq = event.epoch, event.seq or 0
+                sub._resume = event.epoch is not None
+        self._resolve(sid, event.ack, None)
+
+    def _dispatch(self, link: Link, msg: Message) -> None:
+        if msg.sid is not None:
+            # For one subscription only: a retained snapshot, a recovered message, a
+            # queue-group delivery, or a request to a service.
+            target = self._subs.get(msg.sid)
+            if target is None or not matches(target._tokens, split_pattern(msg.topic)):
+                return
+            if msg.reply is not None:
+                if isinstance(target, Service):
+                    target._put(IncomingRequest(self, link, msg))
+            elif isinstance(target, Subscription):
+                target._deliver(msg)
+            return
         subs = self._dispatch_cache.get(msg.topic)
         if subs is None:
             tokens = split_pattern(msg.topic)
-            subs = tuple(s for s in self._subs.values() if matches(s._tokens, tokens))
+            subs = tuple(
+                s
+                for s in self._subs.values()
+                if isinstance(s, Subscription) and s.plain and matches(s._tokens, tokens)
+            )
             if len(self._dispatch_cache) > 4096:
                 self._dispatch_cache.clear()
             self._dispatch_cache[msg.topic] = subs
-        if not subs:
-            return
-        delivery = Delivery(msg.topic, msg.payload, msg.headers)
+        ordered = self._ordered_ok
         for sub in subs:
-            sub._put(delivery)
+            # A delivery before the sub's ok was routed before the subscription existed: its
+            # effect is in the retained snapshot that follows the ok (section 16.3).
+            if sub.ready or not ordered:
+                sub._deliver(msg)
 
-    async def _unsubscribe(self, sub: Subscription) -> None:
+    def _fail_requests(self, exc: TesseraError) -> None:
+        for _link, fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._requests.clear()
+        for ack_fut in self._reply_acks.values():
+            if not ack_fut.done():
+                ack_fut.set_exception(exc)
+        self._reply_acks.clear()
+
+    async def _unsubscribe(self, sub: _Inbox[Any]) -> None:
         self._subs.pop(sub.sid, None)
         self._dispatch_cache.clear()
         sub._end(None)
@@ -715,6 +1086,7 @@ class Client:
         self._sub_waiters.clear()
         self._unsub_waiters.clear()
         self._acks.clear()
+        self._fail_requests(exc)
         self._outq.clear()
         self._outq_bytes = 0
         for sub in self._subs.values():
@@ -772,6 +1144,22 @@ def _parse_url(url: str) -> tuple[str, str, int]:
     return scheme, parts.hostname, parts.port or DEFAULT_PORT
 
 
+def _files_stamp(
+    files: tuple[str | Path | None, str | Path | None, str | Path | None] | None,
+) -> tuple[tuple[int, int, int] | None, ...]:
+    """What identifies the contents of credential files cheaply: (inode, size, mtime) each."""
+    if files is None:
+        return ()
+    stamps: list[tuple[int, int, int] | None] = []
+    for path in files:
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        stamps.append((st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else None)
+    return tuple(stamps)
+
+
 class connect:  # used as a function: ``async with connect(...)`` / ``await connect(...)``
     """Open a connection: ``async with connect("tls://host:7443", ca=..., cert=..., key=...)``.
 
@@ -819,6 +1207,10 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
             if self._scheme == "tls+negotiate" and cert is not None:
                 raise ValueError("tls+negotiate:// authenticates with auth=, not a certificate")
             self._ctx = ssl_context if ssl_context is not None else client_context(ca, cert, key)
+        # Certificate files are read again on reconnect when they changed (a renewed client
+        # certificate after CREDENTIAL_EXPIRED); a ready ssl_context is the caller's to renew.
+        self._ctx_files = (ca, cert, key) if self._ctx is not None and ssl_context is None else None
+        self._ctx_stamp = _files_stamp(self._ctx_files)
         if self._scheme == "tls" and auth is not None:
             raise ValueError("auth= is for negotiate:// and tls+negotiate:// URLs")
         self._auth = auth
@@ -833,7 +1225,25 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
         self._on_state_change = on_state_change
         self._client: Client | None = None
 
+    def _context(self) -> ssl.SSLContext | None:
+        """The TLS client context, rebuilt first if its certificate files changed on disk."""
+        files = self._ctx_files
+        if files is not None:
+            stamp = _files_stamp(files)
+            if stamp != self._ctx_stamp:
+                try:
+                    self._ctx = client_context(*files)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    log.warning(
+                        "cannot load the renewed certificate files, keeping the old: %s", exc
+                    )
+                else:
+                    log.info("certificate files changed: using the renewed credentials")
+                self._ctx_stamp = stamp
+        return self._ctx
+
     def _make_layer(self) -> SecurityLayer:
+        self._context()
         if self._scheme == "tls":
             assert self._ctx is not None
             return TLSLayer(self._ctx, server_side=False, server_hostname=self._server_hostname)

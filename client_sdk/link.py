@@ -24,6 +24,8 @@ from client_sdk.protocol import (
     Event,
     Hello,
     Publish,
+    Reply,
+    Request,
     Role,
     State,
     Subscribe,
@@ -174,7 +176,7 @@ class Link(asyncio.Protocol):
 
     # --- outbound -------------------------------------------------------------------------
 
-    def send(self, event: Publish | Subscribe | Unsubscribe | Hello) -> None:
+    def send(self, event: Publish | Subscribe | Unsubscribe | Request | Reply | Hello) -> None:
         """Queue a request; written at the end of this loop turn with everything else queued."""
         self.conn.send(event)
         if not self._flush_scheduled:

@@ -17,10 +17,10 @@ from collections.abc import Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from client_sdk.client import Client, Delivery, Subscription
+from client_sdk.client import Client, Delivery, IncomingRequest, Reply, Service, Subscription
 from client_sdk.client import connect as aconnect
 
-__all__ = ["SyncClient", "SyncSubscription", "connect"]
+__all__ = ["SyncClient", "SyncRequest", "SyncService", "SyncSubscription", "connect"]
 
 T = TypeVar("T")
 
@@ -71,6 +71,45 @@ class SyncSubscription:
         self._runner.run(self._sub.unsubscribe())
 
 
+class SyncRequest:
+    """A request received by a :class:`SyncService`; answer it with :meth:`respond`."""
+
+    def __init__(self, runner: _LoopThread, req: IncomingRequest) -> None:
+        self._runner = runner
+        self._req = req
+        self.topic = req.topic
+        self.payload = req.payload
+        self.headers = req.headers
+        self.sender = req.sender
+
+    def respond(
+        self,
+        payload: bytes | bytearray | memoryview | str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._runner.run(self._req.respond(payload, headers=headers))
+
+
+class SyncService:
+    """Requests to serve: ``for req in client.serve("cmd.>"): req.respond(b"done")``."""
+
+    def __init__(self, runner: _LoopThread, service: Service) -> None:
+        self._runner = runner
+        self._service = service
+
+    def __iter__(self) -> Iterator[SyncRequest]:
+        while True:
+            try:
+                req = self._runner.run(self._service.__anext__())
+            except StopAsyncIteration:
+                return
+            yield SyncRequest(self._runner, req)
+
+    def unsubscribe(self) -> None:
+        self._runner.run(self._service.unsubscribe())
+
+
 class SyncClient:
     """Blocking twin of :class:`client_sdk.Client`; create it with :func:`connect`."""
 
@@ -90,12 +129,38 @@ class SyncClient:
         headers: Mapping[str, str] | None = None,
         ack: bool = True,
         timeout: float | None = None,
+        retain: bool = False,
     ) -> None:
-        self._runner.run(self._client.publish(topic, payload, headers=headers, ack=ack), timeout)
+        self._runner.run(
+            self._client.publish(topic, payload, headers=headers, ack=ack, retain=retain), timeout
+        )
 
-    def subscribe(self, pattern: str, *, max_pending: int = 10_000) -> SyncSubscription:
-        sub = self._runner.run(self._client.subscribe(pattern, max_pending=max_pending))
+    def subscribe(
+        self, pattern: str, *, max_pending: int = 10_000, group: str | None = None
+    ) -> SyncSubscription:
+        sub = self._runner.run(
+            self._client.subscribe(pattern, max_pending=max_pending, group=group)
+        )
         return SyncSubscription(self._runner, sub)
+
+    def request(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview | str = b"",
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> Reply:
+        """Blocking :meth:`client_sdk.Client.request`."""
+        return self._runner.run(
+            self._client.request(topic, payload, headers=headers, timeout=timeout)
+        )
+
+    def serve(self, pattern: str, *, group: str | None = None) -> SyncService:
+        """Blocking :meth:`client_sdk.Client.serve`: subscribes at once."""
+        service = self._client.serve(pattern, group=group)
+        self._runner.run(service.start())
+        return SyncService(self._runner, service)
 
     def close(self) -> None:
         try:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from timing import scaled
 
 __all__ = [
     "REPO_ROOT",
@@ -49,9 +50,9 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Seconds a broker may take from exec to its last ``listening`` line (imports included).
-START_TIMEOUT_SECONDS = 20.0
+START_TIMEOUT_SECONDS = scaled(20.0)
 #: Seconds a broker may take to exit after SIGTERM (its own shutdown_timeout is shorter).
-STOP_TIMEOUT_SECONDS = 15.0
+STOP_TIMEOUT_SECONDS = scaled(15.0)
 
 _LISTENING_RE = re.compile(
     r"^listening (?P<scheme>[a-z+]+)://(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)$"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from brokerproc import BrokerProcess, write_config
+from redisproc import redis_server  # noqa: F401  (a fixture: imported for pytest to find)
 
 from certs import pki as certs_pki
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auth import ANONYMOUS, AclError, Action, Decision, Identity, Policy, Rule
-from auth.acl import covers, intersects, matches
+from auth.acl import Grant, covers, escapes, intersects, matches, meet
 from client_sdk.protocol import topics as wire_topics
 
 PUB = Action.PUBLISH
@@ -638,3 +638,267 @@ def test_doc_examples(
     text: str, identity: Identity, action: str, subject: str, reason: str
 ) -> None:
     assert Policy.from_text(text).check(identity, Action(action), subject).reason == reason
+
+
+# --------------------------------------------------------------------------------------------
+# Filtered wildcard subscriptions: BoundPolicy.subscription -> Grant.
+
+FILTERED = """
+[[allow]]   # allow[0]
+principals = ["x509:dash"]
+subscribe = ["status.>"]
+
+[[allow]]   # allow[1]
+principals = ["x509:org-user"]
+subscribe = ["org.a.>", "org.b.>"]
+
+[[allow]]   # allow[2]
+principals = ["x509:split"]
+subscribe = ["log.*", "log.*.>"]
+
+[[allow]]   # allow[3]
+principals = ["x509:carved"]
+subscribe = ["t.>"]
+
+[[deny]]    # deny[0]
+principals = ["x509:dash"]
+subscribe = ["status.secret.>"]
+
+[[deny]]    # deny[1]
+principals = ["x509:carved"]
+subscribe = ["t.*", "t.*.>"]
+
+[[deny]]    # deny[2]
+principals = ["x509:filled"]
+subscribe = ["x.{user}.>"]
+
+[[allow]]   # allow[4]
+principals = ["x509:filled", "x509:a.b"]
+subscribe = [">"]
+
+[[deny]]    # deny[3]
+principals = ["x509:a.b"]
+subscribe = ["x.{user}.>"]
+"""
+
+
+def _grant(name: str, pattern: str) -> Grant:
+    return Policy.from_text(FILTERED).subscription(x509(name), pattern)
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "kind", "reason"),
+    [
+        ("dash", "status.>", "filtered", "allowed by allow[0] (filtered)"),
+        ("dash", "status.eu.>", "unrestricted", "allowed by allow[0]"),
+        ("dash", "status.*", "unrestricted", "allowed by allow[0]"),
+        ("dash", "status.secret", "unrestricted", "allowed by allow[0]"),
+        ("dash", "status.secret.>", "refused", "denied by deny[0]"),
+        ("dash", "status.secret.*", "refused", "denied by deny[0]"),
+        ("dash", "status.*.keys", "filtered", "allowed by allow[0] (filtered)"),
+        ("dash", ">", "filtered", "allowed by allow[0] (filtered)"),
+        ("dash", "other.>", "refused", "no allow rule matches"),
+        ("org-user", "org.>", "filtered", "allowed by allow[1] (filtered)"),
+        ("org-user", "org.*.x", "filtered", "allowed by allow[1] (filtered)"),
+        ("org-user", "org.a.>", "unrestricted", "allowed by allow[1]"),
+        ("org-user", "org.c.>", "refused", "no allow rule matches"),
+        ("org-user", "org.*", "refused", "no allow rule matches"),
+        ("split", "log.>", "unrestricted", "allowed by allow[2]"),
+        ("carved", "t.>", "refused", "denied by deny[1]"),
+        ("carved", "t.x.y", "refused", "denied by deny[1]"),
+        ("filled", "a.b", "unrestricted", "allowed by allow[4]"),
+        ("a.b", "y.>", "refused", "denied by deny[3]"),
+        ("dash", "status..x", "refused", "invalid subscription pattern"),
+        ("dash", "status.>.x", "refused", "invalid subscription pattern"),
+    ],
+)
+def test_subscription_grants(name: str, pattern: str, kind: str, reason: str) -> None:
+    grant = _grant(name, pattern)
+    assert grant.decision.reason == reason
+    assert grant.possible is (kind != "refused") is bool(grant)
+    assert grant.unrestricted is (kind == "unrestricted")
+    assert grant.decision.allowed is grant.possible
+    assert kind in repr(grant)
+
+
+def test_denied_subtree_is_filtered_out() -> None:
+    grant = _grant("dash", "status.>")
+    assert grant.allows("status.eu")
+    assert grant.allows("status.eu.node1")
+    assert grant.allows(("status", "secret"))  # the deny needs one more token
+    assert not grant.allows("status.secret.keys")
+    assert not grant.allows("status.secret.a.b")
+    assert not grant.allows("other.eu")  # outside the subscription
+    assert not grant.allows("status")
+    assert not grant.allows("status.*")  # not a topic
+
+
+def test_union_of_allowed_subtrees() -> None:
+    grant = _grant("org-user", "org.>")
+    assert grant.allows("org.a.x")
+    assert grant.allows("org.b.x.y")
+    assert not grant.allows("org.c.x")
+    assert not grant.allows("org.a")  # org.a.> needs one more token
+    assert not grant.allows("orgs.a.x")
+
+
+def test_refused_grant_allows_nothing() -> None:
+    grant = _grant("carved", "t.>")
+    assert not grant.allows("t.x")
+    assert not grant.allows("t.x.y")
+    assert not _grant("dash", "status..x").allows("status.a.x")
+
+
+def test_unrestricted_grant_checks_only_the_pattern() -> None:
+    grant = _grant("dash", "status.eu.>")
+    assert grant.allows("status.eu.a")
+    assert not grant.allows("status.us.a")
+
+
+def test_check_subscribe_stays_strict() -> None:
+    """check(SUBSCRIBE) answers "every topic is readable"; a filtered grant is not that."""
+    policy = Policy.from_text(FILTERED)
+    assert not policy.allows(x509("dash"), SUB, "status.>")
+    assert policy.check(x509("dash"), SUB, "status.>").reason == "denied by deny[0]"
+    assert not policy.allows(x509("org-user"), SUB, "org.>")
+    # covered by two allow patterns together: unrestricted, and so allowed by check too
+    assert policy.check(x509("split"), SUB, "log.>").reason == "allowed by allow[2]"
+    assert policy.bind(x509("dash")).subscription("status.>").possible
+
+
+def test_subscription_on_an_empty_policy() -> None:
+    grant = Policy.from_text("").subscription(x509("u"), ">")
+    assert not grant.possible
+    assert grant.decision.reason == "no allow rule matches"
+
+
+def _readable(
+    allows: list[tuple[str, ...]], denies: list[tuple[str, ...]], topic: tuple[str, ...]
+) -> bool:
+    return any(matches(a, topic) for a in allows) and not any(matches(d, topic) for d in denies)
+
+
+def test_meet_and_escapes_exhaustive_small() -> None:
+    """meet() is exact, and escapes() against one or two others agrees with brute force over
+    every pattern of up to 3 tokens (witnesses fit in 4 tokens over {a, b, z})."""
+    patterns = _patterns(3)
+    topics = _topics(4)
+    matched = {p: frozenset(t for t in topics if matches(p, t)) for p in patterns}
+    for a, b in itertools.product(patterns, repeat=2):
+        both = meet(a, b)
+        if both is None:
+            assert not matched[a] & matched[b], (a, b)
+        else:
+            assert frozenset(t for t in topics if matches(both, t)) == matched[a] & matched[b]
+        assert escapes(a, [b]) is bool(matched[a] - matched[b]), (a, b)
+    short = _patterns(2)
+    for a in patterns:
+        for b, c in itertools.product(short, repeat=2):
+            assert escapes(a, [b, c]) is bool(matched[a] - matched[b] - matched[c]), (a, b, c)
+
+
+def test_escapes_needs_a_length_no_tail_takes() -> None:
+    star = ("*",)
+    assert not escapes((">",), [star, ("*", "*"), ("*", "*", ">")])
+    assert escapes((">",), [star, ("*", "*", "*", ">")])  # two tokens escape
+    assert escapes((">",), [])
+    assert not escapes(("a",), [("a",)])
+
+
+_patterns_small = st.lists(_pattern, min_size=0, max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(allows=_patterns_small, denies=_patterns_small, requested=_pattern)
+def test_grant_delivers_exactly_the_readable_topics(
+    allows: list[tuple[str, ...]], denies: list[tuple[str, ...]], requested: tuple[str, ...]
+) -> None:
+    """Against brute force over every topic of up to 5 tokens: a grant is possible iff some
+    topic it matches is readable, unrestricted iff all are, and allows() is exactly that."""
+    data: dict[str, object] = {}
+    if allows:
+        data["allow"] = [{"principals": ["*"], "subscribe": [".".join(p) for p in allows]}]
+    if denies:
+        data["deny"] = [{"principals": ["*"], "subscribe": [".".join(p) for p in denies]}]
+    policy = Policy.from_dict(data)
+    grant = policy.subscription(x509("u"), ".".join(requested))
+    delivered = [t for t in _UNIVERSE if matches(requested, t)]
+    readable = [t for t in delivered if _readable(allows, denies, t)]
+    assert grant.possible is bool(readable)
+    assert grant.unrestricted is (len(readable) == len(delivered))
+    for topic in _UNIVERSE:
+        assert grant.allows(topic) is (
+            matches(requested, topic) and _readable(allows, denies, topic)
+        )
+    # check(SUBSCRIBE) is the strict question
+    assert policy.allows(x509("u"), SUB, ".".join(requested)) is grant.unrestricted
+
+
+def _doc_grants() -> list[tuple[str, Identity, str, str]]:
+    doc = (Path(__file__).parent.parent / "docs" / "acl.md").read_text(encoding="utf-8")
+    section = doc.split("## Examples", 1)[1].split("## Testing", 1)[0]
+    policy_text = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    grants = section.split("policy.subscription(identity, P)", 1)[1]
+    rows = []
+    for line in grants.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[2].startswith(("filtered", "refused", "unrestricted")):
+            continue
+        mechanism, _, name = cells[0].partition(":")
+        rows.append((policy_text, Identity(mechanism, name), cells[1], cells[2]))
+    return rows
+
+
+DOC_GRANTS = _doc_grants()
+
+
+def test_doc_grants_found() -> None:
+    assert len(DOC_GRANTS) >= 6
+
+
+@pytest.mark.parametrize(("text", "identity", "pattern", "expected"), DOC_GRANTS)
+def test_doc_grants(text: str, identity: Identity, pattern: str, expected: str) -> None:
+    grant = Policy.from_text(text).subscription(identity, pattern)
+    kind = "unrestricted" if grant.unrestricted else "filtered" if grant.possible else "refused"
+    rule = grant.decision.rule.describe() if grant.decision.rule else "no allow rule matches"
+    assert f"{kind} ({rule})" == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pub_allow=_patterns_small,
+    pub_deny=_patterns_small,
+    sub_allow=_patterns_small,
+    sub_deny=_patterns_small,
+)
+def test_permits_anything_is_exact(
+    pub_allow: list[tuple[str, ...]],
+    pub_deny: list[tuple[str, ...]],
+    sub_allow: list[tuple[str, ...]],
+    sub_deny: list[tuple[str, ...]],
+) -> None:
+    data: dict[str, list[dict[str, object]]] = {"allow": [], "deny": []}
+    for effect, pub, sub in (("allow", pub_allow, sub_allow), ("deny", pub_deny, sub_deny)):
+        if pub or sub:
+            data[effect].append(
+                {
+                    "principals": ["*"],
+                    "publish": [".".join(p) for p in pub],
+                    "subscribe": [".".join(p) for p in sub],
+                }
+            )
+    policy = Policy.from_dict(data)
+    expected = any(
+        _readable(pub_allow, pub_deny, t) or _readable(sub_allow, sub_deny, t) for t in _UNIVERSE
+    )
+    assert policy.permits_anything(x509("u")) is expected
+
+
+def test_permits_anything_examples() -> None:
+    assert not Policy.from_text("").permits_anything(x509("u"))
+    assert Policy.allow_all().permits_anything(x509("u"))
+    assert not Policy.allow_all().permits_anything(ANONYMOUS)
+    text = FILTERED
+    assert Policy.from_text(text).permits_anything(x509("dash"))
+    assert not Policy.from_text(text).permits_anything(x509("carved"))  # t.* and t.*.> denied
+    assert not Policy.from_text(text).permits_anything(x509("a.b"))  # unfillable deny of >

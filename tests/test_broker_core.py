@@ -25,11 +25,12 @@ from typing import Any
 import msgpack
 import pytest
 from brokerproc import BrokerProcess, frame, pack
+from timing import scaled
 
 from auth.tls import client_context
 from client_sdk import ErrorCode
 
-TIMEOUT = 10.0
+TIMEOUT = scaled(10.0)
 
 
 class AsyncRaw:

@@ -5,7 +5,9 @@ One KDC for the session (tests/kdc.py) and one broker for this module, with four
 * ``krb``: ``negotiate`` (every record GSS-sealed), Kerberos only;
 * ``krb_ntlm``: ``negotiate`` with Kerberos and NTLM;
 * ``tls_gss``: ``tls+negotiate`` (channel bindings always required) with Kerberos and NTLM;
-* ``x509``: plain mutual ``tls`` with client certificates.
+* ``x509``: plain mutual ``tls`` with client certificates;
+* ``short_strict`` / ``short_lenient``: ``negotiate`` for ``tessera/short.tessera.test``, whose
+  tickets live :data:`SHORT_TICKET_SECONDS`, with ``max_clock_skew`` 1 s and 300 s.
 
 The broker runs at DEBUG level, so the log-hygiene test sees everything it could ever write.
 Nothing here is mocked: clients are the SDK, the ``tessera`` CLI, or hand-driven
@@ -53,6 +55,9 @@ HANDSHAKE_TIMEOUT_SECONDS = 2.0
 #: ``max_handshake_token_bytes`` of the ``krb`` listener (a Kerberos AP-REQ here is ~1 KiB).
 MAX_TOKEN_BYTES = 16_384
 HOST = "localhost"  # the SPN is tessera/localhost: clients must use this name, not 127.0.0.1
+#: The host of the short-lived service principal (its tickets end after SHORT_TICKET_SECONDS).
+SHORT_HOST = "short.tessera.test"
+SHORT_TICKET_SECONDS = 2
 
 # Distinctive secrets: the log-hygiene test greps the broker's log and the CLI's output for them.
 PASSWORDS = {
@@ -118,7 +123,9 @@ def realm(kdc: KDC, tmp_path_factory: pytest.TempPathFactory) -> Realm:
         kdc.add_principal(name)
     for name, password in PASSWORDS.items():
         kdc.add_principal(name, password)
-    keytab = kdc.export_keytab(directory / "broker.keytab", services)
+    short = kdc.add_principal(f"tessera/{SHORT_HOST}")
+    kdc._kadmin(f'modprinc -maxlife "{SHORT_TICKET_SECONDS} seconds" {short}', "short maxlife")
+    keytab = kdc.export_keytab(directory / "broker.keytab", [*services, short])
     alice_keytab = kdc.export_keytab(directory / "alice.keytab", ["alice"])
     alice_ccache = kdc.kinit("alice", PASSWORDS["alice"], directory / "alice.ccache")
     ctx = krb5.init_context()
@@ -143,7 +150,7 @@ class Broker:
     proc: BrokerProcess
     pki: Any
 
-    LISTENERS = ("krb", "krb_ntlm", "tls_gss", "x509")
+    LISTENERS = ("krb", "krb_ntlm", "tls_gss", "x509", "short_strict", "short_lenient")
 
     def port(self, listener: str) -> int:
         return self.proc.addresses[self.LISTENERS.index(listener)][2]
@@ -190,6 +197,15 @@ def broker(
             "key": pki.server.key,
             "client_ca": pki.ca,
         },
+        *(
+            {
+                "security": "negotiate",
+                "service_principal": f"tessera/{SHORT_HOST}@{realm.kdc.realm}",
+                "keytab": realm.keytab,
+                "max_clock_skew": skew,
+            }
+            for skew in (1, 300)
+        ),
     ]
     lines: list[str] = []
     for listener in listeners:
@@ -222,6 +238,8 @@ def broker(
         "negotiate",
         "tls+negotiate",
         "tls",
+        "negotiate",
+        "negotiate",
     ]
     yield Broker(proc, pki)
     # Whatever ran in this module: no secret and no token ever reached the log.
@@ -408,7 +426,7 @@ ACL_MATRIX: dict[str, list[tuple[str, str, bool]]] = {
         (SUB, "alice.>", True),
         (SUB, "inbox.alice.>", True),  # {user} = alice
         (SUB, "inbox.bob.>", False),
-        (SUB, "inbox.>", False),
+        (SUB, "inbox.>", True),  # filtered (issue #10): only inbox.alice.… is delivered
         (PUB, "ntlm.a", False),  # a Kerberos identity is not an NTLM one
     ],
     "kerberos bob": [
@@ -892,8 +910,8 @@ def test_cli_sub_and_pub_over_negotiate_with_password_env(broker: Broker, realm:
         "--principal", "alice", "--password-env", "BAD_PW", env=env,
     )  # fmt: skip
     out, err = bad.communicate(timeout=30)
-    assert bad.returncode == 1
-    assert "bad_credentials" in err and "AuthenticationError" in err
+    assert bad.returncode == 4  # authentication failed (docs/sdk.md, exit codes)
+    assert "bad_credentials" in err and "tessera: error: authentication failed" in err
     for text in (out, err, sub_out, sub_err, pub_out, pub_err):
         for secret in ALL_SECRETS:
             assert secret not in text
@@ -967,3 +985,120 @@ async def test_failures_are_logged_with_mechanism_and_reason_and_no_secret(
             r".*\(mechanism: (kerberos|ntlm)\)$",
             line,
         ), line
+
+
+# -- issue 13: clock skew, NTLM target names ------------------------------------------------------
+
+
+def _first_reply(port: int, first_token_record: bytes) -> bytes:
+    """Send one handshake record, return the broker's reply record (header included)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(first_token_record)
+        reply = b""
+        while len(reply) < 4 or len(reply) < 4 + int.from_bytes(reply[:4], "big"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def test_max_clock_skew_is_honoured(broker: Broker, realm: Realm) -> None:
+    """Tickets for tessera/short.tessera.test end SHORT_TICKET_SECONDS after issue. Tokens made
+    while the ticket was valid and sent once it had expired: MIT would take both (its own skew
+    is 300 s); the listener with max_clock_skew = 1 refuses with NO_CREDENTIALS (0x08), the one
+    with 300 s accepts."""
+    layers = [
+        NegotiateClientLayer(SHORT_HOST, credential=Kerberos(ccache=realm.alice_ccache))
+        for _ in range(3)
+    ]
+    tokens = []
+    for layer in layers:
+        layer.start()
+        tokens.append(layer.data_to_send())
+    fresh = _first_reply(broker.port("short_strict"), tokens[0])
+    assert fresh[4] == RecordType.DONE, fresh[:6]
+    time.sleep(SHORT_TICKET_SECONDS + 1.5)  # real time must pass: the KDC's clock is real
+    mark = broker.proc.log_mark()
+    strict = _first_reply(broker.port("short_strict"), tokens[1])
+    assert strict == b"\x00\x00\x00\x02\x03" + bytes((WireCode.NO_CREDENTIALS,))
+    record = broker.proc.wait_for_audit("auth_failure", since=mark, reason="no_credentials")
+    assert record["mechanism"] == "kerberos"
+    lenient = _first_reply(broker.port("short_lenient"), tokens[2])
+    assert lenient[4] == RecordType.DONE, lenient[:6]
+    with pytest.raises(HandshakeError) as error:  # the client sees the code too
+        layers[1].receive_data(strict)
+    assert error.value.reason is HandshakeReason.NO_CREDENTIALS
+
+
+def test_ntlm_without_target_name_refused_on_plain_negotiate(broker: Broker) -> None:
+    """An NTLM exchange that names no service (what a relay from another protocol carries) is
+    refused on a plain ``negotiate`` listener that allows NTLM, and audited as wrong_service."""
+    import spnego  # noqa: PLC0415
+
+    from auth.negotiate import _md4  # noqa: PLC0415
+
+    nt_hash = _md4(NTLM_PASSWORDS["Alice"].encode("utf-16-le")).hex()
+    ctx = spnego.client(
+        [spnego.NTLMHash("TESSERA\\Alice", nt_hash=nt_hash)],
+        hostname="",
+        service="",
+        protocol="negotiate",
+        options=spnego.NegotiateOptions.use_negotiate,
+    )
+    mark = broker.proc.log_mark()
+    with socket.create_connection(("127.0.0.1", broker.port("krb_ntlm")), timeout=TIMEOUT) as sock:
+        layer_records = bytearray()
+
+        def record(token: bytes) -> bytes:
+            return (len(token) + 1).to_bytes(4, "big") + bytes((RecordType.TOKEN,)) + token
+
+        token = ctx.step()
+        assert token is not None
+        sock.sendall(record(token))
+        while len(layer_records) < 4 or len(layer_records) < 4 + int.from_bytes(
+            layer_records[:4], "big"
+        ):
+            layer_records += sock.recv(65536)
+        challenge = bytes(layer_records[5 : 4 + int.from_bytes(layer_records[:4], "big")])
+        authenticate = ctx.step(challenge)
+        assert authenticate is not None
+        sock.sendall(record(authenticate))
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+    assert reply == b"\x00\x00\x00\x02\x03" + bytes((WireCode.WRONG_SERVICE,))
+    audit = broker.proc.wait_for_audit("auth_failure", since=mark, reason="wrong_service")
+    assert audit["mechanism"] == "ntlm"
+
+
+async def test_short_ticket_ends_its_session_and_the_sdk_reconnects_with_a_new_one(
+    broker: Broker,
+) -> None:
+    """Issue #10: a session authenticated with a ticket that lives SHORT_TICKET_SECONDS is
+    closed at the ticket's end time with CREDENTIAL_EXPIRED (23); the SDK then reconnects,
+    getting a new ticket (here from the password; a ccache or keytab works alike)."""
+    mark = broker.proc.log_mark()
+    states: list[tuple[client_sdk.ConnectionState, object]] = []
+    async with broker.connect(
+        "short_strict",
+        alice(),
+        server_hostname=SHORT_HOST,
+        reconnect=client_sdk.Reconnect(initial_delay=0.1, max_delay=0.5),
+        on_state_change=lambda state, err: states.append((state, err)),
+    ) as client:
+        assert client.identity == "kerberos:alice@TESSERA.TEST"
+        deadline = time.monotonic() + SHORT_TICKET_SECONDS + 15
+        while client.reconnects < 1:
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.1)
+        sub = await client.subscribe("krb.after")
+        await client.publish("krb.after", b"renewed")
+        assert (await sub.get(timeout=TIMEOUT)).payload == b"renewed"
+    lost = [err for state, err in states if state is client_sdk.ConnectionState.RECONNECTING]
+    assert getattr(lost[0], "code", None) == client_sdk.ErrorCode.CREDENTIAL_EXPIRED
+    record = broker.proc.wait_for_audit(
+        "credential_expired", since=mark, identity="kerberos:alice@TESSERA.TEST"
+    )
+    assert record["mechanism"] == "kerberos"

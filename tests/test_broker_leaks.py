@@ -4,18 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
 import socket
 from typing import Any
 
 import pytest
 from brokerproc import BrokerProcess
+from timing import scaled
 
 import client_sdk
 from auth.tls import client_context
+from broker import admin
 
-TIMEOUT = 10.0
+TIMEOUT = scaled(10.0)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,13 @@ def broker(module_broker_factory: Any) -> BrokerProcess:
 
 
 async def _stats(broker: BrokerProcess) -> dict[str, Any]:
-    mark = broker.log_mark()
-    broker.send_signal(signal.SIGUSR1)
-    lines = await asyncio.to_thread(broker.wait_for_log, r"stats \{", since=mark, timeout=TIMEOUT)
-    line = lines[0]
-    return dict(json.loads(line[line.index("{") :]))
+    """The broker's own counters, from its admin socket (``tessera-broker stats``)."""
+    socket_path = broker.workdir / "tessera-admin.sock"
+    answer = await asyncio.to_thread(admin.request, socket_path, "stats", timeout=TIMEOUT)
+    assert answer.get("ok") is True, answer
+    stats = answer["stats"]
+    assert isinstance(stats, dict)
+    return stats
 
 
 async def _settle(broker: BrokerProcess, baseline: dict[str, Any]) -> dict[str, Any]:

@@ -21,12 +21,13 @@ from typing import Any
 import msgpack
 import pytest
 from brokerproc import BrokerProcess, RawClient, frame, pack
+from timing import scaled
 
 import client_sdk
 from auth.tls import client_context
 from client_sdk import ErrorCode
 
-TIMEOUT = 5.0
+TIMEOUT = scaled(5.0)
 HANDSHAKE_TIMEOUT = 0.5
 HELLO_TIMEOUT = 0.5
 MAX_PENDING_BYTES = 128 * 1024

@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 from brokerproc import BrokerProcess, RawClient
+from timing import scaled
 
 import client_sdk
 from auth.tls import client_context
 from client_sdk import ErrorCode
 
-TIMEOUT = 5.0
+TIMEOUT = scaled(5.0)
 MAX_PENDING_BYTES = 128 * 1024
 
 

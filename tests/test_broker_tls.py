@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from brokerproc import BrokerProcess, RawClient
+from timing import scaled
 
 import client_sdk
 from auth.tls import ALPN_PROTOCOL, client_context
@@ -32,7 +33,7 @@ from client_sdk import (
 from client_sdk.protocol import Publish, encode
 from client_sdk.protocol.topics import matches
 
-TIMEOUT = 5.0
+TIMEOUT = scaled(5.0)
 
 
 @pytest.fixture(scope="module")

@@ -695,6 +695,8 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str]) -
         ["issue", "server", "--help"],
         ["issue", "client", "--help"],
         ["show", "--help"],
+        ["revoke", "--help"],
+        ["crl", "--help"],
     ],
 )
 def test_cli_help(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
@@ -707,3 +709,154 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "--version")
     assert status == 0
     assert out.startswith("tessera-certs ")
+
+
+# --------------------------------------------------------------------------------------------------
+# Revocation: revoke, crl
+
+
+def _crl(pki: Path) -> x509.CertificateRevocationList:
+    return x509.load_pem_x509_crl((pki / "crl.pem").read_bytes())
+
+
+def test_revoke_by_file_writes_a_signed_crl(pki: Path) -> None:
+    alice = issue(pki, "client", "alice")
+    bob = issue(pki, "client", "bob")
+    serial = load_certificate(alice.cert).serial_number
+    entry, info = certs.revoke(pki, cert=alice.cert, reason="keyCompromise", crl_days=3)
+    assert entry.serial == serial
+    assert entry.subject == "CN=alice"
+    assert entry.reason == "keyCompromise"
+    assert info.path == pki / "crl.pem"
+    assert info.number == 1
+    crl = _crl(pki)
+    ca = load_certificate(pki / "ca.pem")
+    assert crl.issuer == ca.subject
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - crl.last_update_utc == timedelta(days=3)
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 1
+    revoked = crl.get_revoked_certificate_by_serial_number(serial)
+    assert revoked is not None
+    reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason is x509.ReasonFlags.key_compromise
+    bob_serial = load_certificate(bob.cert).serial_number
+    assert crl.get_revoked_certificate_by_serial_number(bob_serial) is None
+    assert mode(pki / "crl.pem") == 0o644
+    assert [r.serial for r in certs.revocations(pki)] == [serial]
+
+
+def test_revoke_by_serial_accumulates_and_is_idempotent(pki: Path) -> None:
+    alice = issue(pki, "client", "alice")
+    bob = issue(pki, "client", "bob")
+    a = load_certificate(alice.cert).serial_number
+    b = load_certificate(bob.cert).serial_number
+    certs.revoke(pki, serial=f"{a:x}")
+    first = certs.revocations(pki)[0]
+    _, info = certs.revoke(pki, serial=":".join(f"{b:x}"[i : i + 2] for i in range(0, 4, 2)))
+    assert info.number == 2
+    _, info = certs.revoke(pki, serial=a, reason="superseded")  # again: the first entry stays
+    assert info.number == 3
+    entries = {r.serial: r for r in certs.revocations(pki)}
+    assert entries[a] == first
+    assert entries[a].reason == "unspecified"
+    assert len(entries) == 2
+    crl = _crl(pki)
+    assert crl.get_revoked_certificate_by_serial_number(a) is not None
+    # reason unspecified is omitted from the entry (RFC 5280 5.3.1)
+    entry = crl.get_revoked_certificate_by_serial_number(a)
+    assert entry is not None
+    assert not list(entry.extensions)
+
+
+def test_make_crl_renews_next_update(pki: Path) -> None:
+    alice = issue(pki, "client", "alice")
+    certs.revoke(pki, cert=alice.cert)
+    info = certs.make_crl(pki, days=30)
+    assert info.number == 2
+    assert len(info.revoked) == 1
+    crl = _crl(pki)
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - crl.last_update_utc == timedelta(days=30)
+    assert len(list(crl)) == 1
+    empty = certs.make_crl(pki)
+    assert empty.number == 3
+
+
+def test_make_crl_without_revocations(tmp_path: Path) -> None:
+    init_ca(tmp_path)
+    info = certs.make_crl(tmp_path)
+    assert info.number == 1
+    assert info.revoked == ()
+    assert len(list(_crl(tmp_path))) == 0
+
+
+def test_revoke_refuses_a_certificate_of_another_ca(pki: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    init_ca(other)  # same CA name, other key
+    stranger = issue(other, "client", "alice")
+    with pytest.raises(CertsError, match="not issued by the CA"):
+        certs.revoke(pki, cert=stranger.cert)
+    assert not (pki / "crl.pem").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"serial": "zz"}, "invalid serial"),
+        ({"serial": "0"}, "must be positive"),
+        ({"serial": "ff" * 21}, "at most 20 bytes"),
+        ({"serial": "01", "reason": "bored"}, "unknown revocation reason"),
+        ({}, "name the certificate"),
+        ({"serial": "01", "crl_days": 0}, "invalid --crl-days"),
+    ],
+)
+def test_revoke_rejects_bad_input(pki: Path, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(CertsError, match=message):
+        certs.revoke(pki, **kwargs)  # type: ignore[arg-type]
+
+
+def test_corrupt_revocation_list_is_reported(pki: Path) -> None:
+    (pki / "revoked.json").write_text("{not json")
+    with pytest.raises(CertsError, match=r"revoked\.json is not valid JSON"):
+        certs.make_crl(pki)
+    (pki / "revoked.json").write_text('{"version": 1, "revoked": [{"serial": "xyz"}]}')
+    with pytest.raises(CertsError, match="invalid serial"):
+        certs.make_crl(pki)
+
+
+def test_cli_revoke_and_crl(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    alice = issue(pki, "client", "alice")
+    serial = load_certificate(alice.cert).serial_number
+    status, out, _ = run(capsys, "revoke", "--dir", str(pki), str(alice.cert), "--json")
+    assert status == 0
+    data = json.loads(out)
+    assert data["revocation"]["serial"] == f"{serial:x}"
+    assert data["crl"] == str(pki / "crl.pem")
+    assert data["number"] == 1
+    assert data["next_update"].endswith("Z")
+    status, out, _ = run(capsys, "revoke", "--dir", str(pki), "--serial", "abc123")
+    assert status == 0
+    assert "revoked serial abc123" in out
+    assert "tessera-broker reload" in out
+    status, out, _ = run(capsys, "crl", "--dir", str(pki), "--days", "2", "--json")
+    assert status == 0
+    data = json.loads(out)
+    assert data["number"] == 3
+    assert {r["serial"] for r in data["revoked"]} == {f"{serial:x}", "abc123"}
+    status, out, _ = run(capsys, "crl", "--dir", str(pki))
+    assert status == 0
+    assert "CRL number 4, 2 revoked" in out
+
+
+def test_cli_revoke_errors(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "revoke", "--dir", str(pki), "--serial", "zz")
+    assert status == 1
+    assert "tessera-certs: error: invalid serial" in err
+    status, _, err = run(capsys, "revoke", "--dir", str(pki))
+    assert status == 2
+    status, _, err = run(capsys, "revoke", "--dir", str(pki), "--serial", "1", "x.pem")
+    assert status == 2
+    status, _, err = run(capsys, "crl", "--dir", str(pki / "missing"))
+    assert status == 1
+    assert "no CA in" in err

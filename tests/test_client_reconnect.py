@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from brokerproc import BrokerProcess, RawClient, write_config
+from timing import scaled
 
 import client_sdk
 from auth.tls import client_context
@@ -27,7 +28,7 @@ from client_sdk import (
 )
 from client_sdk.sync import connect as sync_connect
 
-TIMEOUT = 10.0
+TIMEOUT = scaled(10.0)
 ALLOW_ALL = '[[allow]]\nprincipals = ["*"]\npublish = [">"]\nsubscribe = [">"]\n'
 FAST = Reconnect(initial_delay=0.05, max_delay=0.5)
 

@@ -10,6 +10,7 @@ general path: one event per frame), including bad input that merely resembles a 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -18,7 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hub import FakeIO, TestHub, client
 
+from auth.acl import Policy
+from broker.config import HistoryConfig, MessagingConfig
 from broker.handler import RequestHandler
+from client_sdk.protocol import ErrorCode
 from client_sdk.protocol.codec import encode_message_frame
 from client_sdk.protocol.events import Error, Event, Message, Ok
 
@@ -209,3 +213,181 @@ def test_an_equal_size_frame_to_another_topic_inside_a_run_keeps_its_place() -> 
         "t.a"
     ] * 50
     assert theirs[50] == Message("t.c", b"\1" * len(PAYLOAD))
+
+
+# --- the fast path is taken only where it is the full pipeline (main's messaging and trust) -----
+
+#: carol may subscribe to ``t.>`` but not ``t.secret.>``: her ``t.>`` is a filtered subscription
+#: (issue #10); dave may not publish at all once the policy below is swapped in.
+FILTER_ACL = """
+[[allow]]
+principals = ["x509:alice", "x509:bob", "x509:carol"]
+publish = ["t.>"]
+subscribe = ["t.>"]
+
+[[deny]]
+principals = ["x509:carol"]
+subscribe = ["t.secret.>"]
+"""
+
+REVOKED_ACL = """
+[[allow]]
+principals = ["x509:alice", "x509:bob"]
+subscribe = ["t.>"]
+"""
+
+
+def scenario(
+    stream: bytes,
+    subs: dict[str, list[dict[str, Any]]],
+    fast: bool,
+    *,
+    acl: str | None = None,
+    between: Any = None,
+    **hub_kwargs: Any,
+) -> dict[str, list[Event]]:
+    """alice publishes ``stream`` (in two reads, with ``between(hub)`` run after the first);
+    every other client first sends its ``subs`` frames. Returns what each client received."""
+    hub = TestHub(**hub_kwargs)
+    if acl is not None:
+        hub.set_policy(Policy.from_text(acl))
+    clients = {name: client(hub, name) for name in ["alice", *subs]}
+    if not fast:
+        for handler, _ in clients.values():
+            general_path_only(handler)
+    for name, frames in subs.items():
+        handler, io = clients[name]
+        for f in frames:
+            handler.receive(frame(f), hub.clock)
+            hub.settle()
+        io.events()
+    publisher = clients["alice"][0]
+    half = len(stream) // 2
+    publisher.receive(stream[:half], hub.clock)
+    hub.turn()
+    if between is not None:
+        between(hub)
+    publisher.receive(stream[half:], hub.clock)
+    hub.settle()
+    return {name: io.events() for name, (_, io) in clients.items()}
+
+
+def both_ways(stream: bytes, subs: dict[str, list[dict[str, Any]]], **kw: Any) -> dict[str, Any]:
+    """:func:`scenario` with the fast paths on and off: every client receives the same (a
+    history epoch is random per broker process, so it is compared by where it appears)."""
+    fast = scenario(stream, subs, True, **kw)
+    general = scenario(stream, subs, False, **kw)
+    assert _epochless(fast) == _epochless(general)
+    return fast
+
+
+def _epochless(got: dict[str, list[Event]]) -> dict[str, list[Event]]:
+    return {
+        name: [
+            replace(e, epoch="E") if isinstance(e, Message) and e.epoch is not None else e
+            for e in events
+        ]
+        for name, events in got.items()
+    }
+
+
+def messages(events: list[Event]) -> list[Message]:
+    return [e for e in events if isinstance(e, Message)]
+
+
+def test_a_queue_group_on_the_topic_gets_one_copy_of_every_publish_of_a_run() -> None:
+    stream = b"".join(pub("t.a", i.to_bytes(2, "big") * 64) for i in range(60))
+    got = both_ways(
+        stream,
+        {
+            "bob": [{"op": "sub", "sid": 3, "pattern": "t.*", "group": "workers"}],
+            "carol": [{"op": "sub", "sid": 4, "pattern": "t.*", "group": "workers"}],
+            "dave": [{"op": "sub", "sid": 5, "pattern": "t.a"}],
+        },
+        acl=FILTER_ACL.replace('"x509:carol"]', '"x509:carol", "x509:dave"]', 1),
+    )
+    group = messages(got["bob"]) + messages(got["carol"])
+    assert len(group) == 60 and {m.sid for m in group} == {3, 4}
+    assert sorted(m.payload for m in group) == sorted(i.to_bytes(2, "big") * 64 for i in range(60))
+    assert len(messages(got["dave"])) == 60  # the plain subscriber as well
+
+
+def test_a_responder_on_the_topic_changes_nothing_for_plain_publishes() -> None:
+    stream = pub("t.a") * 40
+    got = both_ways(
+        stream,
+        {"bob": [{"op": "sub", "sid": 3, "pattern": "t.a", "serve": True}]},
+    )
+    assert messages(got["bob"]) == []  # a responder answers requests, it does not hear publishes
+
+
+def test_a_sender_pattern_stamps_the_identity_on_every_publish_of_a_run() -> None:
+    stream = pub("t.signed") * 40 + pub("t.plain") * 40
+    got = both_ways(
+        stream,
+        {"bob": [{"op": "sub", "sid": 1, "pattern": "t.>"}]},
+        messaging=MessagingConfig(sender=("t.signed",)),
+    )
+    delivered = messages(got["bob"])
+    assert len(delivered) == 80
+    assert all(m.sender == "x509:alice" for m in delivered[:40])
+    assert all(m.sender is None for m in delivered[40:])
+
+
+def test_a_history_stream_numbers_every_publish_of_a_run() -> None:
+    stream = pub("t.kept") * 50 + pub("t.other") * 10
+    got = both_ways(
+        stream,
+        {"bob": [{"op": "sub", "sid": 1, "pattern": "t.>"}]},
+        messaging=MessagingConfig(history=(HistoryConfig(pattern="t.kept"),)),
+    )
+    delivered = messages(got["bob"])
+    assert [m.seq for m in delivered[:50]] == list(range(1, 51))
+    assert len({m.epoch for m in delivered[:50]}) == 1 and delivered[0].epoch
+    assert all(m.seq is None for m in delivered[50:])
+
+
+def test_a_filtered_subscription_gets_only_what_the_acl_allows_on_the_fast_path() -> None:
+    stream = pub("t.open") * 30 + pub("t.secret.x") * 30 + pub("t.open", b"end")
+    got = both_ways(
+        stream,
+        {
+            "carol": [{"op": "sub", "sid": 1, "pattern": "t.>"}],
+            "bob": [{"op": "sub", "sid": 1, "pattern": "t.>"}],
+        },
+        acl=FILTER_ACL,
+    )
+    assert {m.topic for m in messages(got["carol"])} == {"t.open"}
+    assert len(messages(got["carol"])) == 31
+    assert len(messages(got["bob"])) == 61
+
+
+def test_a_policy_change_mid_run_denies_the_rest_of_the_run() -> None:
+    def revoke(hub: TestHub) -> None:
+        hub.set_policy(Policy.from_text(REVOKED_ACL))
+
+    n = 80
+    stream = pub("t.a") * n
+    got = both_ways(stream, {"bob": [{"op": "sub", "sid": 1, "pattern": "t.>"}]}, between=revoke)
+    delivered = len(messages(got["bob"]))
+    denied = [e for e in got["alice"] if isinstance(e, Error)]
+    assert 0 < delivered < n
+    assert len(denied) == n - delivered
+    assert all(e.code == ErrorCode.PERMISSION_DENIED and e.topic == "t.a" for e in denied)
+
+
+def test_the_fast_path_predicate_says_no_wherever_the_hub_adds_something() -> None:
+    plain = TestHub()
+    assert plain._plain_routable("t.a")
+    stamped = TestHub(messaging=MessagingConfig(sender=("t.s.>",)))
+    assert not stamped._plain_routable("t.s.x") and stamped._plain_routable("t.a")
+    kept = TestHub(messaging=MessagingConfig(history=(HistoryConfig(pattern="t.h.>"),)))
+    assert not kept._plain_routable("t.h.x") and kept._plain_routable("t.a")
+    grouped = TestHub()
+    member, _ = client(grouped, "bob")
+    member.receive(frame({"op": "sub", "sid": 1, "pattern": "t.g", "group": "w"}), 0.0)
+    grouped.settle()
+    assert not grouped._plain_routable("t.g") and grouped._plain_routable("t.a")
+    member.receive(frame({"op": "unsub", "sid": 1}), 0.0)
+    grouped.settle()
+    assert grouped._plain_routable("t.g")

@@ -187,6 +187,16 @@ def test_identity_unchanged() -> None:
     assert str(ANONYMOUS) == "anonymous:"
 
 
+def test_identity_carries_the_certificate_end() -> None:
+    identity = identity_from_certificate(make_cert(cn=["alice"]))
+    assert identity.expires_at == (_NOW + datetime.timedelta(days=1)).timestamp()
+    # the credential's end is not part of who the peer is: the ACL and caches see one identity
+    assert identity == Identity("x509", "alice")
+    assert hash(identity) == hash(Identity("x509", "alice", expires_at=1.0))
+    assert str(identity) == "x509:alice"
+    assert Identity("kerberos", "bob@EXAMPLE.COM").expires_at is None
+
+
 def test_auth_import_stays_clean() -> None:
     """`import auth` loads no event loop, socket, SDK I/O, or (lazily imported) cryptography
     (of the SDK only the sans-I/O protocol core, for the shared topic grammar)."""

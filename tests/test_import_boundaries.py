@@ -166,3 +166,53 @@ def test_only_auth_tls_touches_ssl_and_no_auth_module_imports_socket() -> None:
 def test_sdk_does_not_import_the_broker() -> None:
     data = probe("client_sdk", *submodules("client_sdk"), *PROTOCOL_MODULES)
     assert "broker" not in tops(data["new"]), culprits(data, {"broker"})
+
+
+# --- no cycle between broker modules (issue #8) -----------------------------------------------
+
+
+def _broker_import_graph() -> dict[str, set[str]]:
+    """``broker.X -> {broker.Y, ...}`` from every import statement in broker/*.py, including
+    those under ``TYPE_CHECKING`` (a cycle there is still a design cycle)."""
+    import ast  # noqa: PLC0415
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "broker").glob("*.py")):
+        name = "broker" if path.stem == "__init__" else f"broker.{path.stem}"
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.startswith("broker."):
+                    targets.add(node.module)
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("broker.")}
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycle_between_broker_modules() -> None:
+    graph = _broker_import_graph()
+    assert graph["broker.hub"], "the probe sees the hub's imports"
+    # The package __init__ re-exports; it is not part of the design's dependency order.
+    graph.pop("broker", None)
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*stack, node, nxt]))
+            if nxt in graph and state.get(nxt) is None:
+                visit(nxt, [*stack, node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if state.get(module) is None:
+            visit(module, [])
+
+
+def test_connections_see_the_hub_through_a_narrow_interface() -> None:
+    graph = _broker_import_graph()
+    assert "broker.server" not in graph["broker.session"]
+    assert "broker.server" not in graph["broker.handler"]
+    assert "broker.hub" not in graph["broker.handler"]  # HubPort, a Protocol, not the Hub

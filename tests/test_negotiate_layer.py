@@ -15,6 +15,7 @@ import logging
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import gssapi
 import pytest
+import spnego
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -31,14 +33,12 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kdc import KDC, UNREACHABLE_REALM
-from spnego._context import GSSMech
-from spnego._ntlm import NTLMProxy
-from spnego._spnego import NegTokenInit
 
 from auth.errors import HandshakeError, HandshakeReason, IntegrityError
 from auth.identity import ANONYMOUS, Identity
 from auth.layer import SecurityLayer
 from auth.negotiate import (
+    MAX_MECH_TYPES,
     MAX_RECORD_PLAINTEXT_BYTES,
     NTLM,
     Kerberos,
@@ -46,8 +46,10 @@ from auth.negotiate import (
     NegotiateServerLayer,
     RecordType,
     WireCode,
+    _md4,
     normalise_kerberos_name,
     normalise_ntlm_name,
+    parse_neg_token_init,
     tls_channel_bindings,
     tls_server_end_point,
 )
@@ -346,23 +348,64 @@ def _token_record(token: bytes) -> bytes:
     return (len(token) + 1).to_bytes(4, "big") + bytes((RecordType.TOKEN,)) + token
 
 
+# -- SPNEGO tokens built by hand (RFC 4178), for attacks the real clients never send ----------
+
+KRB5_OID = bytes.fromhex("2a864886f712010202")  # 1.2.840.113554.1.2.2
+NTLM_OID = bytes.fromhex("2b06010401823702020a")  # 1.3.6.1.4.1.311.2.2.10
+SPNEGO_OID = bytes.fromhex("2b0601050502")  # 1.3.6.1.5.5.2
+
+
+def der(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    if n < 0x80:
+        return bytes((tag, n)) + value
+    size = (n.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + n.to_bytes(size, "big") + value
+
+
+def neg_token_init(mech_types: list[bytes], mech_token: bytes) -> bytes:
+    mechs = der(0x30, b"".join(der(0x06, oid) for oid in mech_types))
+    init = der(0x30, der(0xA0, mechs) + der(0xA2, der(0x04, mech_token)))
+    return der(0x60, der(0x06, SPNEGO_OID) + der(0xA0, init))
+
+
+def dummy_oids(count: int) -> list[bytes]:
+    return [
+        bytes((0x2B, 0x06, 0x01, 0x04, 0x01, 0x82, 0x37, 0x7F, i >> 7 | 0x80, i & 0x7F))
+        for i in range(count)
+    ]
+
+
+def raw_ntlm_negotiate() -> bytes:
+    token = spnego.client(
+        "TESSERA\\Alice", NTLM_PASSWORD, protocol="ntlm", options=spnego.NegotiateOptions.use_ntlm
+    ).step()
+    assert token is not None
+    return token
+
+
+def kerberos_mech_token(realm: Realm) -> tuple[NegotiateClientLayer, bytes]:
+    """A started client and the AP-REQ inside its first token."""
+    c = client(realm)
+    c.start()
+    first = c.data_to_send()
+    return c, parse_neg_token_init(first[5:]).mech_token
+
+
 @pytest.mark.kdc
 def test_downgrade_attempts_are_refused(realm: Realm, ntlm_users: Path) -> None:
-    ntlm_token = NTLMProxy(username="TESSERA\\Alice", password=NTLM_PASSWORD).step()
-    assert ntlm_token is not None
+    ntlm_token = raw_ntlm_negotiate()
     attempts = {
         # a raw NTLM token instead of SPNEGO (pyspnego alone would take it)
         "raw": (ntlm_token, HandshakeReason.MALFORMED),
         # SPNEGO preferring NTLM over Kerberos
         "ntlm-first": (
-            NegTokenInit(
-                [GSSMech.ntlm.value, GSSMech.kerberos.value], mech_token=ntlm_token
-            ).pack(),
+            neg_token_init([NTLM_OID, KRB5_OID], ntlm_token),
             HandshakeReason.MECHANISM_REFUSED,
         ),
         # SPNEGO claiming Kerberos but carrying an NTLM token
         "mislabelled": (
-            NegTokenInit([GSSMech.kerberos.value], mech_token=ntlm_token).pack(),
+            neg_token_init([KRB5_OID], ntlm_token),
             HandshakeReason.MECHANISM_REFUSED,
         ),
     }
@@ -442,11 +485,11 @@ def test_wrapped_record_attacks(
 @pytest.mark.kdc
 def test_unsealed_record_is_refused(realm: Realm) -> None:
     c, s = established_pair(realm)
-    assert c._context is not None
-    signed_only = c._context.wrap(b"\x00not secret", encrypt=False)
+    assert c._gss is not None
+    signed_only = gssapi.raw.wrap(c._gss, b"\x00not secret", False)
     assert not signed_only.encrypted
     with pytest.raises(IntegrityError, match="not sealed"):
-        s.receive_data(len(signed_only.data).to_bytes(4, "big") + signed_only.data)
+        s.receive_data(len(signed_only.message).to_bytes(4, "big") + signed_only.message)
 
 
 @pytest.mark.kdc
@@ -900,9 +943,12 @@ def _stacked_server(realm: Realm, tls: TLSPair) -> StackedLayer:
 def test_tls_plus_negotiate(realm: Realm, tls: TLSPair) -> None:
     c, s = _stacked_client(realm, tls), _stacked_server(realm, tls)
     assert c.blocking_handshake and s.blocking_handshake
+    assert s.credential_expires_at is None
     handshake(c, s)
     assert s.peer_identity == Identity("kerberos", "nl-alice@TESSERA.TEST")
     assert c.peer_identity == Identity("kerberos", f"{SERVICE}@TESSERA.TEST")
+    assert isinstance(s, StackedLayer) and s.credential_expires_at is not None
+    assert s.credential_expires_at > time.time()
     c.send(b"ping")
     pump(c, s)
     assert s.read() == b"ping"
@@ -973,3 +1019,201 @@ def test_stack_requires_both_layers() -> None:
     assert stacked.read() == b""
     with pytest.raises(HandshakeError):
         stacked.send(b"early")
+
+
+# -- pre-authentication work is bounded (issue 13) ------------------------------------------------
+
+
+@pytest.mark.kdc
+def test_first_token_with_thousands_of_mechanisms_is_refused_cheaply(realm: Realm) -> None:
+    """krb5 and 4,999 dummy OIDs in one 64 KiB token (the amplification attack): refused as
+    MALFORMED after reading MAX_MECH_TYPES + 1 OIDs, in far less than the ~145 ms a full
+    pure-Python decode took."""
+    _, ap_req = kerberos_mech_token(realm)
+    token = neg_token_init([KRB5_OID, *dummy_oids(4999)], ap_req[:2000])
+    assert 60_000 < len(token) <= 64 * 1024
+    best = float("inf")
+    for _ in range(5):
+        s = server(realm)
+        began = time.perf_counter()
+        with pytest.raises(HandshakeError) as error:
+            s.receive_data(_token_record(token))
+        best = min(best, time.perf_counter() - began)
+        assert error.value.reason is HandshakeReason.MALFORMED
+        assert f"more than {MAX_MECH_TYPES}" in error.value.detail
+        assert s.data_to_send() == b"\x00\x00\x00\x02\x03\x01"
+    assert best < 0.01, f"refusal took {best * 1000:.1f} ms"
+
+
+@pytest.mark.kdc
+def test_up_to_max_mech_types_are_accepted(realm: Realm) -> None:
+    """A Windows-like offer (Kerberos first, then other mechanisms) still authenticates."""
+    c, ap_req = kerberos_mech_token(realm)
+    s = server(realm)
+    s.receive_data(
+        _token_record(neg_token_init([KRB5_OID, *dummy_oids(MAX_MECH_TYPES - 1)], ap_req))
+    )
+    c.receive_data(s.data_to_send())
+    assert c.established and s.established
+    assert s.peer_identity == Identity("kerberos", "nl-alice@TESSERA.TEST")
+
+
+def test_parse_neg_token_init_reads_what_the_client_sends() -> None:
+    token = neg_token_init([KRB5_OID, NTLM_OID], b"\x60\x01\x00")
+    summary = parse_neg_token_init(token)
+    assert summary.mech_types == (KRB5_OID, NTLM_OID)
+    assert summary.mech_token == b"\x60\x01\x00"
+    for bad in (b"", token[:-1], token + b"\x00", b"\x60\x84\xff\xff\xff\xff", b"\x60\x80"):
+        with pytest.raises(ValueError, match="NegTokenInit"):
+            parse_neg_token_init(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300), cut=st.integers(min_value=0, max_value=400))
+def test_parse_neg_token_init_only_raises_value_error(data: bytes, cut: int) -> None:
+    for candidate in (data, neg_token_init([KRB5_OID], data)[:cut]):
+        with contextlib.suppress(ValueError):
+            parse_neg_token_init(candidate)
+
+
+# -- NTLM without a target name on a plain listener (issue 13) --------------------------------
+
+
+def _raw_ntlm_client(binding: bytes | None = None, **names: str) -> spnego.ContextProxy:
+    """pyspnego's own NTLM-in-SPNEGO initiator; with hostname="" and service="" it sends an
+    empty MsvAvTargetName, as a client relayed from a protocol without SPNs does."""
+    nt_hash = _md4(NTLM_PASSWORD.encode("utf-16-le")).hex()  # the module's own NT hash helper
+    return spnego.client(
+        [spnego.NTLMHash("TESSERA\\Alice", nt_hash=nt_hash)],
+        protocol="negotiate",
+        options=spnego.NegotiateOptions.use_negotiate,
+        channel_bindings=(
+            spnego.channel_bindings.GssChannelBindings(application_data=binding)
+            if binding is not None
+            else None
+        ),
+        context_req=spnego.ContextReq.integrity | spnego.ContextReq.confidentiality,
+        **names,
+    )
+
+
+def _drive_raw(ctx: spnego.ContextProxy, s: NegotiateServerLayer) -> None:
+    token = ctx.step()
+    for _ in range(4):
+        assert token is not None
+        s.receive_data(_token_record(token))
+        reply = records(s.data_to_send())
+        assert len(reply) == 1
+        if reply[0][4] == RecordType.DONE:
+            return
+        token = ctx.step(reply[0][5:])
+    raise AssertionError("no DONE")
+
+
+@pytest.mark.kdc
+def test_ntlm_without_target_name_refused_on_a_plain_listener(
+    realm: Realm, ntlm_users: Path
+) -> None:
+    s = server(realm, mechanisms=frozenset({"ntlm"}))
+    with pytest.raises(HandshakeError) as error:
+        _drive_raw(_raw_ntlm_client(hostname="", service=""), s)
+    assert error.value.reason is HandshakeReason.WRONG_SERVICE
+    assert "no target name" in error.value.detail
+    assert not s.established
+    # The same client naming this service is accepted.
+    ok = server(realm, mechanisms=frozenset({"ntlm"}))
+    _drive_raw(_raw_ntlm_client(hostname=HOST, service="tessera"), ok)
+    assert ok.peer_identity == Identity("ntlm", "TESSERA\\alice")
+
+
+@pytest.mark.kdc
+def test_ntlm_target_naming_another_service_is_refused(realm: Realm, ntlm_users: Path) -> None:
+    c = NegotiateClientLayer(HOST, "other", credential=NTLM("Alice", NTLM_PASSWORD, "TESSERA"))
+    error = refused(c, server(realm, mechanisms=frozenset({"ntlm"})), HandshakeReason.WRONG_SERVICE)
+    assert "other/" in error.detail
+
+
+@pytest.mark.kdc
+def test_ntlm_without_target_name_accepted_when_bound_to_tls(
+    realm: Realm, ntlm_users: Path
+) -> None:
+    """With required channel bindings (tls+negotiate) the binding stops relays by itself."""
+    s = server(
+        realm,
+        mechanisms=frozenset({"ntlm"}),
+        channel_bindings=BINDING_A,
+        require_channel_binding=True,
+        protect_frames=False,
+    )
+    _drive_raw(_raw_ntlm_client(BINDING_A, hostname="", service=""), s)
+    assert s.established
+
+
+def test_ntlm_on_a_plain_listener_needs_the_service_principal(ntlm_user_file_env: None) -> None:
+    with pytest.raises(ValueError, match="service"):
+        NegotiateServerLayer(None, mechanisms=frozenset({"ntlm"}))
+
+
+@pytest.fixture
+def ntlm_user_file_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    users = tmp_path / "users"
+    users.write_text("D:u:p\n")
+    monkeypatch.setenv("NTLM_USER_FILE", str(users))
+
+
+def test_a_second_ntlm_user_file_is_refused_not_silently_ignored(
+    ntlm_user_file_env: None, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-users"
+    other.write_text("D:v:q\n")
+    with pytest.raises(ValueError, match="ntlm_user_file"):
+        NegotiateServerLayer(SERVICE, mechanisms=frozenset({"ntlm"}), ntlm_user_file=other)
+
+
+# -- ticket end time: max_clock_skew and credential_expires_at (issue 13) ----------------------
+
+
+@pytest.mark.kdc
+def test_credential_expires_at_is_the_ticket_end_time(realm: Realm, ntlm_users: Path) -> None:
+    c, s = client(realm), server(realm)
+    assert s.credential_expires_at is None
+    handshake(c, s)
+    expires = s.credential_expires_at
+    assert expires is not None
+    # the KDC's max_life is 10 h and the service ticket ends no later than the TGT
+    assert time.time() < expires <= time.time() + 10 * 3600 + 5
+    c2 = client(realm, credential=NTLM("Alice", NTLM_PASSWORD, domain="TESSERA"))
+    s2 = server(realm, mechanisms=frozenset({"ntlm"}))
+    handshake(c2, s2)
+    assert s2.credential_expires_at is None  # NTLM logons carry no end time
+
+
+@pytest.mark.kdc
+def test_ticket_past_its_end_time_beyond_max_clock_skew_is_refused(realm: Realm) -> None:
+    """The acceptor's clock is pushed past the ticket's end (MIT, on the real clock, accepts
+    it): beyond max_clock_skew it is NO_CREDENTIALS, within it the handshake succeeds."""
+    c, s = client(realm), server(realm)
+    handshake(c, s)
+    end = s.credential_expires_at
+    assert end is not None
+    late = server(realm, max_clock_skew=30, clock=lambda: end + 31)
+    error = refused(client(realm), late, HandshakeReason.NO_CREDENTIALS)
+    assert "expired 31 s ago" in error.detail
+    tolerated = server(realm, max_clock_skew=30, clock=lambda: end + 29)
+    handshake(client(realm), tolerated)
+    assert tolerated.credential_expires_at == end
+    with pytest.raises(ValueError, match="max_clock_skew"):
+        server(realm, max_clock_skew=-1)
+
+
+@pytest.mark.parametrize(
+    ("message", "digest"),
+    [  # RFC 1320 appendix A.5
+        (b"", "31d6cfe0d16ae931b73c59d7e0c089c0"),
+        (b"abc", "a448017aaf21d8525fc10ae87aa6729d"),
+        (b"message digest", "d9130a8164549fe818874806e1c7014b"),
+        (b"1234567890" * 8, "e33b4ddc9c38f2199c3e7b164fcc0536"),
+    ],
+)
+def test_md4_for_the_nt_hash(message: bytes, digest: str) -> None:
+    assert _md4(message).hex() == digest

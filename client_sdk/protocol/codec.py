@@ -23,6 +23,9 @@ from client_sdk.protocol.events import (
     Ping,
     Pong,
     Publish,
+    Reply,
+    Request,
+    Response,
     Subscribe,
     Unsubscribe,
     Welcome,
@@ -30,9 +33,16 @@ from client_sdk.protocol.events import (
 from client_sdk.protocol.grammar import header_problem
 from client_sdk.protocol.limits import (
     FRAME_HEADER_BYTES,
+    MAX_EPOCH_CHARS,
+    MAX_FEATURE_CHARS,
+    MAX_FEATURES,
     MAX_FRAME_BYTES_CEILING,
+    MAX_GROUP_BYTES,
     MAX_ID,
     MAX_REASON_BYTES,
+    MAX_REQUEST_TIMEOUT_MS,
+    MAX_SENDER_CHARS,
+    MAX_SEQ,
 )
 
 __all__ = [
@@ -58,6 +68,9 @@ OPS: dict[type[Any], str] = {
     Ping: "ping",
     Pong: "pong",
     Close: "close",
+    Request: "req",
+    Reply: "reply",
+    Response: "res",
 }
 
 _PING_BODY = msgpack.packb({"op": "ping"})
@@ -95,23 +108,53 @@ def _to_map(event: Event) -> dict[str, Any]:
         d: dict[str, Any] = {"op": "pub", "topic": event.topic, "payload": event.payload}
         _put_optional(d, "headers", event.headers)
         _put_optional(d, "ack", event.ack)
+        if event.retain:
+            d["retain"] = True
     elif isinstance(event, Message):
         d = {"op": "msg", "topic": event.topic, "payload": event.payload}
         _put_optional(d, "headers", event.headers)
+        _put_optional(d, "sid", event.sid)
+        if event.retained:
+            d["retained"] = True
+        _put_optional(d, "sender", event.sender)
+        _put_optional(d, "seq", event.seq)
+        _put_optional(d, "epoch", event.epoch)
+        _put_optional(d, "reply", event.reply)
     elif isinstance(event, Subscribe):
         d = {"op": "sub", "sid": event.sid, "pattern": event.pattern}
+        _put_optional(d, "group", event.group)
+        if event.serve:
+            d["serve"] = True
+        _put_optional(d, "since", event.since)
+        _put_optional(d, "epoch", event.epoch)
+    elif isinstance(event, Request):
+        d = {"op": "req", "rid": event.rid, "topic": event.topic, "payload": event.payload}
+        _put_optional(d, "headers", event.headers)
+        _put_optional(d, "timeout_ms", event.timeout_ms)
+    elif isinstance(event, Reply):
+        d = {"op": "reply", "token": event.token, "payload": event.payload}
+        _put_optional(d, "headers", event.headers)
+        _put_optional(d, "ack", event.ack)
+    elif isinstance(event, Response):
+        d = {"op": "res", "rid": event.rid, "payload": event.payload}
+        _put_optional(d, "headers", event.headers)
+        _put_optional(d, "sender", event.sender)
     elif isinstance(event, Unsubscribe):
         d = {"op": "unsub", "sid": event.sid}
     elif isinstance(event, Ok):
         d = {"op": "ok"}
         _put_optional(d, "sid", event.sid)
         _put_optional(d, "ack", event.ack)
+        _put_optional(d, "epoch", event.epoch)
+        _put_optional(d, "seq", event.seq)
+        _put_optional(d, "recovered", event.recovered)
     elif isinstance(event, Error):
         d = {"op": "error", "code": int(event.code), "message": event.message}
         _put_optional(d, "sid", event.sid)
         _put_optional(d, "ack", event.ack)
         _put_optional(d, "topic", event.topic)
         _put_optional(d, "dropped", event.dropped)
+        _put_optional(d, "rid", event.rid)
     elif isinstance(event, Hello):
         d = {"op": "hello", "version": event.version, "client": event.client}
         _put_optional(d, "heartbeat_ms", event.heartbeat_ms)
@@ -124,6 +167,8 @@ def _to_map(event: Event) -> dict[str, Any]:
             "max_frame": event.max_frame,
             "heartbeat_ms": event.heartbeat_ms,
         }
+        if event.features is not None:
+            d["features"] = list(event.features)
     elif isinstance(event, Close):
         d = {"op": "close", "code": int(event.code), "reason": event.reason}
     elif isinstance(event, Ping):
@@ -151,16 +196,30 @@ def encode_frame(event: Event) -> bytes:
 
 
 def encode_message_frame(
-    topic: str, payload: bytes, headers: Mapping[str, str] | None = None
+    topic: str,
+    payload: bytes,
+    headers: Mapping[str, str] | None = None,
+    *,
+    sender: str | None = None,
+    seq: int | None = None,
+    epoch: str | None = None,
 ) -> bytes:
     """The delivery frame for one publish: encoded once, sent byte-identical to every subscriber.
 
-    Its body is never longer than the ``pub`` body it came from (``"msg"`` and ``"pub"`` have the
-    same length and a delivery drops ``ack``), so it always fits the announced frame limit.
+    Without ``sender``/``seq``/``epoch`` its body is never longer than the ``pub`` body it came
+    from (``"msg"`` and ``"pub"`` have the same length and a delivery drops ``ack`` and
+    ``retain``), so it always fits the announced frame limit. Those per-publish fields add at
+    most :data:`~client_sdk.protocol.limits.DELIVERY_OVERHEAD_BYTES`.
     """
     d: dict[str, Any] = {"op": "msg", "topic": topic, "payload": payload}
     if headers is not None:  # as encode(Message(...)): an empty map stays an empty map
         d["headers"] = dict(headers)
+    if sender is not None:
+        d["sender"] = sender
+    if seq is not None:
+        d["seq"] = seq
+    if epoch is not None:
+        d["epoch"] = epoch
     return _prefix(msgpack.packb(d, use_bin_type=True))
 
 
@@ -187,6 +246,20 @@ def _uint(value: object, key: str, op: str, maximum: int = MAX_ID) -> int:
 def _opt_uint(d: Mapping[str, Any], key: str, op: str) -> int | None:
     value = d.get(key)
     return None if value is None else _uint(value, key, op)
+
+
+def _opt_bool(d: Mapping[str, Any], key: str, op: str) -> bool:
+    value = d.get(key)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise _fail(f"'{op}.{key}' must be a boolean")
+    return value
+
+
+def _opt_text(d: Mapping[str, Any], key: str, op: str, max_chars: int) -> str | None:
+    value = d.get(key)
+    return None if value is None else _text(value, key, op, max_chars)
 
 
 def _text(value: object, key: str, op: str, max_bytes: int = MAX_REASON_BYTES) -> str:
@@ -227,11 +300,20 @@ def _d_hello(d: Mapping[str, Any]) -> Event:
     )
 
 
+def _features(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_FEATURES:
+        raise _fail(f"'welcome.features' must be an array of at most {MAX_FEATURES} strings")
+    return tuple(_text(f, "features", "welcome", MAX_FEATURE_CHARS) for f in value)
+
+
 def _d_welcome(d: Mapping[str, Any]) -> Event:
     ident = d.get("identity", {})
     if not isinstance(ident, dict):
         raise _fail("'welcome.identity' must be a map")
     return Welcome(
+        features=_features(d.get("features")),
         version=_uint(_req(d, "version", "welcome"), "version", "welcome"),
         server=_text(d.get("server", ""), "server", "welcome"),
         mechanism=_text(ident.get("mechanism", ""), "identity.mechanism", "welcome"),
@@ -244,9 +326,17 @@ def _d_welcome(d: Mapping[str, Any]) -> Event:
 
 
 def _d_sub(d: Mapping[str, Any]) -> Event:
+    since = d.get("since")
+    epoch = _opt_text(d, "epoch", "sub", MAX_EPOCH_CHARS)
+    if epoch is not None and since is None:
+        raise _fail("'sub.epoch' needs 'sub.since'")
     return Subscribe(
         sid=_uint(_req(d, "sid", "sub"), "sid", "sub"),
         pattern=_topic_str(_req(d, "pattern", "sub"), "pattern", "sub"),
+        group=_opt_text(d, "group", "sub", MAX_GROUP_BYTES),
+        serve=_opt_bool(d, "serve", "sub"),
+        since=None if since is None else _uint(since, "since", "sub", MAX_SEQ),
+        epoch=epoch,
     )
 
 
@@ -260,7 +350,13 @@ def _d_pub(d: Mapping[str, Any]) -> Event:
         payload=_payload(_req(d, "payload", "pub"), "pub"),
         headers=_headers(d.get("headers"), "pub"),
         ack=_opt_uint(d, "ack", "pub"),
+        retain=_opt_bool(d, "retain", "pub"),
     )
+
+
+def _opt_seq(d: Mapping[str, Any], op: str) -> int | None:
+    value = d.get("seq")
+    return None if value is None else _uint(value, "seq", op, MAX_SEQ)
 
 
 def _d_msg(d: Mapping[str, Any]) -> Event:
@@ -268,11 +364,59 @@ def _d_msg(d: Mapping[str, Any]) -> Event:
         topic=_topic_str(_req(d, "topic", "msg"), "topic", "msg"),
         payload=_payload(_req(d, "payload", "msg"), "msg"),
         headers=_headers(d.get("headers"), "msg"),
+        sid=_opt_uint(d, "sid", "msg"),
+        retained=_opt_bool(d, "retained", "msg"),
+        sender=_opt_text(d, "sender", "msg", MAX_SENDER_CHARS),
+        seq=_opt_seq(d, "msg"),
+        epoch=_opt_text(d, "epoch", "msg", MAX_EPOCH_CHARS),
+        reply=_opt_uint(d, "reply", "msg"),
     )
 
 
 def _d_ok(d: Mapping[str, Any]) -> Event:
-    return Ok(sid=_opt_uint(d, "sid", "ok"), ack=_opt_uint(d, "ack", "ok"))
+    recovered = d.get("recovered")
+    if recovered is not None and type(recovered) is not bool:
+        raise _fail("'ok.recovered' must be a boolean")
+    return Ok(
+        sid=_opt_uint(d, "sid", "ok"),
+        ack=_opt_uint(d, "ack", "ok"),
+        epoch=_opt_text(d, "epoch", "ok", MAX_EPOCH_CHARS),
+        seq=_opt_seq(d, "ok"),
+        recovered=recovered,
+    )
+
+
+def _d_req(d: Mapping[str, Any]) -> Event:
+    timeout = d.get("timeout_ms")
+    if timeout is not None:
+        timeout = _uint(timeout, "timeout_ms", "req", MAX_REQUEST_TIMEOUT_MS)
+        if timeout == 0:
+            raise _fail("'req.timeout_ms' must be at least 1")
+    return Request(
+        rid=_uint(_req(d, "rid", "req"), "rid", "req"),
+        topic=_topic_str(_req(d, "topic", "req"), "topic", "req"),
+        payload=_payload(_req(d, "payload", "req"), "req"),
+        headers=_headers(d.get("headers"), "req"),
+        timeout_ms=timeout,
+    )
+
+
+def _d_reply(d: Mapping[str, Any]) -> Event:
+    return Reply(
+        token=_uint(_req(d, "token", "reply"), "token", "reply"),
+        payload=_payload(_req(d, "payload", "reply"), "reply"),
+        headers=_headers(d.get("headers"), "reply"),
+        ack=_opt_uint(d, "ack", "reply"),
+    )
+
+
+def _d_res(d: Mapping[str, Any]) -> Event:
+    return Response(
+        rid=_uint(_req(d, "rid", "res"), "rid", "res"),
+        payload=_payload(_req(d, "payload", "res"), "res"),
+        headers=_headers(d.get("headers"), "res"),
+        sender=_opt_text(d, "sender", "res", MAX_SENDER_CHARS),
+    )
 
 
 def _d_error(d: Mapping[str, Any]) -> Event:
@@ -284,6 +428,7 @@ def _d_error(d: Mapping[str, Any]) -> Event:
         ack=_opt_uint(d, "ack", "error"),
         topic=None if topic is None else _topic_str(topic, "topic", "error"),
         dropped=_opt_uint(d, "dropped", "error"),
+        rid=_opt_uint(d, "rid", "error"),
     )
 
 
@@ -306,7 +451,25 @@ _DECODERS: dict[str, Callable[[Mapping[str, Any]], Event]] = {
     "ping": lambda _d: Ping(),
     "pong": lambda _d: Pong(),
     "close": _d_close,
+    "req": _d_req,
+    "reply": _d_reply,
+    "res": _d_res,
 }
+
+
+def _msgpack_problem(exc: BaseException) -> str:
+    """What was wrong with a body msgpack refused, in words (no Python class names)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "a string is not valid UTF-8"
+    if isinstance(exc, msgpack.ExtraData):
+        return "bytes after the map"
+    if isinstance(exc, msgpack.StackError):
+        return "nested too deeply"
+    if isinstance(exc, msgpack.FormatError):
+        return "not msgpack"
+    if isinstance(exc, msgpack.OutOfData):
+        return "truncated"
+    return "malformed"
 
 
 def decode(body: bytes | memoryview) -> Event:
@@ -319,7 +482,7 @@ def decode(body: bytes | memoryview) -> Event:
         d = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # UnicodeDecodeError, ExtraData, FormatError, StackError are all ValueErrors.
-        raise _fail(f"frame body is not valid msgpack ({type(exc).__name__})") from None
+        raise _fail(f"frame body is not valid msgpack ({_msgpack_problem(exc)})") from None
     if not isinstance(d, dict):
         raise _fail("frame body must be a msgpack map")
     op = d.get("op")

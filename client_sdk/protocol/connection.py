@@ -36,16 +36,21 @@ from client_sdk.protocol.events import (
     ProtocolFailure,
     Publish,
     Rejected,
+    Reply,
+    Request,
+    Response,
     Subscribe,
     Unsubscribe,
     Welcome,
 )
 from client_sdk.protocol.framing import FrameDecoder, FrameTooLarge
 from client_sdk.protocol.limits import (
+    DELIVERY_OVERHEAD_BYTES,
     FRAME_HEADER_BYTES,
     MAX_FRAME_BYTES,
     MAX_FRAME_BYTES_BEFORE_HELLO,
     MAX_FRAME_BYTES_CEILING,
+    MAX_GROUP_BYTES,
     MAX_ID,
     MAX_REASON_BYTES,
     MAX_TOPIC_BYTES,
@@ -88,9 +93,6 @@ _PUB_MAP3 = 0x83
 _MSG_HEAD = b"\x83\xa2op\xa3msg"
 _PUB_HEAD_BYTES = len(_MSG_HEAD)
 _unpackb = msgpack.unpackb
-#: Shared by every connection with no decoded frame waiting (an empty deque is ~760 bytes, and
-#: most connections are idle); never appended to: :meth:`Connection._feed` makes a new one.
-_NO_BODIES: deque[bytes] = deque()
 _unpack_u16 = struct.Struct(">H").unpack_from
 _unpack_u32 = struct.Struct(">I").unpack_from
 #: The canonical body (the SDK's and msgpack's own order): op, topic, payload.
@@ -118,17 +120,21 @@ _S = State
 #: What each side may RECEIVE in each state. Anything else fails the connection.
 RECEIVABLE: dict[tuple[Role, State], frozenset[type[Event]]] = {
     (_R.SERVER, _S.HANDSHAKE): frozenset({Hello, Close}),
-    (_R.SERVER, _S.OPEN): frozenset({Subscribe, Unsubscribe, Publish, Ping, Pong, Close}),
+    (_R.SERVER, _S.OPEN): frozenset(
+        {Subscribe, Unsubscribe, Publish, Request, Reply, Ping, Pong, Close}
+    ),
     (_R.CLIENT, _S.HANDSHAKE): frozenset({Welcome, Error, Close}),
-    (_R.CLIENT, _S.OPEN): frozenset({Message, Ok, Error, Ping, Pong, Close}),
+    (_R.CLIENT, _S.OPEN): frozenset({Message, Response, Ok, Error, Ping, Pong, Close}),
 }
 
 #: What each side may SEND in each state. Anything else raises LocalProtocolError.
 SENDABLE: dict[tuple[Role, State], frozenset[type[Event]]] = {
     (_R.SERVER, _S.HANDSHAKE): frozenset({Error, Close}),
-    (_R.SERVER, _S.OPEN): frozenset({Welcome, Message, Ok, Error, Ping, Pong, Close}),
+    (_R.SERVER, _S.OPEN): frozenset({Welcome, Message, Response, Ok, Error, Ping, Pong, Close}),
     (_R.CLIENT, _S.HANDSHAKE): frozenset({Hello, Close}),
-    (_R.CLIENT, _S.OPEN): frozenset({Subscribe, Unsubscribe, Publish, Ping, Pong, Close}),
+    (_R.CLIENT, _S.OPEN): frozenset(
+        {Subscribe, Unsubscribe, Publish, Request, Reply, Ping, Pong, Close}
+    ),
 }
 
 
@@ -144,6 +150,26 @@ def negotiate_version(client_version: int) -> int | None:
     return max(common) if common else None
 
 
+def _subscription_problem(sub: Subscribe) -> str | None:
+    """Why the optional fields of ``sub`` cannot go together, or ``None`` (section 16.3)."""
+    if sub.group is not None:
+        group = sub.group
+        if (
+            not group
+            or len(group.encode("utf-8", "surrogatepass")) > MAX_GROUP_BYTES
+            or "." in group
+            or group in ("*", ">")
+        ):
+            return f"a group name is one topic token of at most {MAX_GROUP_BYTES} bytes"
+        try:
+            validate_topic(group)
+        except InvalidTopic:
+            return f"a group name is one topic token of at most {MAX_GROUP_BYTES} bytes"
+    if sub.serve and sub.since is not None:
+        return "a serving subscription has no history to resume"
+    return None
+
+
 def _clip(text: str, limit: int = MAX_REASON_BYTES) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -156,6 +182,7 @@ class Connection:
         "_close_seen",
         "_decoder",
         "_deferred",
+        "_delivery_overhead",
         "_final",
         "_heartbeat",
         "_hello_sent",
@@ -206,12 +233,16 @@ class Connection:
         #: requests that were complete before the fatal frame (docs/protocol.md 3).
         self._final: bytes | None = None
         #: Frame bodies decoded but not yet turned into events (see ``max_events``).
-        self._bodies: deque[bytes] = _NO_BODIES  # a deque of its own once there are some
+        #: (Created when needed: an idle connection holds no deque.)
+        self._bodies: deque[bytes] | None = None
         #: An oversize prefix seen after the bodies in ``_bodies``; judged once they are.
         self._too_large: FrameTooLarge | None = None
         #: Frames the core answered with (pong, error) while a server had not yet sent its
         #: welcome (a client pipelined behind hello); they follow the welcome.
         self._deferred: list[bytes] = []
+        #: What a server's deliveries may add beyond the announced limit (section 16.1): only
+        #: once its welcome announced features, so a peer that knows of them.
+        self._delivery_overhead = 0
         #: A close frame was sent or received: EOF after it is the expected end.
         self._close_seen = False
         self._hello_sent = False
@@ -412,17 +443,11 @@ class Connection:
 
     def receive_backlog(self, now: float = 0.0, max_events: int | None = None) -> list[Event]:
         """Continue :meth:`receive_data` with frames it left pending (at most ``max_events``)."""
-        events = self._receive_backlog(now, max_events)
-        if not self._bodies:
-            self._bodies = _NO_BODIES
-        return events
-
-    def _receive_backlog(self, now: float, max_events: int | None) -> list[Event]:
         events: list[Event] = []
-        bodies = self._bodies
         taken = 0
         sink = self.publish_sink
         while True:
+            bodies = self._bodies  # (re-read: the limit change below may refill it)
             while bodies:
                 if max_events is not None and taken >= max_events:
                     return events
@@ -434,7 +459,7 @@ class Connection:
                     if done:
                         taken += done - 1
                         if self.closed:
-                            bodies.clear()
+                            self._bodies = None
                             self._too_large = None
                             return events
                         continue
@@ -442,9 +467,10 @@ class Connection:
                 if event is not None:
                     events.append(event)
                 if self.closed:
-                    bodies.clear()
+                    self._bodies = None
                     self._too_large = None
                     return events
+            self._bodies = None  # drained: an idle connection keeps no deque
             too_large = self._too_large
             if too_large is None:
                 return events
@@ -463,7 +489,7 @@ class Connection:
             frames = exc.frames
             self._too_large = exc
         if frames:
-            if self._bodies is _NO_BODIES:
+            if self._bodies is None:
                 self._bodies = deque(frames)
             else:
                 self._bodies.extend(frames)
@@ -540,6 +566,8 @@ class Connection:
         self._run_topic = topic
 
     def _receive_frame(self, body: bytes) -> Event | None:
+        if self.state is State.CLOSED:
+            return None  # nothing is read after the end (a driver's late continuation)
         try:
             event = codec.decode(body)
         except codec.UnknownOperation as exc:
@@ -593,6 +621,19 @@ class Connection:
             except InvalidTopic as exc:
                 self._reply(Error(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid))
                 return Rejected(ErrorCode.INVALID_TOPIC, exc.message, sid=event.sid)
+            problem = _subscription_problem(event)
+            if problem is not None:
+                self._reply(Error(ErrorCode.INVALID_SUBSCRIPTION, problem, sid=event.sid))
+                return Rejected(ErrorCode.INVALID_SUBSCRIPTION, problem, sid=event.sid)
+            return event
+        if isinstance(event, Request):
+            try:
+                validate_topic(
+                    event.topic, max_bytes=self.max_topic_bytes, max_tokens=self.max_topic_tokens
+                )
+            except InvalidTopic as exc:
+                self._reply(Error(ErrorCode.INVALID_TOPIC, exc.message, rid=event.rid))
+                return Rejected(ErrorCode.INVALID_TOPIC, exc.message, rid=event.rid)
             return event
         if isinstance(event, Ping):
             self._reply(Pong())
@@ -631,6 +672,11 @@ class Connection:
             self.state = State.OPEN
             self.peer_max_frame = event.max_frame
             self._decoder.max_frame = max(self.max_frame, event.max_frame)
+            if event.features is not None:
+                # Deliveries may carry broker-added fields beyond the publish (section 16.1).
+                self._decoder.max_frame = min(
+                    self._decoder.max_frame + DELIVERY_OVERHEAD_BYTES, MAX_FRAME_BYTES_CEILING
+                )
             # A broker cannot make us ping more often than the protocol minimum.
             self._heartbeat = (
                 max(event.heartbeat_ms, MIN_HEARTBEAT_MS) / 1000 if event.heartbeat_ms else None
@@ -694,8 +740,13 @@ class Connection:
             self._heartbeat = event.heartbeat_ms / 1000 if event.heartbeat_ms else None
             # The client accepts at least what the broker announces (it announces no limit).
             self.peer_max_frame = event.max_frame
+            if event.features is not None:
+                self._delivery_overhead = DELIVERY_OVERHEAD_BYTES
         frame = codec.encode_frame(event)
-        if len(frame) - 4 > self.peer_max_frame and self.state is State.OPEN:
+        limit = self.peer_max_frame
+        if kind is Response or kind is Message:
+            limit += self._delivery_overhead  # broker-added fields (section 16.1)
+        if len(frame) - 4 > limit and self.state is State.OPEN:
             raise LocalProtocolError(
                 f"frame of {len(frame) - 4} bytes exceeds the {self._peer}'s limit of "
                 f"{self.peer_max_frame} bytes"

@@ -18,9 +18,11 @@ __all__ = [
     "ErrorCode",
     "InvalidTopic",
     "LocalProtocolError",
+    "NoResponders",
     "PermissionDenied",
     "ProtocolError",
     "RemoteProtocolError",
+    "RequestTimeout",
     "TesseraError",
     "error_from_code",
 ]
@@ -46,6 +48,14 @@ class ErrorCode(enum.IntEnum):
     HANDSHAKE_TIMEOUT = 14  #: security handshake or hello did not complete in time
     INTERNAL_ERROR = 15  #: a bug on the sender's side; the connection is closed
     LIMIT_EXCEEDED = 16  #: a connection or rate limit refused the operation
+    NO_RESPONDERS = 17  #: a request found no responder subscription for its topic
+    REQUEST_TIMEOUT = 18  #: no responder answered a request within its ``timeout_ms``
+    RETAINED_TOO_LARGE = 19  #: a retained value is over the broker's per-value size limit
+    RETAINED_LIMIT = 20  #: the broker holds as many retained topics (or bytes) as it may
+    STORE_FAILED = 21  #: the broker could not store the message durably (disk, database)
+    UNKNOWN_REQUEST = 22  #: a reply names a request that is answered, expired or not ours
+    CREDENTIAL_EXPIRED = 23  #: close only: the credential ended; re-authenticate and reconnect
+    CREDENTIAL_REVOKED = 24  #: close only: the credential was revoked; do not retry with it
 
 
 class TesseraError(Exception):
@@ -101,6 +111,18 @@ class BrokerError(TesseraError):
     """The broker answered a request with an error frame (see ``code``)."""
 
 
+class NoResponders(BrokerError):
+    """A request found no responder: nobody serves its topic (raised at once, not on timeout)."""
+
+    code = ErrorCode.NO_RESPONDERS
+
+
+class RequestTimeout(BrokerError, TimeoutError):
+    """No responder answered a request in time; a late answer is discarded, never delivered."""
+
+    code = ErrorCode.REQUEST_TIMEOUT
+
+
 class ConnectionClosed(TesseraError):
     """The connection is closed; ``code`` and ``reason`` say why (from the close frame if any)."""
 
@@ -131,4 +153,8 @@ def error_from_code(code: int, message: str) -> TesseraError:
         return InvalidTopic(message)
     if known is ErrorCode.AUTHENTICATION_FAILED:
         return AuthenticationError(message)
+    if known is ErrorCode.NO_RESPONDERS:
+        return NoResponders(message)
+    if known is ErrorCode.REQUEST_TIMEOUT:
+        return RequestTimeout(message)
     return BrokerError(message, known)

@@ -29,6 +29,9 @@ __all__ = [
     "ProtocolFailure",
     "Publish",
     "Rejected",
+    "Reply",
+    "Request",
+    "Response",
     "Subscribe",
     "Unsubscribe",
     "Welcome",
@@ -54,12 +57,19 @@ class Welcome:
     identity: str = ""  #: the authenticated name within that mechanism
     max_frame: int = MAX_FRAME_BYTES  #: largest frame body the broker accepts (and sends)
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS  #: the broker pings after this much silence
+    #: Optional capabilities the broker offers (``retain``, ``request``, ``group``, ``history``,
+    #: ``sender``; docs/protocol.md section 16); ``None``: an older broker, none of them.
+    features: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     sid: int  #: client-chosen subscription id, unique among the connection's live subscriptions
     pattern: str
+    group: str | None = None  #: queue group: each message goes to one member of the group
+    serve: bool = False  #: the subscription receives requests (``req``), not publishes
+    since: int | None = None  #: resume after this history sequence number...
+    epoch: str | None = None  #: ...of this stream epoch (``None``: whatever epoch is current)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,7 @@ class Publish:
     payload: bytes
     headers: dict[str, str] | None = None
     ack: int | None = None  #: when set, the broker answers ``ok``/``error`` carrying this id
+    retain: bool = False  #: keep as the topic's last value (an empty payload clears it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +94,59 @@ class Message:
     topic: str
     payload: bytes
     headers: dict[str, str] | None = None
+    #: For this subscription only (retained snapshot, recovery, queue group, request); when
+    #: ``None`` the client dispatches by topic to its plain subscriptions.
+    sid: int | None = None
+    retained: bool = False  #: a stored last value sent because the subscription is new
+    sender: str | None = None  #: the publisher's identity ``mechanism:name``, stamped by the broker
+    seq: int | None = None  #: history sequence number in the stream ``epoch``
+    epoch: str | None = None
+    reply: int | None = None  #: a request: answer it with ``reply {token: reply}``
 
 
 @dataclass(frozen=True, slots=True)
 class Ok:
-    """Broker -> client: the request with this ``sid`` (sub/unsub) or ``ack`` (pub) succeeded."""
+    """Broker -> client: the request with this ``sid`` (sub/unsub) or ``ack`` (pub) succeeded.
+
+    For a ``sub`` on a topic space with history, ``epoch`` and ``seq`` name the stream position
+    at the moment the subscription started; ``recovered`` answers a ``sub`` with ``since``."""
 
     sid: int | None = None
     ack: int | None = None
+    epoch: str | None = None
+    seq: int | None = None
+    recovered: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Client -> broker: a request to one responder per group (``NoResponders`` if none)."""
+
+    rid: int  #: client-chosen, unique among the client's pending requests
+    topic: str
+    payload: bytes
+    headers: dict[str, str] | None = None
+    timeout_ms: int | None = None  #: the broker answers REQUEST_TIMEOUT after this long
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Client (responder) -> broker: the answer to the request delivered with ``reply=token``."""
+
+    token: int
+    payload: bytes
+    headers: dict[str, str] | None = None
+    ack: int | None = None  #: when set, ``ok {ack}`` or ``error {ack}`` (request gone)
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """Broker -> client (requester): the first reply to request ``rid``."""
+
+    rid: int
+    payload: bytes
+    headers: dict[str, str] | None = None
+    sender: str | None = None  #: the responder's identity, stamped by the broker
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +160,7 @@ class Error:
     ack: int | None = None
     topic: str | None = None
     dropped: int | None = None  #: with SLOW_CONSUMER: deliveries the broker discarded for us
+    rid: int | None = None  #: the failed request (NO_RESPONDERS, REQUEST_TIMEOUT, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +194,7 @@ class Rejected:
     message: str
     sid: int | None = None
     ack: int | None = None
+    rid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +225,9 @@ Event = (
     | Ping
     | Pong
     | Close
+    | Request
+    | Reply
+    | Response
     | Rejected
     | ProtocolFailure
     | EndOfStream

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 __all__ = [
     "DEFAULT_HEARTBEAT_MS",
+    "DEFAULT_REQUEST_TIMEOUT_MS",
+    "DELIVERY_OVERHEAD_BYTES",
+    "FEATURES",
     "FRAME_HEADER_BYTES",
     "MAX_FRAME_BYTES",
     "MAX_FRAME_BYTES_BEFORE_HELLO",
+    "MAX_EPOCH_CHARS",
+    "MAX_FEATURES",
+    "MAX_FEATURE_CHARS",
     "MAX_FRAME_BYTES_CEILING",
+    "MAX_GROUP_BYTES",
     "MAX_HEADERS",
     "MAX_HEADER_FIELD_BYTES",
     "MAX_ID",
     "MAX_REASON_BYTES",
+    "MAX_REQUEST_TIMEOUT_MS",
+    "MAX_SENDER_CHARS",
+    "MAX_SEQ",
     "MAX_TOPIC_BYTES",
     "MAX_TOPIC_TOKENS",
     "MIN_HEARTBEAT_MS",
@@ -63,3 +73,36 @@ MAX_REASON_BYTES = 256
 #: a dead peer behind a silent network cut is found within a minute).
 DEFAULT_HEARTBEAT_MS = 30_000
 MIN_HEARTBEAT_MS = 1_000
+
+# --- status and commands (docs/protocol.md section 16) --------------------------------------
+
+#: Capabilities a broker may announce in ``welcome.features``; a client uses a new field or
+#: operation only when the broker announced it (an older broker would ignore the field).
+FEATURES = frozenset({"retain", "request", "group", "history", "sender"})
+
+#: ``welcome.features``: entries, and characters per entry.
+MAX_FEATURES = 32
+MAX_FEATURE_CHARS = 64
+
+#: Queue group names follow the topic-token rules, at most this many UTF-8 bytes (NATS queue
+#: names are unbounded; a group name sits in every router node of the group, so it is bounded).
+MAX_GROUP_BYTES = 64
+
+#: ``sender`` is ``mechanism:name``: 256 characters of mechanism, ``:``, 4 096 of name.
+MAX_SENDER_CHARS = 256 + 1 + 4096
+
+#: A stream epoch is a short opaque string (Centrifugo's epochs are a few characters).
+MAX_EPOCH_CHARS = 64
+
+#: History sequence numbers: 1 to 2**53 - 1, exact in every JSON/JavaScript number.
+MAX_SEQ = 2**53 - 1
+
+#: A request the client sends without ``timeout_ms`` gets this (NATS clients default to 2-10 s).
+DEFAULT_REQUEST_TIMEOUT_MS = 10_000
+#: ``req.timeout_ms`` range on the wire (one hour); a broker may clamp it lower.
+MAX_REQUEST_TIMEOUT_MS = 3_600_000
+
+#: A delivery may be longer than the ``pub`` it came from by the fields the broker adds
+#: (``sid``, ``retained``, ``sender``, ``seq``, ``epoch``, ``reply``). A client that understands
+#: ``welcome.features`` accepts frames up to ``max_frame`` plus this much.
+DELIVERY_OVERHEAD_BYTES = 20 * 1024

@@ -1,0 +1,125 @@
+"""Message history per configured pattern (a *stream*), for gapless recovery after a reconnect.
+
+Each ``[[messaging.history]]`` entry is one stream: every publish on a topic its pattern matches
+gets the stream's next sequence number (1, 2, ...) and is kept while it is among the last
+``max_messages`` and younger than ``max_age`` seconds. The stream's epoch is a random string
+chosen when the broker starts: history lives in memory, so after a restart the sequence starts
+again under a new epoch and a client resuming with the old epoch is told it has a gap
+(Centrifugo's memory engine works the same way).
+
+Sans-I/O: the clock is passed in. The hub numbers a publication in the same synchronous step in
+which it routes it, so sequence order is delivery order.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Sequence
+
+from broker.backplane import Publication
+from broker.config import HistoryConfig
+from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD, matches, split_pattern
+
+__all__ = ["History", "HistoryConfig", "Stream", "covers", "overlaps"]
+
+
+def covers(outer: Sequence[str], inner: Sequence[str]) -> bool:
+    """Does every topic that pattern ``inner`` matches also match pattern ``outer``?"""
+    for i, tok in enumerate(outer):
+        if tok == MULTI_WILDCARD:
+            return len(inner) > i  # at least one token left (a final ">" is one or more)
+        if i >= len(inner):
+            return False
+        sub = inner[i]
+        if sub == MULTI_WILDCARD:
+            return False
+        if tok == SINGLE_WILDCARD:
+            continue
+        if sub != tok:
+            return False
+    return len(inner) == len(outer)
+
+
+def overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Is there a topic that both patterns match?"""
+    for x, y in zip(a, b, strict=False):
+        if MULTI_WILDCARD in (x, y):
+            return True
+        if x != y and SINGLE_WILDCARD not in (x, y):
+            return False
+    return len(a) == len(b)
+
+
+class Stream:
+    """The kept messages of one configured pattern."""
+
+    __slots__ = ("_entries", "config", "epoch", "seq", "tokens")
+
+    def __init__(self, config: HistoryConfig) -> None:
+        self.config = config
+        self.tokens = split_pattern(config.pattern)
+        self.epoch = secrets.token_hex(4)
+        #: The last sequence number given (0: none yet).
+        self.seq = 0
+        self._entries: deque[tuple[int, float, Publication]] = deque()
+
+    def append(self, pub: Publication, now: float) -> int:
+        self.seq += 1
+        self._entries.append((self.seq, now, pub))
+        if len(self._entries) > self.config.max_messages:
+            self._entries.popleft()
+        self._trim(now)
+        return self.seq
+
+    def _trim(self, now: float) -> None:
+        age = self.config.max_age
+        if age is None:
+            return
+        entries = self._entries
+        while entries and now - entries[0][1] > age:
+            entries.popleft()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def since(self, seq: int, now: float) -> list[tuple[int, Publication]] | None:
+        """Every kept message after ``seq``, oldest first; ``None`` if some of them are no
+        longer kept (or ``seq`` is ahead of the stream: it belongs to another epoch)."""
+        self._trim(now)
+        if seq > self.seq:
+            return None
+        first = self._entries[0][0] if self._entries else self.seq + 1
+        if seq + 1 < first:
+            return None
+        return [(s, p) for s, _t, p in self._entries if s > seq]
+
+
+class History:
+    """Every stream of a broker process."""
+
+    def __init__(self, configs: Sequence[HistoryConfig]) -> None:
+        self.streams = [Stream(c) for c in configs]
+        self._by_topic: dict[str, Stream | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.streams)
+
+    def for_topic(self, topic: str) -> Stream | None:
+        """The stream a topic belongs to (the first configured pattern that matches it)."""
+        try:
+            return self._by_topic[topic]
+        except KeyError:
+            pass
+        tokens = split_pattern(topic)
+        found = next((s for s in self.streams if matches(s.tokens, tokens)), None)
+        if len(self._by_topic) >= 8192:
+            self._by_topic.clear()
+        self._by_topic[topic] = found
+        return found
+
+    def for_pattern(self, pattern: str) -> Stream | None:
+        """The stream a subscription pattern lies within (stream patterns never overlap, so
+        there is at most one)."""
+        tokens = split_pattern(pattern)
+        return next((s for s in self.streams if covers(s.tokens, tokens)), None)
