@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -33,9 +34,17 @@ LOADGEN = HERE / "loadgen.py"
 BROKER_CORE = "0"
 LOADGEN_CORE = "1"
 
-PEERS = ("tessera", "mosquitto", "nats")
+#: ``null`` is bench/nullbroker.py: it forwards bytes and nothing else, so what a workload
+#: reaches against it is the load generator's own ceiling for that workload (calibration).
+PEERS = ("tessera", "mosquitto", "nats", "null")
 SMOKE = False
-PROTO = {"tessera": "tessera", "mosquitto": "mqtt", "nats": "nats"}
+PROTO = {"tessera": "tessera", "mosquitto": "mqtt", "nats": "nats", "null": "tessera"}
+NULLBROKER = HERE / "nullbroker.py"
+#: A cell whose load generator used at least this share of its core is flagged: the figure is
+#: then (partly) the generator's, a lower bound for the broker.
+GEN_BUSY = 0.9
+#: Seconds to wait for the machine to go quiet before each workload (``--quiet-wait``).
+QUIET_WAIT = 30.0
 
 
 def log(msg: str) -> None:
@@ -75,9 +84,12 @@ def _tessera_limits() -> str:
     except ImportError:
         return ""
     names = {f.name for f in fields(LimitsConfig)}
+    lines = []
     if "max_connections_per_identity" in names:
-        return "\n[limits]\nmax_connections_per_identity = 1000000\n"
-    return ""
+        lines.append("max_connections_per_identity = 1000000")
+    if "max_connections" in names:  # the 100,000-connection run needs one more (warm-up)
+        lines.append("max_connections = 1000000")
+    return "\n[limits]\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def write_configs(d: Path, port: int, peer: str) -> Path:
@@ -166,10 +178,12 @@ class BrokerProc:
     def __init__(self, peer: str, certs: Path, python: str) -> None:
         self.peer = peer
         self.port = free_port()
-        cfg = write_configs(certs, self.port, peer)
+        cfg = write_configs(certs, self.port, peer) if peer != "null" else certs
         env = dict(os.environ)
         if peer == "tessera":
             cmd = [python, "-m", "broker.cli", "serve", "--config", str(cfg)]
+        elif peer == "null":
+            cmd = [python, str(NULLBROKER), "--port", str(self.port), "--certs", str(certs)]
         elif peer == "mosquitto":
             cmd = [shutil.which("mosquitto") or "mosquitto", "-c", str(cfg)]
         else:
@@ -220,6 +234,8 @@ class BrokerProc:
 
 def version_of(peer: str, rev: str | None = None) -> str:
     try:
+        if peer == "null":
+            return "(generator ceiling)"
         if peer == "mosquitto":
             out = subprocess.run(
                 ["mosquitto", "-h"], capture_output=True, text=True, timeout=5, check=False
@@ -268,8 +284,8 @@ def add_derived(res: dict[str, Any]) -> None:
 def run_loadgen(
     python: str, workload: str, broker: BrokerProc, certs: Path, extra: list[str], timeout: float
 ) -> dict[str, Any]:
-    if not SMOKE:
-        wait_quiet(broker.pid, max_wait=30)
+    if not SMOKE and QUIET_WAIT > 0:
+        wait_quiet(broker.pid, max_wait=QUIET_WAIT)
     cmd = [
         "taskset", "-c", LOADGEN_CORE, python, str(LOADGEN), workload,
         "--proto", PROTO[broker.peer], "--port", str(broker.port), "--certs", str(certs),
@@ -300,10 +316,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str], float]]:
     """(key, workload, loadgen args, timeout) in the order run against one broker start."""
     d, w = str(args.duration), str(args.warmup)
     steps: list[tuple[str, str, list[str], float]] = []
-    for s in args.subs:
+    for s in args.subs if "fanout" in args.workloads else []:
         steps.append(
             (f"fanout_{s}", "fanout", ["--subs", str(s), "--duration", d, "--warmup", w], 180)
         )
+    if "latency" not in args.workloads:
+        return steps
     steps.append(
         (
             "latency",
@@ -322,9 +340,11 @@ def run_all(args: argparse.Namespace, certs: Path) -> dict[str, dict[str, list[d
     }
     for rep in range(args.runs):
         for peer in args.peers:
-            conn_counts = list(args.conns)
-            if peer == "tessera":
+            conn_counts = list(args.conns) if "idle" in args.workloads else []
+            if peer == "tessera" and "idle" in args.workloads:
                 conn_counts += [n for n in args.tessera_conns if n not in conn_counts]
+            if peer == "null":
+                conn_counts = []  # its memory and handshakes say nothing about the generator
             # idle connections: a fresh broker for each N, so RSS is not inflated by earlier work
             for n in conn_counts:
                 broker = BrokerProc(peer, certs, args.python)
@@ -333,8 +353,9 @@ def run_all(args: argparse.Namespace, certs: Path) -> dict[str, dict[str, list[d
                     res = run_loadgen(
                         args.python, "idle", broker, certs,
                         ["--conns", str(n), "--concurrency", str(args.concurrency),
-                         "--settle", str(args.settle)],
-                        600,
+                         "--settle", str(args.settle), "--rest", str(args.rest),
+                         "--source-addrs", args.source_addrs],
+                        max(600.0, n / 50 + args.rest + 60),
                     )  # fmt: skip
                     raw[peer][f"idle_{n}"].append(res)
                     report_one(peer, f"idle_{n}", res)
@@ -362,18 +383,21 @@ def report_one(peer: str, key: str, r: dict[str, Any]) -> None:
     if r["workload"] == "fanout":
         log(
             f"  {peer} {key}: {r['deliveries_per_s'] / 1e3:,.0f}k deliveries/s, lost {r['lost']}, "
-            f"broker cpu {r.get('broker_cpu', 0):.0%}, loadgen cpu {r['gen_cpu']:.0%}"
+            f"broker cpu {r.get('broker_cpu', 0):.0%}, loadgen cpu {r['gen_cpu']:.0%}, "
+            f"foreign cpu {r.get('foreign_cpu', 0):.0%}"
         )
     elif r["workload"] == "latency":
         log(
             f"  {peer} {key}: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms max "
-            f"{r['max_ms']:.1f} ms, lost {r['lost']}, loadgen cpu {r['gen_cpu']:.0%}"
+            f"{r['max_ms']:.1f} ms, lost {r['lost']}, loadgen cpu {r['gen_cpu']:.0%}, "
+            f"foreign cpu {r.get('foreign_cpu', 0):.0%}"
         )
     else:
         log(
             f"  {peer} {key}: {r['establish_s']:.2f} s to establish, "
             f"{r['rss_per_conn_kb']:.1f} KB RSS/conn, loadgen cpu {r['gen_cpu']:.0%}, "
-            f"broker cpu {r['broker_cpu']:.0%}"
+            f"broker cpu {r['broker_cpu']:.0%}, foreign cpu {r.get('foreign_cpu', 0):.0%}"
+            + (f"; at rest broker cpu {r['rest_broker_cpu']:.1%}" if r.get("rest_s") else "")
         )
 
 
@@ -383,24 +407,35 @@ def report_one(peer: str, key: str, r: dict[str, Any]) -> None:
 
 #: (row label, result key, metric, unit, higher is better)
 def metrics(args: argparse.Namespace) -> list[tuple[str, str, str, str, bool]]:
+    """Every figure is followed by the CPU of its load generator and of foreign processes (the
+    rest of the machine) during the same measurement: a figure is only as good as those two."""
     rows: list[tuple[str, str, str, str, bool]] = []
-    for s in args.subs:
-        rows.append(
-            (f"fan-out deliveries/s, S={s}", f"fanout_{s}", "deliveries_per_s", "k/s", True)
-        )
-    for s in args.subs:
-        rows.append((f"  per broker CPU-second, S={s}", f"fanout_{s}", "per_core_s", "k/s", True))
-    for s in args.subs:
-        rows.append((f"  broker CPU, S={s}", f"fanout_{s}", "broker_cpu", "%", True))
-        rows.append((f"  loadgen CPU, S={s}", f"fanout_{s}", "gen_cpu", "%", False))
-    lat = f"{args.rate:g} msg/s to S={args.lat_subs}"
-    rows.append((f"latency p50 ({lat})", "latency", "p50_ms", "ms", False))
-    rows.append((f"latency p99 ({lat})", "latency", "p99_ms", "ms", False))
-    rows.append((f"latency p99.9 ({lat})", "latency", "p999_ms", "ms", False))
+
+    def cpu_rows(key: str, broker: bool = True) -> None:
+        if broker:
+            rows.append(("  broker CPU", key, "broker_cpu", "%", True))
+        rows.append(("  generator CPU", key, "gen_cpu", "%", False))
+        rows.append(("  foreign CPU", key, "foreign_cpu", "%", False))
+
+    for s in args.subs if "fanout" in args.workloads else []:
+        label = "1 publisher -> 1 subscriber" if s == 1 else f"fan-out S={s}"
+        rows.append((f"{label}, deliveries/s", f"fanout_{s}", "deliveries_per_s", "k/s", True))
+        rows.append(("  per broker CPU-second", f"fanout_{s}", "per_core_s", "k/s", True))
+        cpu_rows(f"fanout_{s}")
+    if "latency" in args.workloads:
+        lat = f"{args.rate:g} msg/s to S={args.lat_subs}"
+        rows.append((f"latency p50 ({lat})", "latency", "p50_ms", "ms", False))
+        rows.append((f"latency p99 ({lat})", "latency", "p99_ms", "ms", False))
+        rows.append((f"latency p99.9 ({lat})", "latency", "p999_ms", "ms", False))
+        cpu_rows("latency")
     conns = sorted(set(args.conns) | set(args.tessera_conns))
-    for n in conns:
+    for n in conns if "idle" in args.workloads else []:
         rows.append((f"RSS per idle TLS conn, N={n}", f"idle_{n}", "rss_per_conn_kb", "KB", False))
         rows.append((f"time to establish N={n}", f"idle_{n}", "establish_s", "s", False))
+        cpu_rows(f"idle_{n}")
+        if args.rest > 0:
+            rows.append((f"  broker CPU at rest ({args.rest:g} s), N={n}", f"idle_{n}",
+                         "rest_broker_cpu", "%", False))  # fmt: skip
     return rows
 
 
@@ -450,13 +485,17 @@ def table(
         row = [f"{label} [{unit}]"]
         for p in peers:
             s = summary.get(p, {}).get(f"{key}.{metric}")
+            gen = summary.get(p, {}).get(f"{key}.gen_cpu")
+            # generator at >= 90% of its core in some run: the figure is (partly) the
+            # generator's; "!" marks it (CPU rows excepted)
+            mark = " !" if gen and gen["max"] >= GEN_BUSY and unit != "%" else ""
             if s is None:
                 row.append("-")
             elif s["n"] > 1:
                 lo, hi = fmt(s["min"], unit), fmt(s["max"], unit)
-                row.append(f"{fmt(s['median'], unit)} ({lo}-{hi})")
+                row.append(f"{fmt(s['median'], unit)} ({lo}-{hi}){mark}")
             else:
-                row.append(fmt(s["median"], unit))
+                row.append(fmt(s["median"], unit) + mark)
         if "tessera" in peers:
             t = summary.get("tessera", {}).get(f"{key}.{metric}")
             for p in others:
@@ -467,12 +506,17 @@ def table(
                     row.append("")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    legend = (
+        f"\n(median (min-max) of the runs; ! = the load generator used >= {GEN_BUSY:.0%} of its "
+        "core in at least one run: a lower bound for that broker; null = bench/nullbroker.py, "
+        "which only forwards bytes: the generator's own ceiling for that workload)"
+    )
     lines = []
     for i, r in enumerate(rows):
         lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:
             lines.append("-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines) + legend
 
 
 def losses(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
@@ -490,14 +534,11 @@ def losses(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
                     )
                 elif r.get("lost"):
                     notes.append(f"{peer} {key} run {i + 1}: LOST {r['lost']} deliveries")
-                elif (
-                    r.get("workload") == "fanout"
-                    and r.get("gen_cpu", 0) > 0.9
-                    and r.get("broker_cpu", 1) < 0.9
-                ):
+                elif r.get("gen_cpu", 0) >= GEN_BUSY:
                     notes.append(
-                        f"{peer} {key} run {i + 1}: load generator saturated "
-                        f"({r['gen_cpu']:.0%} CPU, broker {r['broker_cpu']:.0%}): a lower bound"
+                        f"{peer} {key} run {i + 1}: load generator at {r['gen_cpu']:.0%} of its "
+                        f"core (broker {r.get('broker_cpu', 0):.0%}): the figure is partly the "
+                        "generator's (a lower bound for throughput, an upper one for latency)"
                     )
     return notes
 
@@ -529,7 +570,7 @@ def profile(args: argparse.Namespace, certs: Path) -> None:
         broker = BrokerProc("tessera", certs, args.python)
         try:
             raw = RESULTS / f"profile-{stamp}-{name}.txt"
-            cmd = [pyspy, "record", "--pid", str(broker.pid), "--rate", "200", "--format", "raw",
+            cmd = [pyspy, "record", "--pid", str(broker.pid), "--rate", "500", "--format", "raw",
                    "--output", str(raw), "--nonblocking"]  # fmt: skip
             spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)
@@ -583,9 +624,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Tessera vs Mosquitto vs NATS over TLS 1.3")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument(
-        "--peers", default=None, help="comma list: tessera,mosquitto,nats (smoke: tessera)"
+        "--peers",
+        default=None,
+        help="comma list: tessera,mosquitto,nats,null (smoke: tessera,null)",
     )
-    p.add_argument("--subs", default="100,1000", help="fan-out subscriber counts")
+    p.add_argument(
+        "--subs", default="1,100,1000", help="fan-out subscriber counts (1: one publisher -> one)"
+    )
+    p.add_argument(
+        "--workloads", default="fanout,latency,idle", help="comma list: fanout,latency,idle"
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the machine to go quiet before each workload (0: never)",
+    )
     p.add_argument("--conns", default="5000", help="idle connections held (all peers)")
     p.add_argument("--tessera-conns", default="10000", help="extra idle counts, Tessera only")
     p.add_argument("--lat-subs", type=int, default=100)
@@ -594,6 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--settle", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=64, help="handshakes in flight")
+    p.add_argument(
+        "--source-addrs",
+        default="",
+        help="idle: client source addresses, e.g. 127.0.0.2-127.0.0.9 (past ~28,000 conns)",
+    )
+    p.add_argument("--rest", type=float, default=0.0, help="idle: seconds of broker CPU at rest")
     p.add_argument("--python", default=sys.executable, help="interpreter for broker and loadgen")
     p.add_argument("--smoke", action="store_true", help="a seconds-long check of the machinery")
     p.add_argument("--profile", action="store_true", help="py-spy the Tessera fan-out instead")
@@ -611,13 +671,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args.python = os.path.abspath(args.python)  # not resolved: a venv's python is a symlink
     if args.peers is None:
-        args.peers = "tessera" if args.smoke else ",".join(PEERS)
+        args.peers = "tessera,null" if args.smoke else ",".join(PEERS)
     args.peers = [x for x in args.peers.split(",") if x]
+    args.workloads = [x for x in str(args.workloads).split(",") if x]
+    for w in args.workloads:
+        if w not in ("fanout", "latency", "idle"):
+            raise SystemExit(f"unknown workload {w!r}")
+    global QUIET_WAIT  # noqa: PLW0603
+    QUIET_WAIT = args.quiet_wait
     if args.smoke:
         global SMOKE  # noqa: PLW0603
         SMOKE = True
         args.runs = 1
-        args.subs = "10"
+        args.subs = "1,10"
         args.conns = "50"
         args.tessera_conns = ""
         args.lat_subs = 10
@@ -629,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     for peer in args.peers:
         if peer not in PEERS:
             raise SystemExit(f"unknown peer {peer!r}")
-    missing = [p for p in args.peers if p != "tessera" and not shutil.which(
+    missing = [p for p in args.peers if p in ("mosquitto", "nats") and not shutil.which(
         "mosquitto" if p == "mosquitto" else "nats-server")]  # fmt: skip
     for m in missing:
         log(f"{m} is not installed: skipped")
@@ -643,6 +709,17 @@ def main(argv: list[str] | None = None) -> int:
     if os.cpu_count() and os.cpu_count() < 2:  # type: ignore[operator]
         log("fewer than 2 cores: broker and load generator will share one")
     os.sched_setaffinity(0, {int(LOADGEN_CORE)})
+    sys.path.insert(0, str(HERE))
+    from loadgen import raise_fd_limit  # noqa: PLC0415
+
+    most = max([*args.conns, *args.tessera_conns, 0])
+    raise_fd_limit(most + 16)  # brokers inherit it
+    fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if most + 64 > fds:
+        log(
+            f"{most} connections need about {most + 64} descriptors per process; this one may "
+            f"open {fds} (raising the hard limit needs CAP_SYS_RESOURCE): expect failures"
+        )
     certs = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
     try:
         provision(certs)
@@ -720,6 +797,8 @@ def report_last() -> int:
     lines = (RESULTS / "history.jsonl").read_text().splitlines()
     rec = json.loads(lines[-1])
     a = argparse.Namespace(**rec["args"])
+    if not hasattr(a, "workloads"):  # records from before --workloads
+        a.workloads = ["fanout", "latency", "idle"]
     for by in rec["raw"].values():
         for rs in by.values():
             for r in rs:

@@ -24,6 +24,9 @@ Variants (combine with ``+``, e.g. ``head+arena1``):
 * ``noticket``  ``OP_NO_TICKET`` on the listener (``num_tickets = 0`` is already set);
 * ``nocache``   the listener's server-side session cache switched off (ctypes);
 * ``untrimmed`` the work tree with the post-handshake release in ``auth/tls.py`` turned off;
+* ``tracemalloc`` the broker runs under ``tracemalloc``: the Python share per connection, by
+  allocation site (printed below the row; tracing makes the process larger and slower, so
+  compare its KB/conn only with other ``tracemalloc`` rows);
 * ``releaseall`` ``TESSERA_TLS_RELEASE=all``: also free the stored client certificates
   (experimental; the default ``bios`` only swaps the memory BIOs).
 
@@ -59,6 +62,9 @@ import bench as suite  # noqa: E402 - bench/bench.py: certificates, configs, sna
 #: Code run in the broker process before ``broker.cli.main`` (instrumentation and variants).
 _PREAMBLE = r"""
 import ctypes, ctypes.util, json, logging, ssl, sys
+if TRACEMALLOC:
+    import tracemalloc
+    tracemalloc.start(1)
 from broker import server as _srv
 
 _libc = None
@@ -81,6 +87,14 @@ def _info_plus(self):
         out["heap_inuse_bytes"] = m.uordblks + m.hblkhd
         out["heap_free_bytes"] = m.fordblks
         out["heap_arena_bytes"] = m.arena
+    if TRACEMALLOC:
+        snap = tracemalloc.take_snapshot()
+        out["traced"] = {
+            "/".join(s.traceback[0].filename.rsplit("/", 2)[-2:]) + f":{s.traceback[0].lineno}":
+                [s.size, s.count]
+            for s in snap.statistics("lineno")
+        }
+        out["traced_bytes"] = sum(v[0] for v in out["traced"].values())
     return out
 _srv.Broker.info = _info_plus
 
@@ -121,7 +135,7 @@ VARIANT_ENV: dict[str, dict[str, str]] = {
     "thresholds": {"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "65536"},
     "releaseall": {"TESSERA_TLS_RELEASE": "all"},
 }
-FLAGS = ("trim", "p256", "noticket", "nocache", "untrimmed")
+FLAGS = ("trim", "p256", "noticket", "nocache", "untrimmed", "tracemalloc")
 KNOWN = {"base", "head", "nocert", *VARIANT_ENV, *FLAGS}
 
 
@@ -286,6 +300,14 @@ def measure(
     if "heap_inuse_bytes" in s1 and "heap_inuse_bytes" in s0:
         out["heap_inuse_kb_per_conn"] = (s1["heap_inuse_bytes"] - s0["heap_inuse_bytes"]) / n / 1024
         out["heap_free_kb"] = s1["heap_free_bytes"] // 1024
+    if "traced" in s1 and "traced" in s0:
+        before = s0["traced"]
+        per_site = {
+            site: (size - before.get(site, [0, 0])[0]) / n
+            for site, (size, _count) in s1["traced"].items()
+        }
+        out["python_bytes_per_conn"] = (s1["traced_bytes"] - s0["traced_bytes"]) / n
+        out["python_sites"] = sorted(per_site.items(), key=lambda kv: -kv[1])[:20]
     return out
 
 
@@ -336,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['establish_s']:>11.2f} {r['open_fds']!s:>6}",
                         flush=True,
                     )
+                    if "python_bytes_per_conn" in r:
+                        print(f"    Python (tracemalloc): {r['python_bytes_per_conn']:.0f} B/conn")
+                        for site, b in r["python_sites"]:
+                            print(f"      {b:8.0f} B  {site}")
     return 0
 
 

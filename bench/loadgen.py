@@ -572,6 +572,37 @@ class Meter:
         return out
 
 
+def _source_addrs(spec: str) -> list[str]:
+    """``127.0.0.2-127.0.0.9`` or a comma list -> the addresses (loopback only)."""
+    out: list[str] = []
+    for part in (p for p in spec.split(",") if p):
+        if "-" in part:
+            lo, hi = part.split("-")
+            base = lo.rsplit(".", 1)[0]
+            out += [
+                f"{base}.{i}"
+                for i in range(int(lo.rsplit(".", 1)[1]), int(hi.rsplit(".", 1)[1]) + 1)
+            ]
+        else:
+            out.append(part)
+    for a in out:
+        if not a.startswith("127."):
+            raise SystemExit(f"--source-addrs: {a} is not a loopback address")
+    return out
+
+
+def raise_fd_limit(need: int) -> None:
+    """The benchmark's own descriptor limit (never the project's): enough for ``need``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need + 1024
+    if soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Gen:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -599,6 +630,10 @@ class Gen:
         self.samples: list[int] = []
         self.tls_info: dict[str, str] | None = None
         self.next_sid = 1
+        #: Source addresses to spread client sockets over (``--source-addrs``): one address
+        #: has ~28,000 ephemeral ports towards one server port.
+        self.sources = _source_addrs(getattr(args, "source_addrs", "") or "")
+        self._next_source = 0
 
     def payload_offset(self, frame: bytes) -> int:
         off = frame.rfind(self.payload_template)
@@ -610,6 +645,9 @@ class Gen:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sources:
+            sock.bind((self.sources[self._next_source % len(self.sources)], 0))
+            self._next_source += 1
         sid = self.next_sid if subscriber else 0
         self.next_sid += 1
         conn = Conn(self, sock, sid, subscriber)
@@ -843,12 +881,21 @@ def wl_idle(gen: Gen, args: argparse.Namespace) -> dict[str, Any]:
     time.sleep(0.5)
     rss0 = _rss_kb(pid)
     m = Meter(pid)
-    gen.connect_many(N, subscriber=True, concurrency=args.concurrency, timeout=300)
+    gen.connect_many(N, subscriber=True, concurrency=args.concurrency, timeout=max(300.0, N / 100))
     res = m.done()
     gen.run_for(args.settle)
     rss1 = _rss_kb(pid)
+    rest: dict[str, float] = {}
+    if args.rest > 0:  # CPU at rest: heartbeats and timers only
+        mr = Meter(pid)
+        gen.run_for(args.rest)
+        rest = mr.done()
     del first
     return {
+        "rest_s": args.rest,
+        "rest_broker_cpu": rest.get("broker_cpu", 0.0),
+        "rest_gen_cpu": rest.get("gen_cpu", 0.0),
+        "rest_foreign_cpu": rest.get("foreign_cpu", 0.0),
         "workload": "idle",
         "conns": N,
         "establish_s": res["wall_s"],
@@ -882,7 +929,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=1000.0, help="latency: messages/s")
     p.add_argument("--window", type=int, default=200_000, help="fanout: deliveries in flight")
     p.add_argument("--tolerate-failures", action="store_true")
+    p.add_argument(
+        "--source-addrs",
+        default="",
+        help="idle: spread client sockets over these loopback addresses (127.0.0.2-127.0.0.9)",
+    )
+    p.add_argument("--rest", type=float, default=0.0, help="idle: seconds of CPU at rest")
     args = p.parse_args(argv)
+    raise_fd_limit(args.conns + args.subs + 16)
     gen = Gen(args)
     try:
         result = WORKLOADS[args.workload](gen, args)

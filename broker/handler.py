@@ -117,6 +117,13 @@ class HubPort(Protocol):
     ) -> Outcome:
         """Run ``pub`` through the pipeline (decide, store, route, other nodes)."""
 
+    def route_plain(self, topic: str, payload: bytes, frame: bytes | None) -> bool:
+        """Route an already allowed plain publish at once if the full pipeline would add nothing
+        (see ``Hub._plain_routable``); False: the caller runs :meth:`publish` instead."""
+
+    def route_block(self, topic: str, frames: bytes, count: int) -> bool:
+        """:meth:`route_plain` for ``count`` publishes at once (delivery frames encoded)."""
+
     def barrier(self) -> None:
         """Hand this turn's delivery blocks to their subscribers now."""
 
@@ -197,6 +204,7 @@ class RequestHandler:
         "_grants",
         "_ordered",
         "_ordered_bytes",
+        "_pub_allowed",
         "_pump_scheduled",
         "_suspended",
         "_write_paused",
@@ -277,6 +285,9 @@ class RequestHandler:
         self._dirty = False
         self._write_paused = False
         self._deadline: float | None = None
+        #: The last topic this connection was allowed to publish to (fast path; see recheck).
+        self._pub_allowed: str | None = None
+        self.conn.publish_sink = self  # publish_plain / publish_run
 
     # --- identity and logging ---------------------------------------------------------------
 
@@ -534,6 +545,33 @@ class RequestHandler:
                 )
             )
 
+    def publish_plain(
+        self, topic: str, payload: bytes, ack: int | None, frame: bytes | None
+    ) -> bool:
+        """The connection's fast path for a plain publish (no headers; see
+        :data:`~client_sdk.protocol.connection.PublishSink`): no event, no Publication when the
+        hub can route it at once; anything else goes through :meth:`_on_publish`."""
+        if self._suspended or self._backlog or self.closing:
+            return False  # it must queue behind what waits: the caller makes an event of it
+        if topic is not self._pub_allowed and topic != self._pub_allowed:
+            if not self.allowed(Action.PUBLISH, topic):
+                self._on_publish(Publish(topic, payload, None, ack))  # denied: the full answer
+                return True
+            self._pub_allowed = topic
+        if not self.hub.route_plain(topic, payload, frame):
+            self._on_publish(Publish(topic, payload, None, ack))
+        elif ack is not None:
+            self._reply(Ok(ack=ack))
+        return True
+
+    def publish_run(self, topic: str, frames: bytes, count: int) -> bool:
+        """The connection's fast path for a run of plain publishes to one topic (no acks):
+        taken only when this connection was already allowed that topic and the hub can route
+        at once; False: the connection hands them over one by one instead."""
+        if self._suspended or self._backlog or self.closing or topic != self._pub_allowed:
+            return False
+        return self.hub.route_block(topic, frames, count)
+
     def _stored(self, ack: int | None, exc: BaseException | None) -> None:
         """The store finished the publish this connection waits for: answer, then go on."""
         self._suspended = False
@@ -733,6 +771,7 @@ class RequestHandler:
         longer allows, telling the client (an ``error`` naming the subscription). Returns how
         many were removed."""
         self._acl_cache.clear()
+        self._pub_allowed = None
         removed = 0
         for sid, pattern in list(self.subs.items()):
             old = self._grants.get(sid)

@@ -149,6 +149,45 @@ class Hub:
         self._route(pub)
         return Outcome.DONE
 
+    def route_plain(self, topic: str, payload: bytes, frame: bytes | None) -> bool:
+        """The same pipeline for a plain publish the handler has already allowed, without a
+        :class:`Publication`: when the pipeline would add nothing (:meth:`_plain_routable`),
+        deciding is all there is before routing. ``frame`` is the delivery frame if the
+        connection built it. False: not that case, the handler runs :meth:`publish` instead."""
+        if not self._plain_routable(topic):
+            return False
+        self.publishes_in += 1
+        self.deliveries_out += self.router.route_frame(topic, payload, frame)
+        return True
+
+    def route_block(self, topic: str, frames: bytes, count: int) -> bool:
+        """:meth:`route_plain` for ``count`` plain publishes to one topic at once, their
+        delivery frames already encoded back to back in ``frames``."""
+        if not self._plain_routable(topic):
+            return False
+        self.publishes_in += count
+        self.deliveries_out += self.router.route_block(topic, frames, count)
+        return True
+
+    def _plain_routable(self, topic: str) -> bool:
+        """May a plain publish to ``topic`` skip the :class:`Publication` and go out as the
+        connection encoded it? Only when the full pipeline (:meth:`publish`) would do nothing
+        more than route that same frame to :meth:`Router.match`'s subscribers: nothing stored
+        (:class:`NullStore`), no other node (:class:`LocalBackplane`), no ``sender`` stamp, no
+        history numbering, no queue group or responder on the topic. The handler has already
+        asked the ACL (its cache is cleared by :meth:`set_policy`); the router's match includes
+        ACL-filtered subscriptions. Anything that adds per-publish fields to deliveries, or
+        chooses subscribers by more than the topic, must say no here."""
+        if type(self.store) is not NullStore or type(self.backplane) is not LocalBackplane:
+            return False
+        if self._sender_patterns and self._stamps(topic):
+            return False
+        if self.history and self.history.for_topic(topic) is not None:
+            return False
+        if self.groups and self.groups.matching(topic):
+            return False
+        return not (self.services and self.services.matching(topic))
+
     def _route(self, pub: Publication) -> None:
         self._deliver_locally(pub)
         if not self.backplane.publish(pub):

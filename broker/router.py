@@ -58,6 +58,17 @@ class _Node:
         return not (self.children or self.rest or self.subs)
 
 
+class _Block:
+    """Consecutive deliveries of one turn to one subscriber set."""
+
+    __slots__ = ("chunks", "count", "subscribers")
+
+    def __init__(self, subscribers: tuple[Subscriber, ...], chunk: bytes, count: int) -> None:
+        self.subscribers = subscribers
+        self.chunks = [chunk]  #: encoded frames, joined at the flush
+        self.count = count  #: frames in ``chunks``
+
+
 _FilterKey = tuple[Subscriber, SubscriptionFilter]
 
 
@@ -83,7 +94,8 @@ class Router:
         #: Called once when the first block of a loop turn is started; the caller then runs
         #: :meth:`flush_pending` later in the same turn.
         self._schedule = schedule
-        self._pending: list[tuple[tuple[Subscriber, ...], list[bytes]]] = []
+        #: This turn's blocks, in publish order.
+        self._pending: list[_Block] = []
         self._cache: dict[str, tuple[Subscriber, ...]] = {}
         self._count = 0
         #: ACL-filtered subscriptions (issue #10), in a trie of their own whose tables are keyed
@@ -292,21 +304,64 @@ class Router:
         """Encode once, hand the same bytes to every local subscriber; returns how many.
         ``sender`` (the publisher's verified identity) and the history position (``seq``,
         ``epoch``) go into the one encoded frame."""
-        subscribers = self.match(topic)
+        subscribers = self._cache.get(topic)  # match's own cache: filtered ones included
+        if subscribers is None:
+            subscribers = self.match(topic)
         if not subscribers:
             return 0
         frame = encode_message_frame(topic, payload, headers, sender=sender, seq=seq, epoch=epoch)
+        return self._queue(subscribers, frame)
+
+    def route_frame(self, topic: str, payload: bytes, frame: bytes | None) -> int:
+        """:meth:`route` without headers, with the delivery ``frame`` already built (``None``:
+        encode it here, only if someone subscribes)."""
+        subscribers = self._cache.get(topic)  # match's own cache: filtered ones included
+        if subscribers is None:
+            subscribers = self.match(topic)
+        if not subscribers:
+            return 0
+        if frame is None:
+            frame = encode_message_frame(topic, payload)
+        # _queue, inlined: this is the one-subscriber hot path
         if self._schedule is None:
             for subscriber in subscribers:
                 subscriber.deliver(frame, 1)
             return len(subscribers)
         pending = self._pending
-        if pending and pending[-1][0] is subscribers:
-            pending[-1][1].append(frame)
+        if pending and pending[-1].subscribers is subscribers:
+            block = pending[-1]
+            block.chunks.append(frame)
+            block.count += 1
         else:
             if not pending:
                 self._schedule()
-            pending.append((subscribers, [frame]))
+            pending.append(_Block(subscribers, frame, 1))
+        return len(subscribers)
+
+    def route_block(self, topic: str, frames: bytes, count: int) -> int:
+        """Queue ``count`` delivery frames to ``topic``, already encoded back to back in
+        ``frames``; returns how many deliveries (``count`` per subscriber)."""
+        subscribers = self._cache.get(topic)  # match's own cache: filtered ones included
+        if subscribers is None:
+            subscribers = self.match(topic)
+        if not subscribers:
+            return 0
+        return self._queue(subscribers, frames, count) * count
+
+    def _queue(self, subscribers: tuple[Subscriber, ...], frame: bytes, count: int = 1) -> int:
+        if self._schedule is None:
+            for subscriber in subscribers:
+                subscriber.deliver(frame, count)
+            return len(subscribers)
+        pending = self._pending
+        if pending and pending[-1].subscribers is subscribers:
+            block = pending[-1]
+            block.chunks.append(frame)
+            block.count += count
+        else:
+            if not pending:
+                self._schedule()
+            pending.append(_Block(subscribers, frame, count))
         return len(subscribers)
 
     def flush_pending(self) -> None:
@@ -315,8 +370,9 @@ class Router:
         if not pending:
             return
         self._pending = []
-        for subscribers, frames in pending:
-            count = len(frames)
-            data = frames[0] if count == 1 else b"".join(frames)
-            for subscriber in subscribers:
+        for block in pending:
+            chunks = block.chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            count = block.count
+            for subscriber in block.subscribers:
                 subscriber.deliver(data, count)

@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from auth.errors import AuthError, HandshakeError
 from auth.layer import SecurityLayer
@@ -80,20 +80,23 @@ class Session(asyncio.BufferedProtocol):
         self._recv = recv_buffer
         self._close_timer: asyncio.TimerHandle | None = None
         self.handler = RequestHandler(hub, self, conn_id, peer="?", listener=label)
-        self.handler.describe_mechanism = lambda: attempted_mechanism(layer)
+        self.handler.describe_mechanism = self._mechanism  # a bound method: no closure
+
+    def _mechanism(self) -> str | None:
+        return attempted_mechanism(self.layer)
 
     # --- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's is not an asyncio.Transport subclass, only alike)
+        self.transport = cast(asyncio.Transport, transport)
         handler = self.handler
-        peer = transport.get_extra_info("peername")
+        peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             handler.peer = f"{peer[0]}:{peer[1]}"
         if not self.hub.admit(handler):
             log.warning("%s refused: max_connections reached", handler.who())
-            transport.abort()
+            self.transport.abort()
             return
         handler.start(self.hub.now())
         if log.isEnabledFor(logging.DEBUG):  # who() formats eagerly

@@ -7,10 +7,14 @@ bounded by the limit plus one read.
 
 from __future__ import annotations
 
+import struct
+
 from client_sdk.protocol.errors import ErrorCode, RemoteProtocolError
 from client_sdk.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
 
 __all__ = ["FrameDecoder", "FrameTooLarge"]
+
+_unpack_length = struct.Struct(">I").unpack_from
 
 
 class FrameTooLarge(RemoteProtocolError):
@@ -44,6 +48,17 @@ class FrameDecoder:
         """Bytes held for an incomplete frame."""
         return len(self._buf)
 
+    def needed(self) -> int:
+        """Bytes still missing from the frame being buffered (0: nothing is buffered); while
+        its length prefix is incomplete, the bytes missing from the prefix."""
+        buf = self._buf
+        have = len(buf)
+        if have == 0:
+            return 0
+        if have < FRAME_HEADER_BYTES:
+            return FRAME_HEADER_BYTES - have
+        return FRAME_HEADER_BYTES + int(_unpack_length(buf, 0)[0]) - have
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add ``data`` and return the bodies of all frames now complete, in order.
 
@@ -54,6 +69,8 @@ class FrameDecoder:
         resumes with ``feed(b"")``.
         """
         buf = self._buf
+        if not buf and type(data) is bytes:
+            return self._feed_bytes(data)
         buffered = bool(buf)
         if buffered:
             buf += data
@@ -84,4 +101,28 @@ class FrameDecoder:
             del buf[:pos]
         if too_large is not None:
             raise too_large
+        return frames
+
+    def _feed_bytes(self, data: bytes) -> list[bytes]:
+        """:meth:`feed` with nothing buffered and ``bytes`` in (the common case: a read that
+        holds whole frames): the bodies are sliced straight out of ``data``, no view, no copy
+        of the stream."""
+        frames: list[bytes] = []
+        pos = 0
+        end = len(data)
+        limit = self.max_frame
+        unpack = _unpack_length
+        while end - pos >= FRAME_HEADER_BYTES:
+            (n,) = unpack(data, pos)
+            if n > limit:
+                self._buf += data[pos:]
+                raise FrameTooLarge(n, limit, frames)
+            start = pos + FRAME_HEADER_BYTES
+            stop = start + n
+            if stop > end:
+                break
+            frames.append(data[start:stop])
+            pos = stop
+        if pos < end:
+            self._buf += data[pos:]  # keep only the incomplete tail
         return frames
