@@ -57,9 +57,6 @@ log = logging.getLogger("tessera.broker")
 #: so that a flooding client cannot raise everyone else's latency (issue #8, measured in bench/).
 EVENTS_PER_TURN = 128
 
-#: The backlog of every connection that has none (never appended to: see ``_defer``).
-_NO_BACKLOG: deque[Event] = deque()
-
 #: Decisions cached per connection ((action, subject) -> allowed); cleared when full.
 _ACL_CACHE_ENTRIES = 256
 
@@ -214,7 +211,7 @@ class RequestHandler:
         self.describe_mechanism: Callable[[], str | None] = lambda: None
         self._acl_cache: dict[tuple[Action, str], bool] = {}
         #: Events decoded but not yet handled (the turn's budget ran out, or the store is busy).
-        self._backlog: deque[Event] = _NO_BACKLOG  # see _defer
+        self._backlog: deque[Event] | None = None
         self._busy = False  #: a continuation is scheduled
         self._suspended = False  #: waiting for the store to finish a publish
         self._dirty = False
@@ -276,7 +273,7 @@ class RequestHandler:
             return
         if self._backlog or self._suspended:
             # Reading is paused while a backlog exists; bytes still in flight queue behind it.
-            self._defer(self.conn.receive_data(data, now))
+            self._hold(self.conn.receive_data(data, now))
             return
         self._handle(self.conn.receive_data(data, now, EVENTS_PER_TURN), now)
         self._after_turn(now)
@@ -293,14 +290,14 @@ class RequestHandler:
             self._busy = False
             self.io.resume_reading()
 
-    def _defer(self, events: list[Event]) -> None:
-        """Queue events behind the backlog (a deque of its own only while one exists: an empty
-        deque is ~760 bytes, and most connections are idle)."""
-        if events:
-            if self._backlog is _NO_BACKLOG:
-                self._backlog = deque(events)
-            else:
-                self._backlog.extend(events)
+    def _hold(self, events: list[Event]) -> None:
+        """Keep ``events`` for a later turn, after those already held."""
+        if not events:
+            return
+        if self._backlog is None:
+            self._backlog = deque(events)
+        else:
+            self._backlog.extend(events)
 
     def _continue(self) -> None:
         self._busy = False
@@ -311,7 +308,7 @@ class RequestHandler:
         if backlog:
             take = [backlog.popleft() for _ in range(min(len(backlog), EVENTS_PER_TURN))]
             if not backlog:
-                self._backlog = _NO_BACKLOG
+                self._backlog = None
         else:
             take = self.conn.receive_backlog(now, EVENTS_PER_TURN)
         self._handle(take, now)
@@ -329,7 +326,7 @@ class RequestHandler:
         self.subs.clear()
         self.opened = False
         self.outbox.clear()
-        self._backlog.clear()
+        self._backlog = None
         if self.conn.state is not State.CLOSED:
             self.conn.state = State.CLOSED
         self.hub.forget(self)
@@ -340,7 +337,7 @@ class RequestHandler:
     def _handle(self, events: list[Event], now: float) -> None:
         for i, event in enumerate(events):
             if self._suspended:
-                self._defer(events[i:])
+                self._hold(events[i:])
                 break
             kind = type(event)
             if kind is Publish:
@@ -692,7 +689,7 @@ class RequestHandler:
         self.opened = False
         self.closing = True
         self.hub.set_timer(self, None)
-        self._backlog.clear()
+        self._backlog = None
         self._suspended = False
         if graceful:
             self.outbox.push_final(self.conn.data_to_send())

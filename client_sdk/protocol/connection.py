@@ -88,9 +88,6 @@ _PUB_MAP3 = 0x83
 _MSG_HEAD = b"\x83\xa2op\xa3msg"
 _PUB_HEAD_BYTES = len(_MSG_HEAD)
 _unpackb = msgpack.unpackb
-#: Shared by every connection with no decoded frame waiting (an empty deque is ~760 bytes, and
-#: most connections are idle); never appended to: :meth:`Connection._feed` makes a new one.
-_NO_BODIES: deque[bytes] = deque()
 _unpack_u16 = struct.Struct(">H").unpack_from
 _unpack_u32 = struct.Struct(">I").unpack_from
 #: The canonical body (the SDK's and msgpack's own order): op, topic, payload.
@@ -206,7 +203,8 @@ class Connection:
         #: requests that were complete before the fatal frame (docs/protocol.md 3).
         self._final: bytes | None = None
         #: Frame bodies decoded but not yet turned into events (see ``max_events``).
-        self._bodies: deque[bytes] = _NO_BODIES  # a deque of its own once there are some
+        #: (Created when needed: an idle connection holds no deque.)
+        self._bodies: deque[bytes] | None = None
         #: An oversize prefix seen after the bodies in ``_bodies``; judged once they are.
         self._too_large: FrameTooLarge | None = None
         #: Frames the core answered with (pong, error) while a server had not yet sent its
@@ -282,14 +280,15 @@ class Connection:
             if self._too_large is not None:
                 break
             need = decoder.needed()
-        if self._bodies:
+        bodies = self._bodies
+        if bodies:
             # That frame first: on with the run only if it was a plain publish the sink took.
             sink = self.publish_sink
             if (
                 self._too_large is not None
                 or sink is None
-                or len(self._bodies) != 1
-                or not self._plain_publishes(self._bodies, 1, sink)
+                or len(bodies) != 1
+                or not self._plain_publishes(bodies, 1, sink)
             ):
                 self._feed(data[pos:])
                 return self.receive_backlog(now, max_events)
@@ -412,17 +411,11 @@ class Connection:
 
     def receive_backlog(self, now: float = 0.0, max_events: int | None = None) -> list[Event]:
         """Continue :meth:`receive_data` with frames it left pending (at most ``max_events``)."""
-        events = self._receive_backlog(now, max_events)
-        if not self._bodies:
-            self._bodies = _NO_BODIES
-        return events
-
-    def _receive_backlog(self, now: float, max_events: int | None) -> list[Event]:
         events: list[Event] = []
-        bodies = self._bodies
         taken = 0
         sink = self.publish_sink
         while True:
+            bodies = self._bodies  # (re-read: the limit change below may refill it)
             while bodies:
                 if max_events is not None and taken >= max_events:
                     return events
@@ -434,7 +427,7 @@ class Connection:
                     if done:
                         taken += done - 1
                         if self.closed:
-                            bodies.clear()
+                            self._bodies = None
                             self._too_large = None
                             return events
                         continue
@@ -442,9 +435,10 @@ class Connection:
                 if event is not None:
                     events.append(event)
                 if self.closed:
-                    bodies.clear()
+                    self._bodies = None
                     self._too_large = None
                     return events
+            self._bodies = None  # drained: an idle connection keeps no deque
             too_large = self._too_large
             if too_large is None:
                 return events
@@ -454,7 +448,6 @@ class Connection:
                 return events
             # hello/welcome in this batch raised the limit: decode the rest under the new one.
             self._feed(b"")
-            bodies = self._bodies
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -463,7 +456,7 @@ class Connection:
             frames = exc.frames
             self._too_large = exc
         if frames:
-            if self._bodies is _NO_BODIES:
+            if self._bodies is None:
                 self._bodies = deque(frames)
             else:
                 self._bodies.extend(frames)
