@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hub import FakeIO, TestHub, client
 
+from auth.acl import Policy
 from broker.handler import RequestHandler
 from client_sdk.protocol.codec import encode_message_frame
 from client_sdk.protocol.events import Error, Event, Message, Ok
@@ -209,3 +210,26 @@ def test_an_equal_size_frame_to_another_topic_inside_a_run_keeps_its_place() -> 
         "t.a"
     ] * 50
     assert theirs[50] == Message("t.c", b"\1" * len(PAYLOAD))
+
+
+def test_a_policy_change_stops_a_run_that_is_no_longer_allowed() -> None:
+    hub = TestHub()
+    sub, sub_io = client(hub, "bob")
+    publisher, pub_io = client(hub, "alice")
+    sub.receive(frame({"op": "sub", "sid": 1, "pattern": "t.>"}), hub.clock)
+    hub.settle()
+    sub_io.events()
+    publisher.receive(pub("t.a") * 20, hub.clock)  # learnt, allowed, taken as runs
+    hub.settle()
+    assert len(sub_io.events()) == 20
+    hub.set_policy(
+        Policy.from_text(
+            '[[allow]]\nprincipals = ["x509:bob"]\nsubscribe = ["t.>"]\n'
+            '[[allow]]\nprincipals = ["x509:alice"]\npublish = ["t.other"]\n'
+        )
+    )
+    publisher.receive(pub("t.a") * 20, hub.clock)
+    hub.settle()
+    assert sub_io.events() == []
+    errors = [e for e in pub_io.events() if isinstance(e, Error)]
+    assert len(errors) == 20 and {e.topic for e in errors} == {"t.a"}
