@@ -313,14 +313,15 @@ class Connection:
             if self._too_large is not None:
                 break
             need = decoder.needed()
-        if self._bodies:
+        bodies = self._bodies
+        if bodies:
             # That frame first: on with the run only if it was a plain publish the sink took.
             sink = self.publish_sink
             if (
                 self._too_large is not None
                 or sink is None
-                or len(self._bodies) != 1
-                or not self._plain_publishes(self._bodies, 1, sink)
+                or len(bodies) != 1
+                or not self._plain_publishes(bodies, 1, sink)
             ):
                 self._feed(data[pos:])
                 return self.receive_backlog(now, max_events)
@@ -480,7 +481,6 @@ class Connection:
                 return events
             # hello/welcome in this batch raised the limit: decode the rest under the new one.
             self._feed(b"")
-            bodies = self._bodies
 
     def _feed(self, data: bytes) -> None:
         try:
