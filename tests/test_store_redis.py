@@ -214,7 +214,7 @@ async def test_malformed_values_and_changes_are_ignored(
         await until(lambda: store.health().get("bad_changes") == 2, what="bad changes counted")
     finally:
         await r.aclose()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="truncated"):
         decode_change(b"1:n:5:abc")
     assert decode_change(b"7:n1:3:a.b") == (7, "n1", "a.b", None)
 
