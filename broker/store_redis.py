@@ -307,6 +307,10 @@ class RedisStore:
         self._feed: asyncio.Task[None] | None = None
         self._feed_up = False
         self._write_failing = False
+        #: Topics of our writes whose outcome is unknown (the reply was lost): our own change
+        #: for them on the feed is applied (bounded by the topics written during one outage;
+        #: emptied by a reload, which reads what Redis holds).
+        self._unsure: set[str] = set()
         self.stats: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -453,6 +457,8 @@ class RedisStore:
             self._write_failing = True
             self.stats["failed"] += len(batch)
             for job in batch:
+                # If Redis did write it, our own change on the feed is the only news of it.
+                self._unsure.update(p.topic for p in job.pubs)
                 _fail(job, StoreError(f"the store could not write: {type(exc).__name__}"))
             return
         if self._write_failing:
@@ -556,6 +562,7 @@ class RedisStore:
         finally:
             self._reloading = None
         self._mirror = mirror
+        self._unsure.clear()
         self.stats["reloads"] += 1
         if bad:
             self.stats["bad_values"] += bad
@@ -615,8 +622,9 @@ class RedisStore:
             except ValueError:
                 self.stats["bad_changes"] += 1
                 continue
-            if node == self.node:
+            if node == self.node and topic not in self._unsure:
                 continue  # our own: ``apply`` makes it visible in the step that routes it
+            self._unsure.discard(topic)
             if self._mirror.put(version, topic, pub):
                 self.stats["remote_changes"] += 1
 
