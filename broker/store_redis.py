@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -78,6 +79,8 @@ MAX_BATCH_JOBS = 1024
 _SCAN_COUNT = 1000
 #: Seconds one Redis round trip may take before the store counts Redis as unreachable.
 _COMMAND_TIMEOUT_SECONDS = 5.0
+#: Seconds ``close`` waits for its tasks to end once cancelled, and for each connection to close.
+_CANCEL_WAIT_SECONDS = 1.0
 #: Reconnect backoff of the change feed: first delay, ceiling (seconds), doubling in between.
 _BACKOFF_FIRST_SECONDS = 0.1
 _BACKOFF_MAX_SECONDS = 5.0
@@ -285,6 +288,7 @@ class RedisStore:
         *,
         prefix: str = DEFAULT_CHANNEL_PREFIX,
         node_id: str | None = None,
+        fail_fast: bool = True,
     ) -> None:
         self.settings = settings
         self.limits = limits or RetainLimits()
@@ -296,8 +300,12 @@ class RedisStore:
         self._keys = [self.key, f"{prefix}:retained:size", f"{prefix}:retained:bytes"]
         self._keys.append(f"{prefix}:retained:version")
         self.channel = f"{prefix}:{INTERNAL_CHANNEL_MARK}retained"
+        #: ``open`` raises when Redis is unreachable; False: open empty and catch up later.
+        self.fail_fast = fail_fast
         self._client: aioredis.Redis | None = None
-        self._sha = ""
+        self._pubsub: PubSub | None = None
+        #: EVALSHA of the script, computed here; loaded into Redis on the first NOSCRIPT.
+        self._sha = hashlib.sha1(_SAVE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
         self._mirror = _Mirror()
         #: Local applies during a reload: replayed on the reloaded mirror.
         self._reloading: list[tuple[int, str, Publication | None]] | None = None
@@ -316,18 +324,30 @@ class RedisStore:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, subscribe to the change feed and load the mirror; raises
-        :class:`StoreError` if Redis cannot be reached (the broker does not start)."""
+        """Connect, subscribe to the change feed and load the mirror. Redis unreachable: raises
+        :class:`StoreError` (the broker does not start), or with ``fail_fast=False`` (a worker
+        restarted during an outage) opens with an empty mirror that the feed fills once Redis
+        is back; saves fail with ``STORE_FAILED`` meanwhile."""
         self._client = self.settings.client()
+        pubsub: PubSub | None = None
         try:
-            await self._load_script()
             pubsub = await self._subscribe()
             await self._reload()
         except Exception as exc:
-            await self.close()
-            raise StoreError(
-                f"cannot reach redis at {self.settings.safe_url()}: {type(exc).__name__}"
-            ) from None
+            if pubsub is not None:
+                await _close_pubsub(pubsub)
+                pubsub = None
+            if self.fail_fast:
+                await self.close()
+                raise StoreError(
+                    f"cannot reach redis at {self.settings.safe_url()}: {type(exc).__name__}"
+                ) from None
+            log.warning(
+                "store: redis at %s unreachable (%s); starting without retained values until "
+                "it is back",
+                self.settings.safe_url(),
+                type(exc).__name__,
+            )
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop(), name="redis-store-writer")
         self._feed = loop.create_task(self._feed_loop(pubsub), name="redis-store-feed")
@@ -340,19 +360,29 @@ class RedisStore:
 
     async def close(self) -> None:
         for job in self._queue:
-            if not job.future.done():
-                job.future.set_exception(StoreError("the store is closing"))
+            _fail(job, StoreError("the store is closing"))
         self._queue.clear()
-        for task in (self._writer, self._feed):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        tasks = [t for t in (self._writer, self._feed) if t is not None]
         self._writer = self._feed = None
+        for task in tasks:
+            task.add_done_callback(_retrieve)
+            task.cancel()
+        if tasks:
+            # Bounded: redis-py may swallow a cancellation inside a read (broker/cluster.py
+            # has the same guard); closing the connections below ends such a task.
+            _, pending = await asyncio.wait(tasks, timeout=_CANCEL_WAIT_SECONDS)
+            if pending:
+                log.warning(
+                    "store: %s did not stop on cancel", ", ".join(t.get_name() for t in pending)
+                )
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            await _close_pubsub(pubsub)
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
-                await client.aclose()
+                async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
+                    await client.aclose()
 
     # --- the Store protocol ---------------------------------------------------------------
 
@@ -427,7 +457,8 @@ class RedisStore:
     async def _load_script(self) -> None:
         client = self._client
         assert client is not None
-        sha = await asyncio.wait_for(client.script_load(_SAVE_SCRIPT), _COMMAND_TIMEOUT_SECONDS)
+        async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+            sha = await client.script_load(_SAVE_SCRIPT)
         self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
 
     async def _write(self, batch: list[_Job]) -> None:
@@ -484,9 +515,9 @@ class RedisStore:
                 else:
                     args += [pub.topic, -1, b""]
             pipe.evalsha(self._sha, len(self._keys), *args)
-        results = await asyncio.wait_for(
-            pipe.execute(raise_on_error=False), _COMMAND_TIMEOUT_SECONDS
-        )
+        async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+            results = await pipe.execute(raise_on_error=False)
+        _raise_if_cancelled()
         return list(results)
 
     def _resolve(self, job: _Job, result: object) -> None:
@@ -521,11 +552,13 @@ class RedisStore:
         client = self._client
         assert client is not None
         pubsub = client.pubsub()
+        self._pubsub = pubsub
         try:
-            await asyncio.wait_for(pubsub.subscribe(self.channel), _COMMAND_TIMEOUT_SECONDS)
+            async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+                await pubsub.subscribe(self.channel)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = None
+            await _close_pubsub(pubsub)
             raise
         return pubsub
 
@@ -541,9 +574,9 @@ class RedisStore:
             bad = 0
             cursor = 0
             while True:
-                cursor, fields = await asyncio.wait_for(
-                    client.hscan(self.key, cursor, count=_SCAN_COUNT), _COMMAND_TIMEOUT_SECONDS
-                )
+                async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+                    cursor, fields = await client.hscan(self.key, cursor, count=_SCAN_COUNT)
+                _raise_if_cancelled()
                 for field, raw in fields.items() if isinstance(fields, dict) else ():
                     if not isinstance(field, bytes) or not isinstance(raw, bytes):
                         bad += 1
@@ -583,8 +616,8 @@ class RedisStore:
                     raise
                 except Exception:
                     if pubsub is not None:
-                        with contextlib.suppress(Exception):
-                            await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        self._pubsub = None
+                        await _close_pubsub(pubsub)
                     pubsub = None
                     delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
                     continue
@@ -594,7 +627,8 @@ class RedisStore:
             try:
                 await self._read_feed(pubsub)
             except asyncio.CancelledError:
-                raise
+                self._feed_up = False
+                raise  # close() closes the connection
             except Exception as exc:
                 self.stats["feed_outages"] += 1
                 log.warning(
@@ -603,15 +637,15 @@ class RedisStore:
                     self.settings.safe_url(),
                     type(exc).__name__,
                 )
-            finally:
-                self._feed_up = False
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._feed_up = False
+            self._pubsub = None
+            await _close_pubsub(pubsub)
             pubsub = None
 
     async def _read_feed(self, pubsub: PubSub) -> None:
         while True:
             msg = await pubsub.get_message(timeout=None)
+            _raise_if_cancelled()
             if msg is None or msg.get("type") != "message":
                 continue
             data = msg.get("data")
@@ -633,6 +667,24 @@ def _is_noscript(result: object) -> bool:
     from redis.exceptions import NoScriptError  # noqa: PLC0415 - the optional extra
 
     return isinstance(result, NoScriptError)
+
+
+def _raise_if_cancelled() -> None:
+    """After a call into redis-py, which may swallow a cancellation (broker/cluster.py)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _close_pubsub(pubsub: PubSub) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 def _fail(job: _Job, err: StoreError) -> None:

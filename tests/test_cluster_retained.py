@@ -5,6 +5,7 @@ every node; the limits are the cluster's, not one node's; ``--workers 2`` share 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from brokerproc import BrokerProcess
 from redisproc import RedisProcess
 from test_cluster_brokers import ACL, cluster_config, connect, wait_subscribed
 from timing import scaled
@@ -140,3 +142,27 @@ async def test_retained_snapshots_obey_the_acl_of_the_receiving_node(
     async with connect(b.url, pki, "mallory") as mallory:
         got = await snapshot(mallory, ">", want=2)
         assert {m.topic for m in got} == {"public.news", "private.key"}
+
+
+async def test_two_workers_on_one_port_serve_the_same_retained_values(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    cfg = cluster_config(broker_factory, redis_server)
+    proc = broker_factory.track(
+        BrokerProcess(["serve", "--config", str(cfg), "--workers", "2"], workdir=cfg.parent)
+    ).start()
+    async with connect(proc.url, pki, "alice") as pub:
+        await pub.publish("cfg.mode", b"eco", retain=True)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(connect(proc.url, pki, "alice")) for _ in range(8)
+        ]
+        # the kernel spread the connections over both workers (2**-7 odds otherwise)
+        opened = proc.wait_for_log(r"session open", count=9)
+        assert any("[worker 0]" in line for line in opened)
+        assert any("[worker 1]" in line for line in opened)
+        for c in clients:  # whichever worker it reached, the same snapshot
+            got = await snapshot(c, "cfg.>", want=1)
+            assert [(m.topic, m.payload, m.retained) for m in got] == [("cfg.mode", b"eco", True)]
+    code = proc.stop(timeout=scaled(40.0))
+    assert code == 0, proc.log()[-6000:]

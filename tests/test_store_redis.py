@@ -195,6 +195,35 @@ async def test_unreachable_redis_fails_open(redis_server: RedisProcess) -> None:
         await s.open()
 
 
+async def test_a_restarted_worker_opens_during_an_outage_and_catches_up(
+    redis_server: RedisProcess,
+) -> None:
+    """``fail_fast=False`` (what a worker restarted by --workers uses): open empty, refuse
+    retained publishes while Redis is down, load the values once it is back."""
+    writer = RedisStore(RedisSettings(redis_server.url))
+    await writer.open()
+    await stored(writer, pub("cfg.mode", b"eco"))
+    await writer.close()
+    redis_server.kill()
+    s = RedisStore(RedisSettings(redis_server.url), fail_fast=False)
+    await s.open()
+    try:
+        assert view(s, ">") == {}
+        with pytest.raises(StoreError) as info:
+            await s.save([pub("cfg.mode", b"on")])
+        assert info.value.code == ErrorCode.STORE_FAILED
+        redis_server.restart()  # empty (no persistence); another node writes again
+        other = RedisStore(RedisSettings(redis_server.url))
+        await other.open()
+        await stored(other, pub("cfg.mode", b"eco"))
+        await other.close()
+        await until(lambda: view(s, ">") == {"cfg.mode": b"eco"}, 15.0, "caught up")
+        await stored(s, pub("cfg.mode", b"on"))
+        assert view(s, ">") == {"cfg.mode": b"on"}
+    finally:
+        await s.close()
+
+
 async def test_malformed_values_and_changes_are_ignored(
     store: RedisStore, redis_server: RedisProcess
 ) -> None:
