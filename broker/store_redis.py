@@ -219,44 +219,50 @@ class _Mirror:
     """Every retained value as this node knows it: first token -> topic -> publication, and
     each topic's version (the number Redis gave its last write)."""
 
-    __slots__ = ("buckets", "versions")
+    __slots__ = ("buckets", "count", "versions")
+
+    #: Versions of cleared topics kept beyond the number of values (see ``put``).
+    CLEARED_MARGIN = 4096
 
     def __init__(self) -> None:
         self.buckets: dict[str, dict[str, Publication]] = {}
         self.versions: dict[str, int] = {}
+        self.count = 0
 
     def put(self, version: int, topic: str, pub: Publication | None) -> bool:
         """Apply a change unless the mirror already holds a newer one for ``topic``."""
         if self.versions.get(topic, 0) >= version:
             return False
         first = topic.split(".", 1)[0]
+        bucket = self.buckets.get(first)
+        had = bucket is not None and topic in bucket
+        # A clear is remembered as its version too: a late older change of the topic (a
+        # local ``apply`` after another node's clear) cannot bring the value back.
+        self.versions[topic] = version
         if pub is None:
-            self.versions.pop(topic, None)
-            bucket = self.buckets.get(first)
-            if bucket is not None:
-                bucket.pop(topic, None)
+            if bucket is not None and had:
+                del bucket[topic]
+                self.count -= 1
                 if not bucket:
                     del self.buckets[first]
-            # A clear is remembered as its version until a newer value comes: a stale change
-            # of the same topic arriving later cannot bring the value back.
-            self.versions[topic] = version
-            self._forget_clears_sometimes()
+            if len(self.versions) > 2 * self.count + self.CLEARED_MARGIN:
+                # Bounded: forget the versions of cleared topics (they matter only for changes
+                # crossing each other within moments).
+                self.versions = {
+                    t: v
+                    for t, v in self.versions.items()
+                    if t in self.buckets.get(t.split(".", 1)[0], ())
+                }
             return True
-        self.versions[topic] = version
-        self.buckets.setdefault(first, {})[topic] = pub
+        if bucket is None:
+            bucket = self.buckets[first] = {}
+        bucket[topic] = pub
+        if not had:
+            self.count += 1
         return True
 
-    def _forget_clears_sometimes(self) -> None:
-        # Versions of cleared topics are kept only while they might matter (a reordering
-        # between a reload and the feed); bound them to the number of live values + a margin.
-        live = sum(len(b) for b in self.buckets.values())
-        if len(self.versions) > 2 * live + 4096:
-            self.versions = {
-                t: v for t, v in self.versions.items() if t in self.buckets.get(t.split(".")[0], {})
-            }
-
     def __len__(self) -> int:
-        return sum(len(b) for b in self.buckets.values())
+        return self.count
 
     def match(self, pattern: str) -> list[Publication]:
         tokens = split_pattern(pattern)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,18 @@ async def test_two_workers_on_one_port_serve_the_same_retained_values(
             assert [(m.topic, m.payload, m.retained) for m in got] == [("cfg.mode", b"eco", True)]
     code = proc.stop(timeout=scaled(40.0))
     assert code == 0, proc.log()[-6000:]
+
+
+async def test_the_store_state_is_in_the_stats(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    a = broker_factory.serve(cluster_config(broker_factory, redis_server))
+    async with connect(a.url, pki, "alice") as c:
+        await c.publish("cfg.x", b"1", retain=True)
+    mark = a.log_mark()
+    a.send_signal(signal.SIGUSR1)
+    (line,) = a.wait_for_log(r"stats \{", since=mark)
+    stats = json.loads(line.split("stats ", 1)[1])
+    store = stats["store"]
+    assert (store["engine"], store["feed_connected"], store["retained"]) == ("redis", True, 1)
+    assert store["writes"] == 1

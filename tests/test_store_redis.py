@@ -297,3 +297,21 @@ async def test_ten_thousand_topics(store: RedisStore, redis_server: RedisProcess
         )
     finally:
         await other.close()
+
+
+def test_the_mirror_orders_changes_by_version_and_bounds_cleared_topics() -> None:
+    """The mirror (sans-I/O): an older change never replaces a newer one, a clear included;
+    what it remembers of cleared topics is bounded."""
+    from broker.store_redis import _Mirror  # noqa: PLC0415 - the module's own helper
+
+    m = _Mirror()
+    assert m.put(2, "a.b", pub("a.b", b"new"))
+    assert not m.put(1, "a.b", pub("a.b", b"old"))
+    assert m.put(3, "a.b", None)
+    assert not m.put(2, "a.b", pub("a.b", b"new")), "a late older value stays cleared"
+    assert (len(m), m.match(">")) == (0, [])
+    for i in range(10_000):
+        m.put(10 + 2 * i, f"t{i}.x", pub(f"t{i}.x", b"v"))
+        m.put(11 + 2 * i, f"t{i}.x", None)
+    assert len(m) == 0 and len(m.versions) <= m.CLEARED_MARGIN + 1
+    assert m.put(50_000, "z.y", pub("z.y", b"1")) and [p.topic for p in m.match("z.*")] == ["z.y"]
