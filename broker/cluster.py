@@ -123,6 +123,12 @@ def glob_escape(text: str) -> str:
     return "".join(out)
 
 
+def _is_internal(channel: object, internal: bytes) -> bool:
+    if isinstance(channel, str):
+        channel = channel.encode()
+    return isinstance(channel, bytes) and channel.startswith(internal)
+
+
 def encode_publication(pub: Publication, packer: msgpack.Packer | None = None) -> bytes:
     """One publication as Redis carries it, inside a batch (see :func:`encode_batch`).
     A reused ``packer`` (one per backplane: not shared between threads) saves creating one
@@ -192,12 +198,6 @@ def decode_batch(data: bytes) -> tuple[bytes, int, list[Publication]]:
                     raise ValueError("headers must map strings to strings")
         append(Publication(topic, payload, headers, sender, retain, dict(extra) if extra else {}))
     return node, seq, pubs
-
-
-def _is_internal(channel: object, internal: bytes) -> bool:
-    if isinstance(channel, str):
-        channel = channel.encode()
-    return isinstance(channel, bytes) and channel.startswith(internal)
 
 
 def _first_token(pattern: str) -> str:
