@@ -280,10 +280,13 @@ def _backplane(cfg: BrokerConfig, settings: RedisSettings | None) -> Backplane |
     )
 
 
-def _store(cfg: BrokerConfig, settings: RedisSettings | None) -> Store | None:
+def _store(
+    cfg: BrokerConfig, settings: RedisSettings | None, *, fail_fast: bool = True
+) -> Store | None:
     """Issue #11: with ``[cluster]`` retained values live in Redis (broker/store_redis.py) and
     ``data_dir`` is not used for them; without it ``None``: the Broker builds the embedded
-    store from ``data_dir`` exactly as before."""
+    store from ``data_dir`` exactly as before. ``fail_fast=False`` (a restarted worker): open
+    even while Redis is unreachable and catch up when it is back."""
     if cfg.cluster is None or settings is None:
         return None
     from broker.store_redis import RedisStore  # noqa: PLC0415 - the optional extra
@@ -296,7 +299,7 @@ def _store(cfg: BrokerConfig, settings: RedisSettings | None) -> Store | None:
             cfg.data_dir,
         )
     limits = RetainLimits(m.retain_max_value_bytes, m.retain_max_topics, m.retain_max_total_bytes)
-    return RedisStore(settings, limits, prefix=cfg.cluster.channel_prefix)
+    return RedisStore(settings, limits, prefix=cfg.cluster.channel_prefix, fail_fast=fail_fast)
 
 
 def _as_worker(cfg: BrokerConfig, binds_json: str, index: int) -> BrokerConfig:
