@@ -125,16 +125,17 @@ for i = 0, n - 1 do
   local size = tonumber(ARGV[6 + 3 * i])
   local value = ARGV[7 + 3 * i]
   local version = redis.call('INCR', KEYS[4])
+  local v = string.format('%d', version)  -- never "1e+14": Lua numbers are doubles
   if size < 0 then
     redis.call('HDEL', KEYS[1], topic)
     redis.call('HDEL', KEYS[2], topic)
     value = ''
   else
-    redis.call('HSET', KEYS[1], topic, version .. ':' .. value)
+    redis.call('HSET', KEYS[1], topic, v .. ':' .. value)
     redis.call('HSET', KEYS[2], topic, size)
   end
   redis.call('PUBLISH', ARGV[1],
-    version .. ':' .. ARGV[2] .. ':' .. string.len(topic) .. ':' .. topic .. value)
+    v .. ':' .. ARGV[2] .. ':' .. string.len(topic) .. ':' .. topic .. value)
   out[#out + 1] = version
 end
 redis.call('SET', KEYS[3], total)
