@@ -19,12 +19,12 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from auth.acl import Policy
 from broker.admin import AdminError, AdminServer, request
-from broker.backplane import Backplane
 from broker.check import preflight
-from broker.cluster import RedisSettings
+from broker.cluster import RedisBackplane, RedisSettings
 from broker.config import (
     DEFAULT_ADMIN_SOCKET,
     BrokerConfig,
@@ -46,9 +46,12 @@ from broker.logs import setup_logging
 from broker.metrics import MetricsServer, start_metrics
 from broker.reload import Reloader
 from broker.server import SERVER_NAME, Broker
-from broker.store import Store, StoreError
+from broker.store import StoreError
 
 __all__ = ["main"]
+
+if TYPE_CHECKING:
+    from broker.store_redis import RedisStore
 
 log = logging.getLogger("tessera.broker")
 
@@ -264,12 +267,10 @@ def _redis_settings(cfg: BrokerConfig) -> RedisSettings | None:
     )
 
 
-def _backplane(cfg: BrokerConfig, settings: RedisSettings | None) -> Backplane | None:
+def _backplane(cfg: BrokerConfig, settings: RedisSettings | None) -> RedisBackplane | None:
     """The Redis backplane when ``[cluster]`` is configured (imported only then)."""
     if cfg.cluster is None or settings is None:
         return None
-    from broker.cluster import RedisBackplane  # noqa: PLC0415 - the optional extra
-
     return RedisBackplane(
         settings.url,
         username=settings.username,
@@ -282,7 +283,7 @@ def _backplane(cfg: BrokerConfig, settings: RedisSettings | None) -> Backplane |
 
 def _store(
     cfg: BrokerConfig, settings: RedisSettings | None, *, fail_fast: bool = True
-) -> Store | None:
+) -> RedisStore | None:
     """Issue #11: with ``[cluster]`` retained values live in Redis (broker/store_redis.py) and
     ``data_dir`` is not used for them; without it ``None``: the Broker builds the embedded
     store from ``data_dir`` exactly as before. ``fail_fast=False`` (a restarted worker): open
@@ -325,7 +326,11 @@ async def _serve(
     cfg: BrokerConfig, policy: Policy | None, on_listening: Callable[[list[str]], None] | None
 ) -> None:
     redis = _redis_settings(cfg)  # issue #11: [cluster] shares the backplane and the store
-    broker = Broker(cfg, policy=policy, backplane=_backplane(cfg, redis), store=_store(cfg, redis))
+    backplane, store = _backplane(cfg, redis), _store(cfg, redis)
+    if backplane is not None and store is not None:
+        # a remote retained value is visible to snapshots as it is routed here
+        backplane.on_retained = store.observe
+    broker = Broker(cfg, policy=policy, backplane=backplane, store=store)
     reloader = Reloader(broker)
     admin = _admin_server(broker, reloader)
     if admin is not None:

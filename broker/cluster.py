@@ -274,6 +274,10 @@ class RedisBackplane:
         #: and dropped without decoding them.
         self._echo_prefix = bytes((0x94, _WIRE_VERSION, 0xC4, len(self.node))) + self.node
         self._inject: Callable[[Publication], None] | None = None
+        #: Issue #11: called with each remote retained publication just before it is injected
+        #: (in the same step): the clustered store makes it visible to snapshots as it is
+        #: routed (``RedisStore.observe``), so a new subscription never misses it.
+        self.on_retained: Callable[[Publication], None] | None = None
         self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
         self._packer = msgpack.Packer(use_bin_type=True)
         self._seq = 0
@@ -600,5 +604,8 @@ class RedisBackplane:
         self.stats["received"] += len(pubs)
         inject = self._inject
         assert inject is not None
+        on_retained = self.on_retained
         for pub in pubs:
+            if on_retained is not None and pub.retain:
+                on_retained(pub)
             inject(pub)

@@ -35,11 +35,13 @@ Change feed
     connection it re-subscribes and reloads the whole hash (changes arriving meanwhile are
     applied after, by version), so a node's mirror converges on Redis' content.
 
-Across nodes, a change becomes visible on another node when its feed message arrives there
-(typically before the live delivery through the backplane, which takes the same Redis but
-another connection): a subscription made on that node in between may receive the value both in
-its snapshot and live (a duplicate, never a gap). While Redis is unreachable ``save`` fails
-(``STORE_FAILED``) and ``retained`` serves the mirror as it was.
+Across nodes, a change becomes visible on another node when its feed message arrives there or,
+at the latest, in the step in which that node routes the live copy from the backplane (the
+backplane's ``on_retained`` hook calls :meth:`RedisStore.observe`; the version travels in
+``Publication.extra``). The feed usually comes first: a subscription made on that node in
+between may receive the value both in its snapshot and live (a duplicate, never a gap). While
+Redis is unreachable ``save`` fails (``STORE_FAILED``) and ``retained`` serves the mirror as it
+was.
 """
 
 from __future__ import annotations
@@ -429,6 +431,16 @@ class RedisStore:
             self._mirror.put(version, pub.topic, value)
             if self._reloading is not None:
                 self._reloading.append((version, pub.topic, value))
+
+    def observe(self, pub: Publication) -> None:
+        """A retained publication from another node, about to be routed here (the backplane's
+        ``on_retained``): visible to snapshots from this step on, if it is newer than what the
+        mirror holds (its change on the feed usually came first; then this does nothing)."""
+        version = pub.extra.get("retained_version")
+        if pub.retain and type(version) is int and version > 0:
+            value = Publication(pub.topic, pub.payload, pub.headers, pub.sender, True)
+            if self._mirror.put(version, pub.topic, value if pub.payload else None):
+                self.stats["remote_changes_routed_first"] += 1
 
     def retained(self, pattern: str) -> Sequence[Publication]:
         return self._mirror.match(pattern)

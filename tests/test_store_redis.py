@@ -315,3 +315,46 @@ def test_the_mirror_orders_changes_by_version_and_bounds_cleared_topics() -> Non
         m.put(11 + 2 * i, f"t{i}.x", None)
     assert len(m) == 0 and len(m.versions) <= m.CLEARED_MARGIN + 1
     assert m.put(50_000, "z.y", pub("z.y", b"1")) and [p.topic for p in m.match("z.*")] == ["z.y"]
+
+
+async def test_a_remote_retained_value_is_visible_in_the_step_that_routes_it(
+    store: RedisStore, redis_server: RedisProcess
+) -> None:
+    """Node B's backplane hands each remote retained publication to B's store just before
+    routing it (``on_retained`` -> ``observe``): a subscription made on B after that step has
+    it in its snapshot even when B's change feed has not delivered it (here B's store follows
+    another prefix's feed, so only the backplane can tell it)."""
+    b_store = RedisStore(RedisSettings(redis_server.url), prefix="elsewhere")
+    await b_store.open()
+    seen_at_routing: list[dict[str, bytes]] = []
+
+    def inject(p: Publication) -> None:
+        seen_at_routing.append(view(b_store, p.topic))
+
+    a_bp = RedisBackplane(redis_server.url)
+    b_bp = RedisBackplane(redis_server.url)
+    b_bp.on_retained = b_store.observe
+    await a_bp.start(lambda p: None)
+    await b_bp.start(inject)
+    try:
+        b_bp.interest("cfg.>", True)
+        await until(lambda: b_bp.health()["channels"] == 1, what="interest")
+        await asyncio.sleep(0.05)
+        p1 = pub("cfg.mode", b"eco")
+        await stored(store, p1)  # what node A's hub does: save, apply, then the backplane
+        assert a_bp.publish(p1)
+        await until(lambda: len(seen_at_routing) == 1, what="routed on B")
+        assert seen_at_routing == [{"cfg.mode": b"eco"}]
+        # an older version arriving later changes nothing; a clear applies
+        stale = pub("cfg.mode", b"old", extra={"retained_version": 1})
+        b_store.observe(stale)
+        assert view(b_store, "cfg.mode") == {"cfg.mode": b"eco"}
+        p2 = pub("cfg.mode", b"")
+        await stored(store, p2)
+        assert a_bp.publish(p2)
+        await until(lambda: len(seen_at_routing) == 2, what="clear routed on B")
+        assert seen_at_routing[1] == {}
+    finally:
+        await a_bp.stop()
+        await b_bp.stop()
+        await b_store.close()
