@@ -328,8 +328,9 @@ async def _serve(
     redis = _redis_settings(cfg)  # issue #11: [cluster] shares the backplane and the store
     backplane, store = _backplane(cfg, redis), _store(cfg, redis)
     if backplane is not None and store is not None:
-        # a remote retained value is visible to snapshots as it is routed here
+        # a remote retained value becomes visible to snapshots as it is routed here
         backplane.on_retained = store.observe
+        store.follows = backplane.receives
     broker = Broker(cfg, policy=policy, backplane=backplane, store=store)
     reloader = Reloader(broker)
     admin = _admin_server(broker, reloader)

@@ -369,6 +369,14 @@ class RedisBackplane:
             self._wake_writer.set()
         return True
 
+    def receives(self, topic: str) -> bool:
+        """Does a publication on ``topic`` from another node reach this node now (connected,
+        and Redis confirmed the subscription to its channel or to the glob)? Issue #11: the
+        clustered store then waits for the live copy rather than its change feed."""
+        if not self._connected or self._stopping:
+            return False
+        return self._globbed or f"{self.prefix}:{_first_token(topic)}" in self._channels
+
     def health(self) -> Mapping[str, object]:
         out: dict[str, object] = {
             "engine": "redis",

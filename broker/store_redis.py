@@ -35,13 +35,14 @@ Change feed
     connection it re-subscribes and reloads the whole hash (changes arriving meanwhile are
     applied after, by version), so a node's mirror converges on Redis' content.
 
-Across nodes, a change becomes visible on another node when its feed message arrives there or,
-at the latest, in the step in which that node routes the live copy from the backplane (the
-backplane's ``on_retained`` hook calls :meth:`RedisStore.observe`; the version travels in
-``Publication.extra``). The feed usually comes first: a subscription made on that node in
-between may receive the value both in its snapshot and live (a duplicate, never a gap). While
-Redis is unreachable ``save`` fails (``STORE_FAILED``) and ``retained`` serves the mirror as it
-was.
+Across nodes: when another node's backplane receives the topic's channel (``follows``, i.e.
+``RedisBackplane.receives``), the change becomes visible there in the step that routes its live
+copy (the backplane's ``on_retained`` hook calls :meth:`RedisStore.observe`; the version travels
+in ``Publication.extra``), so the snapshot/live switch is exact there too: no gap, no duplicate.
+The change from the feed then waits :data:`_FEED_GRACE_SECONDS` and applies only if the live
+copy did not come (an outage). When the node does not receive the channel (no local subscriber
+on that first token), the feed applies the change at once. While Redis is unreachable ``save``
+fails (``STORE_FAILED``) and ``retained`` serves the mirror as it was.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,10 @@ MAX_BATCH_JOBS = 1024
 _SCAN_COUNT = 1000
 #: Seconds one Redis round trip may take before the store counts Redis as unreachable.
 _COMMAND_TIMEOUT_SECONDS = 5.0
+#: Seconds a remote change from the feed waits for its live copy through the backplane when
+#: the backplane follows its topic (see ``RedisStore.follows``); the live copy normally comes
+#: within a millisecond or two after the change on loopback.
+_FEED_GRACE_SECONDS = 0.5
 #: Seconds ``close`` waits for its tasks to end once cancelled, and for each connection to close.
 _CANCEL_WAIT_SECONDS = 1.0
 #: Reconnect backoff of the change feed: first delay, ceiling (seconds), doubling in between.
@@ -324,6 +329,11 @@ class RedisStore:
         self._feed: asyncio.Task[None] | None = None
         self._feed_up = False
         self._write_failing = False
+        #: Issue #11: does the backplane deliver ``topic`` from other nodes right now
+        #: (``RedisBackplane.receives``)? Then a remote change waits for its live copy
+        #: (``observe``) for up to :data:`_FEED_GRACE_SECONDS` before the feed applies it.
+        self.follows: Callable[[str], bool] | None = None
+        self._deferred = 0
         #: Topics of our writes whose outcome is unknown (the reply was lost): our own change
         #: for them on the feed is applied (bounded by the topics written during one outage;
         #: emptied by a reload, which reads what Redis holds).
@@ -678,8 +688,24 @@ class RedisStore:
             if node == self.node and topic not in self._unsure:
                 continue  # our own: ``apply`` makes it visible in the step that routes it
             self._unsure.discard(topic)
+            follows = self.follows
+            if node != self.node and follows is not None and follows(topic):
+                # Its live copy is on its way through the backplane and ``observe`` will make
+                # it visible in the step that routes it (a snapshot taken before then has the
+                # old value, the live copy follows: no duplicate, nothing out of order). The
+                # feed is the fallback if the live copy does not come (an outage).
+                self._deferred += 1
+                asyncio.get_running_loop().call_later(
+                    _FEED_GRACE_SECONDS, self._late_change, version, topic, pub
+                )
+                continue
             if self._mirror.put(version, topic, pub):
                 self.stats["remote_changes"] += 1
+
+    def _late_change(self, version: int, topic: str, pub: Publication | None) -> None:
+        self._deferred -= 1
+        if self._mirror.put(version, topic, pub):
+            self.stats["remote_changes_late"] += 1  # the live copy did not come in time
 
 
 def _is_noscript(result: object) -> bool:

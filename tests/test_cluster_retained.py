@@ -5,6 +5,7 @@ every node; the limits are the cluster's, not one node's; ``--workers 2`` share 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -182,3 +183,38 @@ async def test_the_store_state_is_in_the_stats(
     store = stats["store"]
     assert (store["engine"], store["feed_connected"], store["retained"]) == ("redis", True, 1)
     assert store["writes"] == 1
+
+
+async def test_late_subscribers_on_another_node_see_a_busy_topic_without_gap_or_duplicate(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    """A publisher on A updates one retained counter as fast as it is acknowledged; on B new
+    subscriptions start meanwhile (B already receives the topic's channel). Each sees the
+    counter from its snapshot (or first live value) on, every value once, in order."""
+    a = broker_factory.serve(cluster_config(broker_factory, redis_server))
+    b = broker_factory.serve(cluster_config(broker_factory, redis_server))
+    n = 300
+    async with (
+        connect(a.url, pki, "alice") as pub,
+        connect(b.url, pki, "alice") as holder,
+        connect(b.url, pki, "alice") as late,
+    ):
+        await holder.subscribe("ctr.>")  # B's interest in tessera:ctr stays up throughout
+        await wait_subscribed(redis_server, "tessera:ctr", 1)
+        await pub.publish("ctr.x", b"0", retain=True)
+
+        async def publish_all() -> None:
+            for i in range(1, n + 1):
+                await pub.publish("ctr.x", str(i).encode(), retain=True)
+
+        task = asyncio.get_running_loop().create_task(publish_all())
+        subs = []
+        while not task.done():
+            subs.append(await late.subscribe("ctr.x"))
+            await asyncio.sleep(0.01)
+        await task
+        assert len(subs) >= 5
+        for sub in subs:
+            got = [int(m.payload) for m in await drain(sub)]
+            assert got, "every subscription gets at least the snapshot"
+            assert got == list(range(got[0], n + 1)), got
