@@ -734,11 +734,11 @@ def _classify(
     if isinstance(exc, BadMechanismError):
         return HandshakeError(HandshakeReason.MECHANISM_REFUSED, "no usable mechanism")
     if isinstance(exc, SpnegoError):
-        return HandshakeError(default, type(exc).__name__)
+        return HandshakeError(default, "the NTLM exchange failed")
     if not peer_input:
-        return HandshakeError(default, type(exc).__name__)
+        return HandshakeError(default, "the security context could not be set up")
     # struct.error, ValueError, IndexError... from decoding a peer's token.
-    return HandshakeError(HandshakeReason.MALFORMED, f"undecodable token ({type(exc).__name__})")
+    return HandshakeError(HandshakeReason.MALFORMED, "undecodable token")
 
 
 # -- the common record machinery -------------------------------------------------------------------

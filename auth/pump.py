@@ -16,7 +16,12 @@ from typing import Protocol
 from auth.errors import AuthError, HandshakeError, HandshakeReason
 from auth.layer import SecurityLayer
 
-__all__ = ["LayerPump", "Offload", "PumpOwner", "StepSkipped"]
+__all__ = ["MAX_PENDING_BYTES", "LayerPump", "Offload", "PumpOwner", "StepSkipped"]
+
+#: Bytes a peer may send while one of its handshake steps runs (drivers also stop reading
+#: meanwhile); past it the handshake fails. A first flight is one token (64 KiB by default,
+#: ``max_handshake_token_bytes``) plus what a client may pipeline behind it (a hello frame).
+MAX_PENDING_BYTES = 256 * 1024
 
 #: ``offload(step, data, done)``: run ``step(data)`` off the loop, then call ``done(exc)`` (the
 #: exception it raised, or ``None``) on the loop's thread.
@@ -60,6 +65,7 @@ class LayerPump:
         "_offload",
         "_owner",
         "_pending",
+        "_pending_bytes",
         "_stepping",
         "_was_established",
         "layer",
@@ -73,6 +79,7 @@ class LayerPump:
         self._offload = offload
         self._stepping = False
         self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._was_established = False
         #: Also report EOF before the handshake completed as a failure (a client wants to know
         #: that the broker hung up; a broker just lets the transport close).
@@ -86,6 +93,13 @@ class LayerPump:
     def feed(self, data: bytes) -> None:
         """Bytes read from the socket (``b""``: EOF)."""
         if self._stepping:
+            self._pending_bytes += len(data)
+            if self._pending_bytes > MAX_PENDING_BYTES:
+                self._pending.clear()
+                self._failed(
+                    HandshakeError(HandshakeReason.MALFORMED, "too much data during the handshake")
+                )
+                return
             self._pending.append(data)
             return
         layer = self.layer
@@ -102,6 +116,7 @@ class LayerPump:
 
     def _step_done(self, exc: BaseException | None, data: bytes) -> None:
         self._stepping = False
+        self._pending_bytes = 0
         owner = self._owner
         if isinstance(exc, StepSkipped):
             self._pending.clear()

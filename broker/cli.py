@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     # Internal: how the --workers supervisor (broker/workers.py) starts each worker.
     serve.add_argument("--worker-binds", default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-restarted", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -267,8 +268,11 @@ def _redis_settings(cfg: BrokerConfig) -> RedisSettings | None:
     )
 
 
-def _backplane(cfg: BrokerConfig, settings: RedisSettings | None) -> RedisBackplane | None:
-    """The Redis backplane when ``[cluster]`` is configured (imported only then)."""
+def _backplane(
+    cfg: BrokerConfig, settings: RedisSettings | None, *, fail_fast: bool = True
+) -> RedisBackplane | None:
+    """The Redis backplane when ``[cluster]`` is configured.
+    ``fail_fast=False`` (a restarted worker): start even while Redis is unreachable."""
     if cfg.cluster is None or settings is None:
         return None
     return RedisBackplane(
@@ -278,6 +282,7 @@ def _backplane(cfg: BrokerConfig, settings: RedisSettings | None) -> RedisBackpl
         tls_ca=settings.tls_ca,
         channel_prefix=cfg.cluster.channel_prefix,
         max_queue_messages=cfg.cluster.max_queue_messages,
+        fail_fast=fail_fast,
     )
 
 
@@ -323,10 +328,15 @@ def _as_worker(cfg: BrokerConfig, binds_json: str, index: int) -> BrokerConfig:
 
 
 async def _serve(
-    cfg: BrokerConfig, policy: Policy | None, on_listening: Callable[[list[str]], None] | None
+    cfg: BrokerConfig,
+    policy: Policy | None,
+    on_listening: Callable[[list[str]], None] | None,
+    *,
+    fail_fast: bool = True,
 ) -> None:
     redis = _redis_settings(cfg)  # issue #11: [cluster] shares the backplane and the store
-    backplane, store = _backplane(cfg, redis), _store(cfg, redis)
+    backplane = _backplane(cfg, redis, fail_fast=fail_fast)
+    store = _store(cfg, redis, fail_fast=fail_fast)
     if backplane is not None and store is not None:
         # a remote retained value becomes visible to snapshots as it is routed here
         backplane.on_retained = store.observe
@@ -541,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             record_dev_broker(dev_dir, f"tls://{addresses[0]}")
 
     try:
-        asyncio.run(_serve(cfg, None, on_listening))
+        asyncio.run(_serve(cfg, None, on_listening, fail_fast=not args.worker_restarted))
     except (_StartError, AdminError, BackplaneError, StoreError) as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
         return EXIT_INVALID

@@ -99,6 +99,8 @@ _BACKOFF_FIRST_SECONDS = 0.1
 _BACKOFF_MAX_SECONDS = 5.0
 #: Seconds to connect (TCP, TLS, AUTH) and for one command before the engine counts as down.
 _CONNECT_TIMEOUT_SECONDS = 5.0
+#: Seconds to wait for the reader, writer and sync tasks to end once cancelled.
+_CANCEL_WAIT_SECONDS = 1.0
 #: Seconds ``stop`` waits for the queue to reach Redis.
 _STOP_FLUSH_SECONDS = 2.0
 #: Encoding version (first element of the array).
@@ -200,6 +202,20 @@ def decode_batch(data: bytes) -> tuple[bytes, int, list[Publication]]:
     return node, seq, pubs
 
 
+def _raise_if_cancelled() -> None:
+    """After a call into redis-py: it may swallow a cancellation (seen with ``UNSUBSCRIBE``
+    racing a shutdown), leaving the task "cancelling" but running; honour it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Done callback: mark a task's outcome as seen (its error was handled or is moot)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _first_token(pattern: str) -> str:
     return pattern.split(".", 1)[0]
 
@@ -262,11 +278,15 @@ class RedisBackplane:
         channel_prefix: str = DEFAULT_CHANNEL_PREFIX,
         max_queue_messages: int = DEFAULT_MAX_QUEUE_MESSAGES,
         node_id: bytes | None = None,
+        fail_fast: bool = True,
     ) -> None:
         self.url = url
         self.settings = RedisSettings(url, username, password, tls_ca)
         self.prefix = channel_prefix
         self.max_queue_messages = max_queue_messages
+        #: ``start`` raises when Redis is unreachable (a first start: a wrong URL shows at
+        #: once); False: start in an outage and reconnect (a worker restarted by --workers).
+        self.fail_fast = fail_fast
         self.node = node_id or os.urandom(_NODE_ID_BYTES)
         if not 1 <= len(self.node) <= 255:
             raise ValueError("node_id must be 1 to 255 bytes")
@@ -311,8 +331,11 @@ class RedisBackplane:
             await self._connect()
         except Exception as exc:
             await self._close_connection()
-            raise BackplaneError(f"cannot reach redis at {self._safe_url()}: {exc}") from None
-        log.info("redis backplane connected to %s (node %s)", self._safe_url(), self.node.hex())
+            if self.fail_fast:
+                raise BackplaneError(f"cannot reach redis at {self._safe_url()}: {exc}") from None
+            self._outage(exc)  # serve locally; _run reconnects
+        else:
+            log.info("redis backplane connected to %s (node %s)", self._safe_url(), self.node.hex())
         self._task = asyncio.get_running_loop().create_task(self._run(), name="redis-backplane")
 
     async def stop(self) -> None:
@@ -413,17 +436,19 @@ class RedisBackplane:
         """A command connection and a pub/sub connection with the current interest."""
         client = self._make_client()
         self._client = client
-        await asyncio.wait_for(client.ping(), _CONNECT_TIMEOUT_SECONDS)
-        self._pubsub = client.pubsub()
-        self._channels = set()
-        self._globbed = False
-        # Something to read from even with no interest yet: redis-py's pub/sub wants one
-        # subscription before it reads. Nothing publishes on this channel (under the prefix, so
-        # a Redis ACL of ``&<prefix>:*`` covers it); whatever does is counted as malformed.
-        await asyncio.wait_for(
-            self._pubsub.subscribe(f"{self.prefix}:\x00idle"), _CONNECT_TIMEOUT_SECONDS
-        )
-        await asyncio.wait_for(self._sync_interest(), _CONNECT_TIMEOUT_SECONDS)
+        # asyncio.timeout, not wait_for: wait_for runs the awaitable in a task of its own, whose
+        # exception goes unretrieved (and is logged) when a cancel and a failure cross.
+        async with asyncio.timeout(_CONNECT_TIMEOUT_SECONDS):
+            await client.ping()
+            self._pubsub = client.pubsub()
+            self._channels = set()
+            self._globbed = False
+            # Something to read from even with no interest yet: redis-py's pub/sub wants one
+            # subscription before it reads. Nothing publishes on this channel (under the
+            # prefix, so a Redis ACL of ``&<prefix>:*`` covers it); whatever does is counted
+            # as malformed.
+            await self._pubsub.subscribe(f"{self.prefix}:\x00idle")
+            await self._sync_interest()
         self._connected = True
 
     async def _close_connection(self) -> None:
@@ -491,6 +516,10 @@ class RedisBackplane:
             asyncio.create_task(self._writer(), name="redis-backplane-writer"),
             asyncio.create_task(self._syncer(), name="redis-backplane-sync"),
         ]
+        for task in tasks:
+            # Before any await: however this ends (even cancelled itself while waiting below),
+            # a task finishing late with an error has that error seen, never logged as lost.
+            task.add_done_callback(_retrieve)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -500,9 +529,14 @@ class RedisBackplane:
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # Bounded: a task that does not end on cancel (a read inside the client library)
+            # must not hold up shutdown; closing the connection afterwards ends it.
+            _, pending = await asyncio.wait(tasks, timeout=_CANCEL_WAIT_SECONDS)
+            if pending:
+                log.warning(
+                    "redis backplane: %s did not stop on cancel",
+                    ", ".join(sorted(t.get_name() for t in pending)),
+                )
 
     async def _writer(self) -> None:
         client = self._client
@@ -531,18 +565,29 @@ class RedisBackplane:
             pipe.publish(channel, encode_batch(self.node, self._seq, run))
             messages += 1
             try:
-                await asyncio.wait_for(pipe.execute(), _CONNECT_TIMEOUT_SECONDS)
-            except BaseException:
+                async with asyncio.timeout(_CONNECT_TIMEOUT_SECONDS):
+                    await pipe.execute()
+            except BaseException as exc:
                 self.stats["lost"] += n  # in flight: Redis may or may not have sent them
+                if self._stopping and isinstance(exc, Exception):
+                    return
                 raise
             self.stats["published"] += n
             self.stats["redis_messages"] += messages
+            _raise_if_cancelled()
 
     async def _syncer(self) -> None:
         while True:
             await self._wake_sync.wait()
             self._wake_sync.clear()
-            await asyncio.wait_for(self._sync_interest(), _CONNECT_TIMEOUT_SECONDS)
+            try:
+                async with asyncio.timeout(_CONNECT_TIMEOUT_SECONDS):
+                    await self._sync_interest()
+            except Exception:
+                if self._stopping:
+                    return  # the connection is being closed under it: moot
+                raise
+            _raise_if_cancelled()
 
     async def _sync_interest(self) -> None:
         """Bring the Redis subscriptions to the current interest. Switching to the glob, it
@@ -572,7 +617,13 @@ class RedisBackplane:
         assert pubsub is not None
         internal = f"{self.prefix}:{INTERNAL_CHANNEL_MARK}".encode()
         while True:
-            msg = await pubsub.get_message(timeout=None)
+            try:
+                msg = await pubsub.get_message(timeout=None)
+            except Exception:
+                if self._stopping:
+                    return
+                raise
+            _raise_if_cancelled()
             if msg is None:
                 continue
             kind = msg.get("type")

@@ -330,6 +330,7 @@ class RequestHandler:
             return
         if self._backlog or self._suspended:
             # Reading is paused while a backlog exists; bytes still in flight queue behind it.
+            self.io.pause_reading()
             self._hold(self.conn.receive_data(data, now))
             return
         self._handle(self.conn.receive_data(data, now, EVENTS_PER_TURN), now)
@@ -369,6 +370,8 @@ class RequestHandler:
         else:
             take = self.conn.receive_backlog(now, EVENTS_PER_TURN)
         self._handle(take, now)
+        if self._suspended or self.closing:
+            return  # reading stays paused: the store's answer (or nothing) goes on from here
         if self._backlog or self.conn.has_backlog:
             self._busy = True
             self.hub.later(self._continue)
@@ -377,6 +380,7 @@ class RequestHandler:
 
     def lost(self) -> None:
         """The transport is gone: release everything held for this connection."""
+        self.closing = True  # a continuation already scheduled finds nothing to do
         self.hub.set_timer(self, None)
         for sid, pattern in list(self.subs.items()):
             self._drop_sub(sid, pattern)
@@ -543,8 +547,9 @@ class RequestHandler:
             self._reply(Error(code, str(exc)[:200], ack=ack))
         self._take_replies()
         if self._backlog or self.conn.has_backlog:
-            self._busy = True
-            self.hub.later(self._continue)
+            if not self._busy:
+                self._busy = True
+                self.hub.later(self._continue)
         else:
             self.io.resume_reading()
 
@@ -686,7 +691,11 @@ class RequestHandler:
             return
         outbox = self.outbox
         half = outbox.max_bytes // 2
-        while ordered and outbox.bytes < half and not self.closing:
+        half_messages = outbox.max_messages // 2
+        block_frames = max(1, min(SNAPSHOT_BLOCK_FRAMES, half_messages))
+        while (
+            ordered and outbox.bytes < half and outbox.messages < half_messages and not self.closing
+        ):
             item = ordered[0]
             if isinstance(item, tuple):
                 ordered.popleft()
@@ -696,7 +705,7 @@ class RequestHandler:
             if item.ok is not None:
                 self._push_ordered(item.ok, 0)
                 item.ok = None
-            block = item.take(SNAPSHOT_BLOCK_FRAMES)
+            block = item.take(block_frames)
             if block:
                 self._push_ordered(b"".join(block), len(block))
             if not item.frames:
@@ -735,6 +744,11 @@ class RequestHandler:
                 continue
             if grant.possible:
                 self._grants[sid] = grant
+                if not grant.unrestricted:
+                    # a snapshot or replay still going out obeys the new policy too
+                    for item in self._ordered or ():
+                        if isinstance(item, _Snapshot) and item.sid == sid:
+                            item.frames = [m for m in item.frames if grant.allows(m.topic)]
                 if old is None or not (old.unrestricted and grant.unrestricted):
                     # what it may receive changed (or may have): file it with the new filter
                     self.hub.unsubscribe(self, pattern, old)
@@ -822,6 +836,8 @@ class RequestHandler:
             pending_messages=outbox.messages + count,
         )
         outbox.clear()
+        self._ordered = None  # what was held behind a snapshot goes with the connection
+        self._ordered_bytes = 0
         self.close(ErrorCode.SLOW_CONSUMER, "slow consumer: too many undelivered bytes")
 
     def outbox_paused(self, paused: bool) -> None:
@@ -915,6 +931,17 @@ class RequestHandler:
         self._backlog = None
         self._suspended = False
         if graceful:
+            ordered = self._ordered
+            if ordered:
+                # Deliveries (acknowledged to their publishers) and answers held behind a
+                # snapshot still go out, ahead of our close; the rest of the snapshot does not.
+                for item in ordered:
+                    if isinstance(item, tuple):
+                        self.outbox.push_final(item[0])
+                    elif item.ok is not None:
+                        self.outbox.push_final(item.ok)
+                self._ordered = None
+                self._ordered_bytes = 0
             self.outbox.push_final(self.conn.data_to_send())
             self.flush()
         self.io.close(graceful=graceful)

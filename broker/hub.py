@@ -284,11 +284,15 @@ class Hub:
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
     ) -> None:
         (self.services if serve else self.groups).join(pattern, group, handler, sid)
+        if not serve:  # a group member wants the pattern's publications from other nodes too
+            self._interest_added(pattern)
 
     def leave(
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
     ) -> None:
         (self.services if serve else self.groups).leave(pattern, group, handler, sid)
+        if not serve:
+            self._interest_removed(pattern)
 
     def request(self, handler: RequestHandler, event: Request) -> ErrorCode | None:
         """Route a request to one responder per group; ``None`` when sent, else the error
@@ -399,15 +403,23 @@ class Hub:
 
     def subscribe(self, handler: RequestHandler, pattern: str, grant: Grant | None = None) -> None:
         self.router.subscribe(handler, pattern, grant)
-        interest = self._interest
-        if not interest[pattern]:
-            self.backplane.interest(pattern, True)
-        interest[pattern] += 1
+        self._interest_added(pattern)
 
     def unsubscribe(
         self, handler: RequestHandler, pattern: str, grant: Grant | None = None
     ) -> None:
         self.router.unsubscribe(handler, pattern, grant)
+        self._interest_removed(pattern)
+
+    def _interest_added(self, pattern: str) -> None:
+        """Count a local subscription (plain or queue group); the first one of a pattern tells
+        the backplane, so other nodes send what someone here wants."""
+        interest = self._interest
+        if not interest[pattern]:
+            self.backplane.interest(pattern, True)
+        interest[pattern] += 1
+
+    def _interest_removed(self, pattern: str) -> None:
         interest = self._interest
         interest[pattern] -= 1
         if interest[pattern] <= 0:

@@ -44,7 +44,17 @@ __all__ = ["ReloadError", "ReloadResult", "Reloader"]
 log = logging.getLogger("tessera.broker")
 
 #: Keys a running broker cannot take over: reported so the operator knows to restart.
-_RESTART_KEYS = ("audit_file", "admin_socket", "log_level")
+#: Changed only by a restart; a reload that sees one of them changed says so ("restart needed").
+_RESTART_KEYS = (
+    "audit_file",
+    "admin_socket",
+    "log_level",
+    "log_format",
+    "data_dir",
+    "messaging",
+    "cluster",
+    "metrics",
+)
 
 
 class ReloadError(Exception):

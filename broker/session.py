@@ -182,6 +182,7 @@ class Session(asyncio.BufferedProtocol):
             self.abort()
             return
         self._step = fut
+        self.pause_reading()  # what the peer sends meanwhile waits in the kernel, not here
         asyncio.wrap_future(fut, loop=self.hub.loop).add_done_callback(
             lambda f: self._step_finished(f, done)
         )
@@ -239,7 +240,8 @@ class Session(asyncio.BufferedProtocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def pump_idle(self) -> None:
-        pass
+        if self._gate_timer is None:  # (a connection held by the failure gate stays held)
+            self.resume_reading()
 
     # --- ConnectionIO: what the handler asks for ---------------------------------------------
 

@@ -143,7 +143,7 @@ class _Supervisor:
         self.exit_code = EXIT_OK
         self.stop_event = asyncio.Event()
 
-    async def spawn(self, w: _Worker) -> None:
+    async def spawn(self, w: _Worker, *, restart: bool = False) -> None:
         w.listening = []
         w.ready = asyncio.Event()
         args = [
@@ -155,6 +155,9 @@ class _Supervisor:
             json.dumps(self.binds),
             "--worker-index",
             str(w.index),
+            # a replacement starts even while Redis is down (and reconnects): an outage plus a
+            # crashed worker must not become a crash loop that stops the whole machine
+            *(["--worker-restarted"] if restart else []),
         ]
         w.process = await asyncio.create_subprocess_exec(
             *args,
@@ -228,7 +231,7 @@ class _Supervisor:
             await asyncio.sleep(_RESTART_DELAY_SECONDS)
             if self.stopping:
                 return
-            await self.spawn(w)
+            await self.spawn(w, restart=True)
 
     def signal_all(self, sig: int) -> None:
         for w in self.workers:

