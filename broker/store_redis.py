@@ -321,7 +321,7 @@ class RedisStore:
         #: EVALSHA of the script, computed here; loaded into Redis on the first NOSCRIPT.
         self._sha = hashlib.sha1(_SAVE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
         self._mirror = _Mirror()
-        #: Local applies during a reload: replayed on the reloaded mirror.
+        #: Changes applied during a reload (``apply``, ``observe``): replayed on the new mirror.
         self._reloading: list[tuple[int, str, Publication | None]] | None = None
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
@@ -449,8 +449,11 @@ class RedisStore:
         version = pub.extra.get("retained_version")
         if pub.retain and type(version) is int and version > 0:
             value = Publication(pub.topic, pub.payload, pub.headers, pub.sender, True)
-            if self._mirror.put(version, pub.topic, value if pub.payload else None):
-                self.stats["remote_changes_routed_first"] += 1
+            change = value if pub.payload else None
+            if self._mirror.put(version, pub.topic, change):
+                self.stats["remote_changes_routed"] += 1
+            if self._reloading is not None:
+                self._reloading.append((version, pub.topic, change))
 
     def retained(self, pattern: str) -> Sequence[Publication]:
         return self._mirror.match(pattern)
