@@ -25,7 +25,9 @@ Keys (``<prefix>`` is ``[cluster] channel_prefix``)
     ``<prefix>:retained`` hash: field = topic, value = ``b"<version>:" + msgpack([payload,
     headers or nil, sender or nil])``. ``<prefix>:retained:size`` hash: topic -> counted bytes
     (payload plus header keys and values, as the limit counts them). ``<prefix>:retained:bytes``:
-    their sum. ``<prefix>:retained:version``: a counter; every write takes the next number.
+    their sum. ``<prefix>:retained:version``: the last version given; a write takes the
+    larger of the next number and Redis' clock in microseconds, so versions also grow across a
+    Redis restart that lost the data (what every node's mirror compares).
 
 Change feed
     The same script PUBLISHes every change on ``<prefix>:\\x00retained`` as
@@ -131,8 +133,13 @@ for i = 0, n - 1 do
   local topic = ARGV[5 + 3 * i]
   local size = tonumber(ARGV[6 + 3 * i])
   local value = ARGV[7 + 3 * i]
-  local version = redis.call('INCR', KEYS[4])
-  local v = string.format('%d', version)  -- never "1e+14": Lua numbers are doubles
+  -- Versions grow within a Redis lifetime (the counter) and across a restart that lost the
+  -- data (Redis' clock in microseconds): a new write always outranks what mirrors hold.
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local version = math.max(tonumber(redis.call('GET', KEYS[4]) or '0') + 1, now)
+  local v = string.format('%d', version)  -- never "1e+15": Lua numbers are doubles
+  redis.call('SET', KEYS[4], v)
   if size < 0 then
     redis.call('HDEL', KEYS[1], topic)
     redis.call('HDEL', KEYS[2], topic)

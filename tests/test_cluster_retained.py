@@ -218,3 +218,35 @@ async def test_late_subscribers_on_another_node_see_a_busy_topic_without_gap_or_
             got = [int(m.payload) for m in await drain(sub)]
             assert got, "every subscription gets at least the snapshot"
             assert got == list(range(got[0], n + 1)), got
+
+
+async def test_redis_down_refuses_retained_publishes_and_they_work_again_after(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    a = broker_factory.serve(cluster_config(broker_factory, redis_server))
+    async with connect(a.url, pki, "alice") as c:
+        local = await c.subscribe("cfg.>")
+        await c.publish("cfg.mode", b"eco", retain=True)
+        assert (await local.get(timeout=TIMEOUT)).payload == b"eco"
+        redis_server.kill()
+        with pytest.raises(BrokerError) as info:
+            await c.publish("cfg.mode", b"on", retain=True)
+        assert info.value.code == ErrorCode.STORE_FAILED  # neither stored nor delivered
+        await c.publish("cfg.plain", b"still delivered locally")
+        got = await local.get(timeout=TIMEOUT)
+        assert (got.topic, got.payload) == ("cfg.plain", b"still delivered locally")
+        a.wait_for_log(r"store write to redis://127\.0\.0\.1:\d+ failed", timeout=TIMEOUT)
+        redis_server.restart()  # empty: no persistence in the fixture
+        deadline = time.monotonic() + scaled(15.0)
+        codes: list[int] = []
+        while True:  # the client library reconnects on the next command
+            try:
+                await c.publish("cfg.mode", b"on", retain=True)
+                break
+            except BrokerError as exc:
+                codes.append(exc.code)
+                assert time.monotonic() < deadline, "retained publishes did not come back"
+                await asyncio.sleep(0.2)
+        assert set(codes) <= {ErrorCode.STORE_FAILED}
+        got = await snapshot(c, "cfg.mode", want=1)
+        assert [(m.payload, m.retained) for m in got] == [(b"on", True)]
