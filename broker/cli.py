@@ -19,11 +19,12 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from auth.acl import Policy
 from broker.admin import AdminError, AdminServer, request
-from broker.backplane import Backplane
 from broker.check import preflight
+from broker.cluster import RedisBackplane, RedisSettings
 from broker.config import (
     DEFAULT_ADMIN_SOCKET,
     BrokerConfig,
@@ -45,8 +46,12 @@ from broker.logs import setup_logging
 from broker.metrics import MetricsServer, start_metrics
 from broker.reload import Reloader
 from broker.server import SERVER_NAME, Broker
+from broker.store import StoreError
 
 __all__ = ["main"]
+
+if TYPE_CHECKING:
+    from broker.store_redis import RedisStore
 
 log = logging.getLogger("tessera.broker")
 
@@ -236,16 +241,14 @@ def _admin_server(broker: Broker, reloader: Reloader) -> AdminServer | None:
     return AdminServer(path, ops, audit=broker.audit.record)
 
 
-def _backplane(cfg: BrokerConfig, *, fail_fast: bool = True) -> Backplane | None:
-    """The Redis backplane when ``[cluster]`` is configured (imported only then).
-    ``fail_fast=False`` (a restarted worker): start even while Redis is unreachable."""
+def _redis_settings(cfg: BrokerConfig) -> RedisSettings | None:
+    """How to reach Redis when ``[cluster]`` is configured (the password file read once, for
+    the backplane and the store alike)."""
     cluster = cfg.cluster
     if cluster is None:
         return None
     try:
         import redis  # noqa: F401, PLC0415
-
-        from broker.cluster import RedisBackplane  # noqa: PLC0415 - the optional extra
     except ImportError:
         raise _StartError(
             "[cluster] needs the cluster extra: pip install 'tessera-mq[cluster]'"
@@ -257,15 +260,52 @@ def _backplane(cfg: BrokerConfig, *, fail_fast: bool = True) -> Backplane | None
         except OSError as exc:
             raise _StartError(f"cluster.password_file: {exc.strerror}") from None
         password = lines[0] if lines else ""
-    return RedisBackplane(
+    return RedisSettings(
         cluster.redis,
         username=cluster.username,
         password=password,
         tls_ca=str(cluster.tls_ca) if cluster.tls_ca is not None else None,
-        channel_prefix=cluster.channel_prefix,
-        max_queue_messages=cluster.max_queue_messages,
+    )
+
+
+def _backplane(
+    cfg: BrokerConfig, settings: RedisSettings | None, *, fail_fast: bool = True
+) -> RedisBackplane | None:
+    """The Redis backplane when ``[cluster]`` is configured.
+    ``fail_fast=False`` (a restarted worker): start even while Redis is unreachable."""
+    if cfg.cluster is None or settings is None:
+        return None
+    return RedisBackplane(
+        settings.url,
+        username=settings.username,
+        password=settings.password,
+        tls_ca=settings.tls_ca,
+        channel_prefix=cfg.cluster.channel_prefix,
+        max_queue_messages=cfg.cluster.max_queue_messages,
         fail_fast=fail_fast,
     )
+
+
+def _store(
+    cfg: BrokerConfig, settings: RedisSettings | None, *, fail_fast: bool = True
+) -> RedisStore | None:
+    """Issue #11: with ``[cluster]`` retained values live in Redis (broker/store_redis.py) and
+    ``data_dir`` is not used for them; without it ``None``: the Broker builds the embedded
+    store from ``data_dir`` exactly as before. ``fail_fast=False`` (a restarted worker): open
+    even while Redis is unreachable and catch up when it is back."""
+    if cfg.cluster is None or settings is None:
+        return None
+    from broker.store_redis import RedisStore  # noqa: PLC0415 - the optional extra
+    from broker.store_sqlite import RetainLimits  # noqa: PLC0415
+
+    m = cfg.messaging
+    if cfg.data_dir is not None:
+        log.info(
+            "[cluster]: retained values are kept in redis; data_dir (%s) is not used for them",
+            cfg.data_dir,
+        )
+    limits = RetainLimits(m.retain_max_value_bytes, m.retain_max_topics, m.retain_max_total_bytes)
+    return RedisStore(settings, limits, prefix=cfg.cluster.channel_prefix, fail_fast=fail_fast)
 
 
 def _as_worker(cfg: BrokerConfig, binds_json: str, index: int) -> BrokerConfig:
@@ -294,7 +334,14 @@ async def _serve(
     *,
     fail_fast: bool = True,
 ) -> None:
-    broker = Broker(cfg, policy=policy, backplane=_backplane(cfg, fail_fast=fail_fast))
+    redis = _redis_settings(cfg)  # issue #11: [cluster] shares the backplane and the store
+    backplane = _backplane(cfg, redis, fail_fast=fail_fast)
+    store = _store(cfg, redis, fail_fast=fail_fast)
+    if backplane is not None and store is not None:
+        # a remote retained value becomes visible to snapshots as it is routed here
+        backplane.on_retained = store.observe
+        store.follows = backplane.receives
+    broker = Broker(cfg, policy=policy, backplane=backplane, store=store)
     reloader = Reloader(broker)
     admin = _admin_server(broker, reloader)
     if admin is not None:
@@ -505,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(_serve(cfg, None, on_listening, fail_fast=not args.worker_restarted))
-    except (_StartError, AdminError, BackplaneError) as exc:
+    except (_StartError, AdminError, BackplaneError, StoreError) as exc:
         print(f"tessera-broker: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except OSError as exc:

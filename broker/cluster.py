@@ -50,6 +50,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -64,8 +65,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHANNEL_PREFIX",
     "DEFAULT_MAX_QUEUE_MESSAGES",
+    "INTERNAL_CHANNEL_MARK",
     "BackplaneError",
     "RedisBackplane",
+    "RedisSettings",
     "decode_batch",
     "encode_batch",
     "encode_publication",
@@ -76,6 +79,9 @@ log = logging.getLogger("tessera.broker.cluster")
 
 #: Channel names are ``<prefix>:<first token>``; nodes of one topic space share the prefix.
 DEFAULT_CHANNEL_PREFIX = "tessera"
+#: Channels ``<prefix>:\x00...`` carry no publications (no topic starts with NUL): the idle
+#: channel below and the clustered store's change feed. The glob matches them; they are skipped.
+INTERNAL_CHANNEL_MARK = "\x00"
 #: Publications queued for Redis before ``publish`` refuses (centrifuge's Redis broker and
 #: NATS' per-connection pending limit bound the same queue; at ~1 KiB each this is ~10 MiB).
 DEFAULT_MAX_QUEUE_MESSAGES = 10_000
@@ -117,6 +123,12 @@ def glob_escape(text: str) -> str:
             out.append("\\")
         out.append(ch)
     return "".join(out)
+
+
+def _is_internal(channel: object, internal: bytes) -> bool:
+    if isinstance(channel, str):
+        channel = channel.encode()
+    return isinstance(channel, bytes) and channel.startswith(internal)
 
 
 def encode_publication(pub: Publication, packer: msgpack.Packer | None = None) -> bytes:
@@ -208,6 +220,51 @@ def _first_token(pattern: str) -> str:
     return pattern.split(".", 1)[0]
 
 
+@dataclass(frozen=True)
+class RedisSettings:
+    """How a broker process reaches Redis: one place for the backplane and the clustered
+    store (broker/store_redis.py), from ``[cluster]`` (``redis``, ``username``,
+    ``password_file``, ``tls_ca``)."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+
+    def safe_url(self) -> str:
+        """The URL without any credentials (for logs and health)."""
+        scheme, sep, rest = self.url.partition("://")
+        if "@" in rest:
+            rest = rest.rsplit("@", 1)[1]
+        return f"{scheme}{sep}{rest}"
+
+    def client(self) -> aioredis.Redis:
+        """A new client: fails fast (no retries; the callers reconnect themselves), TLS 1.2+
+        with the server certificate and host name verified for ``rediss://``."""
+        import redis.asyncio as aioredis  # noqa: PLC0415 - the optional extra
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+
+        kwargs: dict[str, Any] = {
+            "socket_connect_timeout": _CONNECT_TIMEOUT_SECONDS,
+            "socket_keepalive": True,
+            # We reconnect and re-subscribe ourselves; the client must fail fast, not retry.
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+        if self.username is not None:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password
+        if self.url.startswith("rediss://"):
+            kwargs["ssl_cert_reqs"] = "required"
+            kwargs["ssl_check_hostname"] = True
+            kwargs["ssl_min_version"] = ssl.TLSVersion.TLSv1_2
+            if self.tls_ca is not None:
+                kwargs["ssl_ca_certs"] = self.tls_ca
+        return aioredis.Redis.from_url(self.url, **kwargs)
+
+
 class RedisBackplane:
     """Publications cross between broker processes and nodes through Redis pub/sub."""
 
@@ -224,9 +281,7 @@ class RedisBackplane:
         fail_fast: bool = True,
     ) -> None:
         self.url = url
-        self._username = username
-        self._password = password
-        self._tls_ca = tls_ca
+        self.settings = RedisSettings(url, username, password, tls_ca)
         self.prefix = channel_prefix
         self.max_queue_messages = max_queue_messages
         #: ``start`` raises when Redis is unreachable (a first start: a wrong URL shows at
@@ -239,6 +294,10 @@ class RedisBackplane:
         #: and dropped without decoding them.
         self._echo_prefix = bytes((0x94, _WIRE_VERSION, 0xC4, len(self.node))) + self.node
         self._inject: Callable[[Publication], None] | None = None
+        #: Issue #11: called with each remote retained publication just before it is injected
+        #: (in the same step): the clustered store makes it visible to snapshots as it is
+        #: routed (``RedisStore.observe``), so a new subscription never misses it.
+        self.on_retained: Callable[[Publication], None] | None = None
         self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
         self._packer = msgpack.Packer(use_bin_type=True)
         self._seq = 0
@@ -333,6 +392,14 @@ class RedisBackplane:
             self._wake_writer.set()
         return True
 
+    def receives(self, topic: str) -> bool:
+        """Does a publication on ``topic`` from another node reach this node now (connected,
+        and Redis confirmed the subscription to its channel or to the glob)? Issue #11: the
+        clustered store then waits for the live copy rather than its change feed."""
+        if not self._connected or self._stopping:
+            return False
+        return self._globbed or f"{self.prefix}:{_first_token(topic)}" in self._channels
+
     def health(self) -> Mapping[str, object]:
         out: dict[str, object] = {
             "engine": "redis",
@@ -360,35 +427,10 @@ class RedisBackplane:
     # --- connection ----------------------------------------------------------------------
 
     def _safe_url(self) -> str:
-        """The URL without any credentials (for logs and health)."""
-        scheme, sep, rest = self.url.partition("://")
-        if "@" in rest:
-            rest = rest.rsplit("@", 1)[1]
-        return f"{scheme}{sep}{rest}"
+        return self.settings.safe_url()
 
     def _make_client(self) -> aioredis.Redis:
-        import redis.asyncio as aioredis  # noqa: PLC0415 - the optional extra
-        from redis.asyncio.retry import Retry  # noqa: PLC0415
-        from redis.backoff import NoBackoff  # noqa: PLC0415
-
-        kwargs: dict[str, Any] = {
-            "socket_connect_timeout": _CONNECT_TIMEOUT_SECONDS,
-            "socket_keepalive": True,
-            # We reconnect and re-subscribe ourselves; the client must fail fast, not retry.
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 0,
-        }
-        if self._username is not None:
-            kwargs["username"] = self._username
-        if self._password is not None:
-            kwargs["password"] = self._password
-        if self.url.startswith("rediss://"):
-            kwargs["ssl_cert_reqs"] = "required"
-            kwargs["ssl_check_hostname"] = True
-            kwargs["ssl_min_version"] = ssl.TLSVersion.TLSv1_2
-            if self._tls_ca is not None:
-                kwargs["ssl_ca_certs"] = self._tls_ca
-        return aioredis.Redis.from_url(self.url, **kwargs)
+        return self.settings.client()
 
     async def _connect(self) -> None:
         """A command connection and a pub/sub connection with the current interest."""
@@ -573,6 +615,7 @@ class RedisBackplane:
     async def _reader(self) -> None:
         pubsub = self._pubsub
         assert pubsub is not None
+        internal = f"{self.prefix}:{INTERNAL_CHANNEL_MARK}".encode()
         while True:
             try:
                 msg = await pubsub.get_message(timeout=None)
@@ -584,6 +627,8 @@ class RedisBackplane:
             if msg is None:
                 continue
             kind = msg.get("type")
+            if kind == "pmessage" and _is_internal(msg.get("channel"), internal):
+                continue  # the clustered store's change feed (broker/store_redis.py)
             if kind in ("message", "pmessage"):
                 data = msg.get("data")
                 if isinstance(data, bytes):
@@ -618,5 +663,8 @@ class RedisBackplane:
         self.stats["received"] += len(pubs)
         inject = self._inject
         assert inject is not None
+        on_retained = self.on_retained
         for pub in pubs:
+            if on_retained is not None and pub.retain:
+                on_retained(pub)
             inject(pub)

@@ -336,7 +336,7 @@ class Broker:
 
     def info(self) -> dict[str, Any]:
         """Counters and gauges for operators and tests (also logged as JSON on SIGUSR1)."""
-        return {
+        out: dict[str, Any] = {
             **self.hub.info(),
             "tasks": len(asyncio.all_tasks(self.loop)),
             "open_fds": _open_fds(),
@@ -346,6 +346,11 @@ class Broker:
             "handshake_gate_held": self.handshake_gate.held,
             "handshake_gate_refused": self.handshake_gate.refused,
         }
+        # issue #11: with [cluster], the Redis store's state (change feed, writes, refusals)
+        health = getattr(self.hub.store, "health", None)
+        if self.config.cluster is not None and callable(health):
+            out["store"] = dict(health())
+        return out
 
     def log_info(self) -> None:
         log.info("stats %s", json.dumps(self.info(), sort_keys=True, default=str))
