@@ -415,50 +415,43 @@ class RequestHandler:
             if self._suspended:
                 self._hold(events[i:])
                 break
-            kind = type(event)
-            if kind is Publish:
-                assert isinstance(event, Publish)
-                self._on_publish(event)
-            elif kind is Subscribe:
-                assert isinstance(event, Subscribe)
-                self._on_subscribe(event)
-            elif kind is Request:
-                assert isinstance(event, Request)
-                self._on_request(event)
-            elif kind is Reply:
-                assert isinstance(event, Reply)
-                self._on_reply(event)
-            elif kind is Unsubscribe:
-                assert isinstance(event, Unsubscribe)
-                self._on_unsubscribe(event)
-            elif kind is Hello:
-                assert isinstance(event, Hello)
-                self._on_hello(event, now)
-            elif kind is Rejected:
-                assert isinstance(event, Rejected)
-                log.info("%s rejected request: %s (%s)", self.who(), event.code.name, event.message)
-            elif kind is ProtocolFailure:
-                assert isinstance(event, ProtocolFailure)
-                self.close_code = event.code.name.lower()
-                log.warning(
-                    "%s protocol error, closing: %s (%s)",
-                    self.who(),
-                    event.code.name,
-                    event.message,
-                )
-                self._finish(graceful=True)
-                return
-            elif kind is Close:
-                assert isinstance(event, Close)
-                self.close_code = self.close_code or "client_close"
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s client closed: code=%s", self.who(), event.code)
-                self._finish(graceful=True)
-                return
-            elif kind is EndOfStream:
-                self.close_code = self.close_code or "eof"
-                self._finish(graceful=False)
-                return
+            match event:
+                case Publish():
+                    self._on_publish(event)
+                case Subscribe():
+                    self._on_subscribe(event)
+                case Request():
+                    self._on_request(event)
+                case Reply():
+                    self._on_reply(event)
+                case Unsubscribe():
+                    self._on_unsubscribe(event)
+                case Hello():
+                    self._on_hello(event, now)
+                case Rejected():
+                    log.info(
+                        "%s rejected request: %s (%s)", self.who(), event.code.name, event.message
+                    )
+                case ProtocolFailure():
+                    self.close_code = event.code.name.lower()
+                    log.warning(
+                        "%s protocol error, closing: %s (%s)",
+                        self.who(),
+                        event.code.name,
+                        event.message,
+                    )
+                    self._finish(graceful=True)
+                    return
+                case Close():
+                    self.close_code = self.close_code or "client_close"
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("%s client closed: code=%s", self.who(), event.code)
+                    self._finish(graceful=True)
+                    return
+                case EndOfStream():
+                    self.close_code = self.close_code or "eof"
+                    self._finish(graceful=False)
+                    return
         self._take_replies()
 
     def _on_hello(self, event: Hello, now: float) -> None:
