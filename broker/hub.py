@@ -103,6 +103,7 @@ class Hub:
         #: Groups and requests across nodes, when the backplane carries them (broker/cluster.py).
         self._cluster: ClusterMessaging | None = None
         self._node = b""
+        self._xid = 0  #: the last id of a request forwarded to another node
         if isinstance(self.backplane, ClusterMessaging):
             self._cluster = self.backplane
             self._node = self.backplane.node
@@ -515,7 +516,10 @@ class Hub:
                 targets.setdefault(directory.pick(SERVICE, key, nodes), []).append(key)
         for node, keys in targets.items():
             peer = Peer(node)
-            xid = self.requests.token_for(peer)
+            # Never reused by this process (a node forgotten and heard again, or a late reply,
+            # can never be taken for another request); a restarted process has a new node id.
+            self._xid += 1
+            xid = self._xid
             forwarded = RemoteRequest(
                 event.topic, event.payload, event.headers, sender, timeout_ms, tuple(keys)
             )
