@@ -617,12 +617,17 @@ class Hub:
     def peer_gone(self, node: bytes) -> None:
         """Another node left, expired or cannot be reached: the requests only it could
         answer fail with NO_RESPONDERS; those it forwarded here are dropped."""
-        for pending in self.requests.forget(Peer(node)):
+        peer = Peer(node)
+        for pending in self.requests.asked(peer):
+            _cancel(pending)  # forwarded from there: its reply could not go back
+        for pending in self.requests.forget(peer):
             self._no_responders(pending, "the responder's node went away")
 
     def forget_requests(self, handler: RequestHandler) -> None:
         """``handler``'s connection is gone: its requests are dropped; requests only it could
         answer fail at once with NO_RESPONDERS."""
+        for pending in self.requests.asked(handler):
+            _cancel(pending)
         for pending in self.requests.forget(handler):
             self._no_responders(pending, "the responder went away")
 

@@ -166,6 +166,10 @@ class PendingRequests(Generic[M]):
         asked = self._asked.get(requester)
         return len(asked) if asked is not None else 0
 
+    def asked(self, requester: M) -> list[Pending[M]]:
+        """The requests ``requester`` is waiting for (O(its own))."""
+        return list(self._asked.get(requester, {}).values())
+
     def waiting(self, requester: M, rid: int) -> bool:
         asked = self._asked.get(requester)
         return asked is not None and rid in asked

@@ -81,6 +81,7 @@ def test_pending_requests_are_indexed_by_requester_and_by_responder() -> None:
     assert table.count_for("busy") == 100
     assert table.count_for("alice") == 1
     assert table.count_for("nobody") == 0
+    assert [p.rid for p in table.asked("alice")] == [1]
     assert len(table) == 101
     # the responder on node B has no member left: alice still has svc
     assert table.withdraw(Peer(b"B"), 7) is None
@@ -270,6 +271,24 @@ async def test_two_workers_share_a_queue_group_once(
         everything = sorted(x for m in got for x in m)
         assert everything == list(range(n)), "each publication exactly once to the group"
         assert all(got), [len(m) for m in got]  # every member got some
+
+        # one responder on one worker: a request from any connection (either worker) is served
+        service = await clients[0].serve("svc.x", group="svc").start()
+        await wait_advertised(redis_server, 5, ("svc.x", "svc"), 1)
+
+        async def serve() -> None:
+            async for req in service:
+                await req.respond(b"re:" + req.payload)
+
+        task = asyncio.create_task(serve())
+        try:
+            replies = await asyncio.gather(
+                *(c.request("svc.x", str(i), timeout=TIMEOUT) for i, c in enumerate(clients))
+            )
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert [r.payload for r in replies] == [f"re:{i}".encode() for i in range(12)]
 
 
 async def test_a_request_on_one_node_is_served_on_another(
