@@ -229,6 +229,12 @@ class Hub:
         )
         if self.groups:
             self._route_groups(pub, sender, seq, epoch)
+        elif self._cluster is not None and "q" in pub.extra:
+            # Named for groups here whose last members left since the choice: lost for them.
+            chosen = _chosen_nodes(pub.extra["q"]) or {}
+            lost = sum(1 for node in chosen.values() if node == self._node)
+            if lost:
+                self.stats["group_copies_lost"] += lost
 
     def _stamps(self, topic: str) -> bool:
         """Do plain deliveries on ``topic`` carry the publisher's identity (``[messaging]

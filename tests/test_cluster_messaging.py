@@ -23,12 +23,20 @@ import redis.asyncio as aioredis
 from brokerproc import BrokerProcess
 from redisproc import RedisProcess
 from test_cluster_brokers import cluster_config, connect, wait_subscribed
+from test_hub import TestHub, client, send
 from timing import scaled
 
 import client_sdk
-from broker.cluster import DIRECTORY_TTL_SECONDS
+from broker.cluster import (
+    DIRECTORY_TTL_SECONDS,
+    decode_batch,
+    encode_batch,
+    encode_publication,
+)
+from broker.config import LimitsConfig
 from broker.messaging import GROUP, SERVICE, Directory, Peer, Pending, PendingRequests
 from client_sdk import NoResponders, RequestTimeout
+from client_sdk.protocol.events import Message
 
 TIMEOUT = scaled(5.0)
 
@@ -102,6 +110,172 @@ def test_pending_requests_are_indexed_by_requester_and_by_responder() -> None:
     table.add(Pending("carol", 5, {Peer(b"B"): 9}))
     assert [p.rid for p in table.forget(Peer(b"B"))] == [5]
     assert len(table) == 0
+
+
+# --- sans-I/O: two hubs, the choice named in each publication --------------------------------
+
+
+class PairBackplane:
+    """The seam between two in-process hubs (no Redis): what a hub hands over is encoded and
+    decoded exactly as Redis carries it (broker/cluster.py) and waits in ``sent`` until the
+    test delivers it; the directory is filled by the test from the other hub's local side."""
+
+    def __init__(self, node: bytes) -> None:
+        self.node = node
+        self.directory = Directory(ttl=5.0)
+        self.sent: list[bytes] = []
+
+    async def start(self, inject: Any) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def interest(self, pattern: str, added: bool) -> None:
+        pass
+
+    def publish(self, pub: Any) -> bool:
+        self.sent.append(encode_batch(self.node, len(self.sent) + 1, [encode_publication(pub)]))
+        return True
+
+    def health(self) -> dict[str, object]:
+        return {"engine": "pair", "connected": True}
+
+    def attach(self, events: Any) -> None:
+        pass
+
+    def advertise(self, kind: str, key: Any, added: bool) -> None:
+        if added:
+            self.directory.add_local(kind, key)
+        else:
+            self.directory.remove_local(kind, key)
+
+    def send_request(self, node: bytes, xid: int, request: Any) -> bool:
+        return False
+
+    def send_reply(self, *args: Any) -> bool:
+        return False
+
+    def send_withdraw(self, node: bytes, xid: int) -> bool:
+        return False
+
+
+def learn(hub: TestHub, other: TestHub) -> None:
+    """``hub`` hears ``other``'s advertisement."""
+    theirs = other.backplane
+    assert isinstance(theirs, PairBackplane)
+    ours = hub.backplane
+    assert isinstance(ours, PairBackplane)
+    d = theirs.directory
+    ours.directory.update(theirs.node, d.local(GROUP), d.local(SERVICE), now=0.0)
+
+
+def carry(src: TestHub, dst: TestHub) -> None:
+    bp = src.backplane
+    assert isinstance(bp, PairBackplane)
+    for data in bp.sent:
+        _, _, pubs = decode_batch(data)
+        for pub in pubs:
+            dst._inject(pub)
+    bp.sent.clear()
+    dst.settle()
+
+
+def payloads(io: Any) -> list[int]:
+    return [int(e.payload) for e in io.events() if isinstance(e, Message)]
+
+
+def test_two_hubs_give_each_publication_to_one_member_of_the_group() -> None:
+    a = TestHub(LimitsConfig(max_pending_bytes=64 * 1024), backplane=PairBackplane(b"A" * 8))
+    b = TestHub(backplane=PairBackplane(b"B" * 8))
+    pub, _ = client(a, "alice")
+    on_a, io_a = client(a, "bob")
+    on_b, io_b = client(b, "bob")
+    send(a, on_a, {"op": "sub", "sid": 1, "pattern": "t.>", "group": "g"})
+    send(b, on_b, {"op": "sub", "sid": 1, "pattern": "t.>", "group": "g"})
+    a.settle()
+    b.settle()
+    io_a.events()
+    io_b.events()
+
+    # A publisher that has heard of no member anywhere names no node for the group: each
+    # node with members gives it a copy (the documented window: never a loss, possibly a
+    # duplicate).
+    c = TestHub(backplane=PairBackplane(b"C" * 8))
+    pub_c, _ = client(c, "alice")
+    send(c, pub_c, {"op": "pub", "topic": "t.x", "payload": b"0"})
+    c.settle()
+    sent = c.backplane.sent  # type: ignore[attr-defined]
+    for dst in (a, b):
+        c.backplane.sent = list(sent)  # type: ignore[attr-defined]
+        carry(c, dst)
+    assert payloads(io_a) == [0] and payloads(io_b) == [0]
+    # Once it has heard of both: one node per publication, alternating.
+    learn(c, a)
+    learn(c, b)
+    for i in range(10):
+        send(c, pub_c, {"op": "pub", "topic": "t.x", "payload": str(i).encode()})
+    c.settle()
+    sent = list(c.backplane.sent)  # type: ignore[attr-defined]
+    for dst in (a, b):
+        c.backplane.sent = list(sent)  # type: ignore[attr-defined]
+        carry(c, dst)
+    got_a, got_b = payloads(io_a), payloads(io_b)
+    assert sorted(got_a + got_b) == list(range(10)) and len(got_a) == len(got_b) == 5
+
+    # A publisher with an idle member of its own: its member takes them, even before it has
+    # heard of B (it names itself for the group, so B leaves them alone).
+    send(a, pub, {"op": "pub", "topic": "t.x", "payload": b"0"})
+    a.settle()
+    carry(a, b)
+    assert payloads(io_a) == [0] and payloads(io_b) == []
+    learn(a, b)
+    learn(b, a)
+    for i in range(1, 6):
+        send(a, pub, {"op": "pub", "topic": "t.x", "payload": str(i).encode()})
+    a.settle()
+    carry(a, b)
+    assert payloads(io_a) == [1, 2, 3, 4, 5] and payloads(io_b) == []
+
+    # A's member backed up (its socket stopped draining): the group's copy goes to B.
+    on_a.outbox_paused(True)
+    big = b"x" * 40_000
+    send(a, pub, {"op": "pub", "topic": "t.x", "payload": big})
+    a.settle()
+    carry(a, b)
+    assert on_a.load >= 0.5
+    send(a, pub, {"op": "pub", "topic": "t.x", "payload": b"7"})
+    a.settle()
+    carry(a, b)
+    assert payloads(io_b) == [7]
+    on_a.outbox_paused(False)
+    a.settle()
+    io_a.events()
+
+    # B's member leaves after A chose B, before the publication arrives: lost for the group,
+    # and counted.
+    on_a.outbox_paused(True)
+    send(a, pub, {"op": "pub", "topic": "t.x", "payload": big})
+    a.settle()
+    carry(a, b)
+    send(a, pub, {"op": "pub", "topic": "t.x", "payload": b"8"})
+    a.settle()
+    send(b, on_b, {"op": "unsub", "sid": 1})
+    b.settle()
+    io_b.events()
+    carry(a, b)
+    assert payloads(io_b) == []
+    assert b.info()["group_copies_lost"] == 1
+    # A hears that B has no member left: even backed up, its own member gets the next one.
+    learn(a, b)
+    send(a, pub, {"op": "pub", "topic": "t.x", "payload": b"9"})
+    a.settle()
+    carry(a, b)
+    on_a.outbox_paused(False)
+    a.settle()
+    got = [e.payload for e in io_a.events() if isinstance(e, Message)]
+    assert got[-1] == b"9" and b"8" not in got
+    assert b.info()["group_copies_lost"] == 1
 
 
 # --- real brokers and Redis ------------------------------------------------------------------
