@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from auth.acl import Action, Decision, Grant, Policy
@@ -30,7 +30,17 @@ from broker.config import LimitsConfig, MessagingConfig
 from broker.expiry import SessionWatch
 from broker.handler import Outcome, RequestHandler
 from broker.history import History
-from broker.messaging import Groups, Pending, PendingRequests
+from broker.messaging import (
+    GROUP,
+    SERVICE,
+    ClusterMessaging,
+    Groups,
+    Key,
+    Peer,
+    Pending,
+    PendingRequests,
+    RemoteRequest,
+)
 from broker.router import Router
 from broker.store import NullStore, Store
 from broker.timers import DeadlineBuckets
@@ -88,7 +98,16 @@ class Hub:
         #: Queue groups, responders (``serve`` subscriptions) and requests in flight.
         self.groups: Groups[RequestHandler] = Groups()
         self.services: Groups[RequestHandler] = Groups()
-        self.requests: PendingRequests[RequestHandler] = PendingRequests()
+        #: A requester or responder: a local connection, or another node (:class:`Peer`).
+        self.requests: PendingRequests[RequestHandler | Peer] = PendingRequests()
+        #: Groups and requests across nodes, when the backplane carries them (broker/cluster.py).
+        self._cluster: ClusterMessaging | None = None
+        self._node = b""
+        self._xid = 0  #: the last id of a request forwarded to another node
+        if isinstance(self.backplane, ClusterMessaging):
+            self._cluster = self.backplane
+            self._node = self.backplane.node
+            self.backplane.attach(self)
         self._sender_patterns = tuple(split_pattern(p) for p in self.messaging.sender)
         self._sender_cache: dict[str, bool] = {}
         self.history = History(self.messaging.history)
@@ -189,6 +208,8 @@ class Hub:
         return not (self.services and self.services.matching(topic))
 
     def _route(self, pub: Publication) -> None:
+        if self._cluster is not None:
+            self._choose_nodes(pub, self._cluster)
         self._deliver_locally(pub)
         if not self.backplane.publish(pub):
             self.stats["backplane_refused"] += 1
@@ -208,6 +229,12 @@ class Hub:
         )
         if self.groups:
             self._route_groups(pub, sender, seq, epoch)
+        elif self._cluster is not None and "q" in pub.extra:
+            # Named for groups here whose last members left since the choice: lost for them.
+            chosen = _chosen_nodes(pub.extra["q"]) or {}
+            lost = sum(1 for node in chosen.values() if node == self._node)
+            if lost:
+                self.stats["group_copies_lost"] += lost
 
     def _stamps(self, topic: str) -> bool:
         """Do plain deliveries on ``topic`` carry the publisher's identity (``[messaging]
@@ -229,6 +256,12 @@ class Hub:
         """One member of every queue group matching the topic gets its own frame (naming its
         subscription); a backed-up member is passed over while another can take it."""
         headers = dict(pub.headers) if pub.headers is not None else None
+        chosen = None if self._cluster is None else _chosen_nodes(pub.extra.get("q"))
+        if chosen:
+            self._route_groups_chosen(
+                pub, chosen, headers=headers, sender=sender, seq=seq, epoch=epoch
+            )
+            return
         for handler, sid in self.groups.choose(pub.topic, _load):
             frame = encode_frame(
                 Message(
@@ -237,6 +270,62 @@ class Hub:
             )
             handler.deliver(frame, 1)
             self.deliveries_out += 1
+
+    def _choose_nodes(self, pub: Publication, cluster: ClusterMessaging) -> None:
+        """Across nodes: one node per queue group matching the topic, named in the publication
+        (``extra["q"]``): this one while a local member is below half its outbox, else one of
+        the other nodes that advertised members, round robin (docs/messaging.md)."""
+        directory = cluster.directory
+        remote = directory.matching(GROUP, pub.topic) if directory.has(GROUP) else ()
+        local = self.groups.matching(pub.topic) if self.groups else ()
+        if not remote and not local:
+            return
+        me = self._node
+        chosen: dict[Key, bytes] = {}
+        for group in local:
+            idle = any(_load(member) < 0.5 for member, _sid in group.members)
+            chosen[group.pattern, group.name] = me if idle else b""
+        for key, nodes in remote:
+            if chosen.get(key) != me:
+                chosen[key] = directory.pick(GROUP, key, nodes)
+        pub.extra["q"] = [[k[0], k[1], node or me] for k, node in chosen.items()]
+
+    def _route_groups_chosen(
+        self,
+        pub: Publication,
+        chosen: dict[Key, bytes],
+        *,
+        headers: dict[str, str] | None,
+        sender: str | None,
+        seq: int | None,
+        epoch: str | None,
+    ) -> None:
+        """:meth:`_route_groups` for a publication that names a node per group: a group
+        named for another node is left to it; one named for this node gets one member here;
+        one not named (the publisher did not know of it yet) gets one here too."""
+        me = self._node
+        served = 0
+        for group in self.groups.matching(pub.topic):
+            node = chosen.get((group.pattern, group.name))
+            if node is not None and node != me:
+                continue
+            if node is not None:
+                served += 1
+            member = group.pick(_load)
+            if member is None:
+                continue
+            handler, sid = member
+            frame = encode_frame(
+                Message(
+                    pub.topic, pub.payload, headers, sid=sid, sender=sender, seq=seq, epoch=epoch
+                )
+            )
+            handler.deliver(frame, 1)
+            self.deliveries_out += 1
+        # Named for this node, but its members here left between the choice and the arrival.
+        lost = sum(1 for node in chosen.values() if node == me) - served
+        if lost > 0:
+            self.stats["group_copies_lost"] += lost
 
     async def _store_then_route(
         self, pub: Publication, done: Callable[[BaseException | None], None]
@@ -323,6 +412,8 @@ class Hub:
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
     ) -> None:
         (self.services if serve else self.groups).join(pattern, group, handler, sid)
+        if self._cluster is not None:
+            self._cluster.advertise(SERVICE if serve else GROUP, (pattern, group), True)
         if not serve:  # a group member wants the pattern's publications from other nodes too
             self._interest_added(pattern)
 
@@ -330,44 +421,33 @@ class Hub:
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
     ) -> None:
         (self.services if serve else self.groups).leave(pattern, group, handler, sid)
+        if self._cluster is not None:
+            self._cluster.advertise(SERVICE if serve else GROUP, (pattern, group), False)
         if not serve:
             self._interest_removed(pattern)
 
     def request(self, handler: RequestHandler, event: Request) -> ErrorCode | None:
-        """Route a request to one responder per group; ``None`` when sent, else the error
-        code to answer with at once (the ACL was checked by the caller)."""
+        """Route a request to one responder per group, here or (for a group with no member
+        here) on another node; ``None`` when sent, else the error code to answer with at
+        once (the ACL was checked by the caller)."""
         if self.requests.waiting(handler, event.rid):
             return ErrorCode.INVALID_SUBSCRIPTION
         if handler.pending_requests >= self.messaging.max_pending_requests:
             return ErrorCode.LIMIT_EXCEEDED
-        chosen = list(self.services.choose(event.topic, _load))
-        if not chosen:
-            self.stats["requests_no_responders"] += 1
-            return ErrorCode.NO_RESPONDERS
-        responders: dict[RequestHandler, int] = {}
-        for responder, sid in chosen:
-            if responder in responders:
-                continue  # one connection serving twice gets the request once
-            token = self.requests.token_for(responder)
-            responders[responder] = token
-            responder.deliver(
-                encode_frame(
-                    Message(
-                        event.topic,
-                        event.payload,
-                        event.headers,
-                        sid=sid,
-                        sender=handler.sender,
-                        reply=token,
-                    )
-                ),
-                1,
-            )
         timeout_ms = min(
             event.timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS,
             int(self.messaging.request_timeout_max * 1000),
         )
-        pending = Pending(handler, event.rid, responders)
+        responders: dict[RequestHandler | Peer, int] = {}
+        served = self._offer(
+            event.topic, event.payload, event.headers, sender=handler.sender, responders=responders
+        )
+        if self._cluster is not None:
+            self._offer_remote(event, handler.sender, timeout_ms, served, responders)
+        if not responders:
+            self.stats["requests_no_responders"] += 1
+            return ErrorCode.NO_RESPONDERS
+        pending: Pending[RequestHandler | Peer] = Pending(handler, event.rid, responders)
         pending.timer = self.loop.call_later(
             timeout_ms / 1000, self._request_expired, handler, event.rid
         )
@@ -376,36 +456,196 @@ class Hub:
         self.stats["requests"] += 1
         return None
 
-    def _request_expired(self, handler: RequestHandler, rid: int) -> None:
-        pending = self.requests.expire(handler, rid)
+    def _offer(
+        self,
+        topic: str,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        *,
+        sender: str | None,
+        responders: dict[RequestHandler | Peer, int],
+        keys: frozenset[Key] | None = None,
+    ) -> set[Key]:
+        """Deliver a request to one local member of each serving group matching ``topic``
+        (only the groups in ``keys`` if given), filling ``responders``; returns the groups
+        served here."""
+        served: set[Key] = set()
+        for group in self.services.matching(topic):
+            key = (group.pattern, group.name)
+            if keys is not None and key not in keys:
+                continue
+            member = group.pick(_load)
+            if member is None:
+                continue
+            served.add(key)
+            responder, sid = member
+            if responder in responders:
+                continue  # one connection serving twice gets the request once
+            token = self.requests.token_for(responder)
+            responders[responder] = token
+            responder.deliver(
+                encode_frame(
+                    Message(
+                        topic,
+                        payload,
+                        dict(headers) if headers is not None else None,
+                        sid=sid,
+                        sender=sender,
+                        reply=token,
+                    )
+                ),
+                1,
+            )
+        return served
+
+    def _offer_remote(
+        self,
+        event: Request,
+        sender: str | None,
+        timeout_ms: int,
+        served: set[Key],
+        responders: dict[RequestHandler | Peer, int],
+    ) -> None:
+        """The groups no local member serves go to one node each that advertised members
+        (round robin); serving subscriptions without a group, on every node that has some."""
+        cluster = self._cluster
+        assert cluster is not None
+        directory = cluster.directory
+        if not directory.has(SERVICE):
+            return
+        targets: dict[bytes, list[Key]] = {}
+        for key, nodes in directory.matching(SERVICE, event.topic):
+            if key[1] is None:
+                for node in nodes:
+                    targets.setdefault(node, []).append(key)
+            elif key not in served:
+                targets.setdefault(directory.pick(SERVICE, key, nodes), []).append(key)
+        for node, keys in targets.items():
+            peer = Peer(node)
+            # Never reused by this process (a node forgotten and heard again, or a late reply,
+            # can never be taken for another request); a restarted process has a new node id.
+            self._xid += 1
+            xid = self._xid
+            forwarded = RemoteRequest(
+                event.topic, event.payload, event.headers, sender, timeout_ms, tuple(keys)
+            )
+            if cluster.send_request(node, xid, forwarded):
+                responders[peer] = xid
+                self.stats["requests_forwarded"] += 1
+
+    def remote_request(self, origin: bytes, xid: int, request: RemoteRequest) -> None:
+        """Another node forwarded a request for local members of ``request.keys``; the reply
+        goes back to it (:meth:`reply`), or a withdrawal if none is left."""
+        cluster = self._cluster
+        assert cluster is not None
+        peer = Peer(origin)
+        if self.requests.waiting(peer, xid):
+            return  # already here (cannot happen with one origin numbering its requests)
+        responders: dict[RequestHandler | Peer, int] = {}
+        self._offer(
+            request.topic,
+            request.payload,
+            request.headers,
+            sender=request.sender,
+            responders=responders,
+            keys=frozenset(request.keys),
+        )
+        if not responders:  # its members here left since it chose this node
+            self.stats["remote_requests_unserved"] += 1
+            cluster.send_withdraw(origin, xid)
+            return
+        timeout_ms = min(request.timeout_ms, int(self.messaging.request_timeout_max * 1000))
+        pending: Pending[RequestHandler | Peer] = Pending(peer, xid, responders)
+        pending.timer = self.loop.call_later(timeout_ms / 1000, self._request_expired, peer, xid)
+        self.requests.add(pending)
+        self.stats["remote_requests"] += 1
+
+    def _request_expired(self, requester: RequestHandler | Peer, rid: int) -> None:
+        pending = self.requests.expire(requester, rid)
         if pending is None:
             return
-        handler.pending_requests -= 1
+        if isinstance(requester, Peer):
+            return  # the requester's node times it out itself
+        requester.pending_requests -= 1
         self.stats["requests_timed_out"] += 1
-        handler.answer(Error(ErrorCode.REQUEST_TIMEOUT, "no reply within the timeout", rid=rid))
+        requester.answer(Error(ErrorCode.REQUEST_TIMEOUT, "no reply within the timeout", rid=rid))
 
     def reply(self, responder: RequestHandler, event: Reply) -> bool:
-        """The first reply to a pending request goes to its requester only; ``False`` if the
-        token names no request pending for this responder."""
+        """The first reply to a pending request goes to its requester only (through its node
+        if it asked on another); ``False`` if the token names no request pending for this
+        responder."""
         pending = self.requests.answer(responder, event.token)
         if pending is None:
             self.stats["replies_unknown"] += 1
             return False
         _cancel(pending)
         requester = pending.requester
+        if isinstance(requester, Peer):
+            assert self._cluster is not None
+            if not self._cluster.send_reply(
+                requester.node, pending.rid, event.payload, event.headers, responder.sender
+            ):
+                self.stats["replies_refused"] += 1
+            return True
         requester.pending_requests -= 1
         requester.answer(Response(pending.rid, event.payload, event.headers, responder.sender))
         return True
 
+    def remote_reply(
+        self,
+        origin: bytes,
+        xid: int,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        sender: str | None,
+    ) -> None:
+        """A reply from another node to a request sent there: the first one wins; one for a
+        request answered, expired or never sent there is dropped."""
+        pending = self.requests.answer(Peer(origin), xid)
+        if pending is None:
+            self.stats["replies_unknown"] += 1
+            return
+        _cancel(pending)
+        requester = pending.requester
+        if isinstance(requester, Peer):  # not ours to answer (cannot happen: xids are ours)
+            return
+        requester.pending_requests -= 1
+        requester.answer(
+            Response(pending.rid, payload, dict(headers) if headers is not None else None, sender)
+        )
+
+    def remote_withdraw(self, origin: bytes, xid: int) -> None:
+        """Another node has no responder left for request ``xid``."""
+        pending = self.requests.withdraw(Peer(origin), xid)
+        if pending is not None:
+            self._no_responders(pending, "no responder on the node it was sent to")
+
+    def peer_gone(self, node: bytes) -> None:
+        """Another node left, expired or cannot be reached: the requests only it could
+        answer fail with NO_RESPONDERS; those it forwarded here are dropped."""
+        peer = Peer(node)
+        for pending in self.requests.asked(peer):
+            _cancel(pending)  # forwarded from there: its reply could not go back
+        for pending in self.requests.forget(peer):
+            self._no_responders(pending, "the responder's node went away")
+
     def forget_requests(self, handler: RequestHandler) -> None:
         """``handler``'s connection is gone: its requests are dropped; requests only it could
         answer fail at once with NO_RESPONDERS."""
-        for pending in self.requests.forget(handler):
+        for pending in self.requests.asked(handler):
             _cancel(pending)
-            pending.requester.pending_requests -= 1
-            pending.requester.answer(
-                Error(ErrorCode.NO_RESPONDERS, "the responder went away", rid=pending.rid)
-            )
+        for pending in self.requests.forget(handler):
+            self._no_responders(pending, "the responder went away")
+
+    def _no_responders(self, pending: Pending[RequestHandler | Peer], why: str) -> None:
+        _cancel(pending)
+        requester = pending.requester
+        if isinstance(requester, Peer):
+            if self._cluster is not None:
+                self._cluster.send_withdraw(requester.node, pending.rid)
+            return
+        requester.pending_requests -= 1
+        requester.answer(Error(ErrorCode.NO_RESPONDERS, why, rid=pending.rid))
 
     # --- the per-turn flush ------------------------------------------------------------------
 
@@ -551,7 +791,20 @@ def _load(handler: RequestHandler) -> float:
     return handler.load
 
 
-def _cancel(pending: Pending[RequestHandler]) -> None:
+def _chosen_nodes(raw: object) -> dict[Key, bytes] | None:
+    """``extra["q"]`` of a publication: (pattern, group) -> the node chosen for it."""
+    if not raw or not isinstance(raw, list | tuple):
+        return None
+    out: dict[Key, bytes] = {}
+    for item in raw:
+        if isinstance(item, list | tuple) and len(item) == 3:
+            pattern, name, node = item
+            if isinstance(pattern, str) and isinstance(name, str) and isinstance(node, bytes):
+                out[pattern, name] = node
+    return out
+
+
+def _cancel(pending: Pending[Any]) -> None:
     timer = pending.timer
     if isinstance(timer, asyncio.TimerHandle):
         timer.cancel()
