@@ -13,12 +13,17 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
+import pytest
+from brokerproc import RawClient, pack
 from helpers_protocol import frame
+from test_broker_messaging import TIMEOUT, connect, start
 from test_hub import ACL, FakeIO, TestHub, client, send
 
 from auth.acl import Policy
 from auth.identity import Identity
+from auth.tls import client_context
 from broker.audit import Audit
 from broker.backplane import Publication
 from broker.config import LimitsConfig
@@ -261,3 +266,69 @@ def test_store_cursors_are_fixed_when_made_and_match_lazily(tmp_path: Path) -> N
         "t.k0",
         "t.fresh",
     }
+
+
+# --- a real broker ------------------------------------------------------------------------------
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+async def test_a_broker_serves_others_while_one_client_holds_32_snapshots_of_20000_values(
+    broker_factory: Any, pki: Any, tmp_path: Path
+) -> None:
+    """A real broker process over mutual TLS: a client that asks for 32 snapshots of 20,000
+    retained values in one write and then does not read neither delays another client's round
+    trip nor grows the broker by the snapshots' size (measured: 5 MB; the eager snapshot of
+    /work/main grew it by 85 MB and fails this test)."""
+    broker, _ = start(broker_factory, tmp_path / "data")
+    async with connect(broker, pki, "bob") as svc, connect(broker, pki, "mallory") as other:
+        for first in range(0, N_TOPICS, 1000):
+            await asyncio.gather(
+                *(
+                    svc.publish(f"status.d{i}.public", b"x" * 20, retain=True)
+                    for i in range(first, first + 1000)
+                )
+            )
+        chat = await other.subscribe("chat.>")
+        await svc.publish("chat.warmup", b"0")
+        assert (await chat.get(timeout=TIMEOUT)).payload == b"0"
+        await asyncio.sleep(0.2)
+        before = _rss_bytes(broker.pid)
+        cred = pki.clients["alice"]
+
+        def ask_and_stall() -> RawClient:
+            raw = RawClient(
+                broker.host,
+                broker.port,
+                client_context(pki.ca, cred.cert, cred.key),
+                recv_buffer_bytes=4096,
+                timeout=TIMEOUT,
+            )
+            raw.hello()
+            raw.send_raw(
+                b"".join(
+                    pack({"op": "sub", "sid": s, "pattern": "status.*.public"})
+                    for s in range(1, 33)
+                )
+            )
+            return raw  # and now it stops reading
+
+        raw = await asyncio.to_thread(ask_and_stall)
+        try:
+            for n in range(20):  # other clients' round trips go on meanwhile
+                await svc.publish("chat.x", b"%d" % n)
+                assert (await chat.get(timeout=TIMEOUT)).payload == b"%d" % n
+            await asyncio.sleep(0.5)
+            grown = _rss_bytes(broker.pid) - before
+            assert grown < 40 * 1024 * 1024, grown
+            first_frames = await asyncio.to_thread(lambda: [raw.recv() for _ in range(300)])
+            assert first_frames[0] == {"op": "ok", "sid": 1}
+            assert all(f and f["op"] == "msg" and f["retained"] for f in first_frames[1:])
+        finally:
+            raw.close()
