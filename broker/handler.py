@@ -743,13 +743,17 @@ class RequestHandler:
             self._dirty = True
             self.hub.wake(self)
 
+    def _pump_turn(self) -> None:
+        """The scheduled pump of a later loop turn (one at a time: ``_pump_scheduled``)."""
+        self._pump_scheduled = False
+        self._pump()
+
     def _pump(self) -> None:
         """Move snapshot frames (then what was held behind them) into the outbox while it is
         below half its bound, at most one turn's budget of snapshot work
         (:data:`SNAPSHOT_BLOCK_FRAMES`, :data:`SNAPSHOT_BYTES_PER_TURN`,
         :data:`SNAPSHOT_STEPS_PER_TURN`); the rest follows on later turns, once the outbox has
         been written."""
-        self._pump_scheduled = False
         ordered = self._ordered
         if ordered is None:
             return
@@ -795,7 +799,7 @@ class RequestHandler:
             # Stopped by the budget with nothing queued to write (every candidate of the turn
             # was passed over): no flush will schedule the next pump, so schedule it here.
             self._pump_scheduled = True
-            self.hub.later(self._pump)
+            self.hub.later(self._pump_turn)
 
     def _on_unsubscribe(self, event: Unsubscribe) -> None:
         pattern = self.subs.pop(event.sid, None)
@@ -955,7 +959,7 @@ class RequestHandler:
             self.io.write(data)
         if self._ordered and not self._pump_scheduled:
             self._pump_scheduled = True
-            self.hub.later(self._pump)
+            self.hub.later(self._pump_turn)
 
     # --- timers and closing -------------------------------------------------------------------
 
