@@ -28,7 +28,7 @@ from broker.audit import Audit
 from broker.backplane import Backplane, LocalBackplane, Publication
 from broker.config import LimitsConfig, MessagingConfig
 from broker.expiry import SessionWatch
-from broker.handler import Outcome, RequestHandler
+from broker.handler import Outcome, RequestHandler, SnapshotCursor
 from broker.history import History
 from broker.messaging import (
     GROUP,
@@ -42,7 +42,7 @@ from broker.messaging import (
     RemoteRequest,
 )
 from broker.router import Router
-from broker.store import NullStore, Store
+from broker.store import NullStore, RetainedCursor, Store
 from broker.timers import DeadlineBuckets
 from client_sdk.protocol.codec import encode_frame
 from client_sdk.protocol.errors import ErrorCode
@@ -355,24 +355,30 @@ class Hub:
         new subscription reaches its connection before the subscription's ``ok``."""
         self.router.flush_pending()
 
-    def retained_for(self, handler: RequestHandler, pattern: str) -> list[Message]:
-        """The retained snapshot of a new subscription: every retained topic matching
-        ``pattern`` that ``handler``'s identity may subscribe to (sid filled in by the caller)."""
-        out: list[Message] = []
-        for pub in self.store.retained(pattern):
-            if not handler.may_see(pub.topic):
+    def retained_for(self, handler: RequestHandler, pattern: str) -> SnapshotCursor:
+        """The retained snapshot of a new subscription, as a lazy cursor: the store fixes the
+        values it covers now (:meth:`~broker.store.Store.retained_cursor`: a copy of references,
+        in the same step as the subscription starts, so each value is in the snapshot or live,
+        never both, never neither); matching, the ACL filter (``handler``'s identity may
+        subscribe to the topic, asked as each item is pulled: a policy changed meanwhile
+        applies) and the :class:`Message` (sid filled in by the caller) are done per pull.
+        ``None`` items are candidates passed over (they count against the caller's budget)."""
+        return self._retained_messages(handler, self.store.retained_cursor(pattern))
+
+    def _retained_messages(self, handler: RequestHandler, cursor: RetainedCursor) -> SnapshotCursor:
+        stats = self.stats
+        for pub in cursor:
+            if pub is None or not handler.may_see(pub.topic):
+                yield None
                 continue
-            out.append(
-                Message(
-                    pub.topic,
-                    pub.payload,
-                    dict(pub.headers) if pub.headers is not None else None,
-                    retained=True,
-                    sender=pub.sender if self._stamps(pub.topic) else None,
-                )
+            stats["retained_sent"] += 1
+            yield Message(
+                pub.topic,
+                pub.payload,
+                dict(pub.headers) if pub.headers is not None else None,
+                retained=True,
+                sender=pub.sender if self._stamps(pub.topic) else None,
             )
-        self.stats["retained_sent"] += len(out)
-        return out
 
     def resume(
         self, handler: RequestHandler, pattern: str, since: int | None, epoch: str | None
