@@ -131,9 +131,15 @@ class HubPort(Protocol):
         """The retained snapshot for a new subscription (ACL-filtered)."""
 
     def resume(
-        self, handler: RequestHandler, pattern: str, since: int | None, epoch: str | None
-    ) -> tuple[Ok, list[Message] | None]:
-        """The new subscription's ``ok`` and, with ``since``, what it missed."""
+        self,
+        handler: RequestHandler,
+        sid: int,
+        pattern: str,
+        since: int | None,
+        epoch: str | None,
+    ) -> tuple[Ok | None, list[Message] | None]:
+        """The new subscription's ``ok`` and, with ``since``, what it missed; ``(None, None)``:
+        read from the engine first, answered later through :meth:`RequestHandler.replayed`."""
 
     def join(
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
@@ -629,7 +635,15 @@ class RequestHandler:
         snapshot: list[Message] = []
         answer = Ok()
         if not event.serve:
-            answer, missed = self.hub.resume(self, pattern, event.since, event.epoch)
+            resumed, missed = self.hub.resume(self, sid, pattern, event.since, event.epoch)
+            if resumed is None:
+                # ``[cluster]`` history: the position (and what was missed) is read from Redis;
+                # what is routed meanwhile waits behind it (``replayed``), bounded as below.
+                if self._ordered is None:
+                    self._ordered = deque()
+                self._ordered.append(_Snapshot(sid, None, [], waiting=True))
+                return
+            answer = resumed
             # A resumption gets what it missed; a fresh subscription the retained values.
             snapshot = missed if missed is not None else self.hub.retained_for(self, pattern)
         ok = encode_frame(replace(answer, sid=sid))
@@ -653,6 +667,10 @@ class RequestHandler:
         for item in self._ordered or ():
             if isinstance(item, _Snapshot) and item.sid == sid:
                 item.frames = []  # its ok still goes out, in order; the rest is moot
+                if item.waiting:
+                    item.waiting = False  # the replay still reading finds it gone
+                    if item.ok is None:
+                        item.ok = encode_frame(Ok(sid=sid))
 
     def _on_request(self, event: Request) -> None:
         rid = event.rid
@@ -697,7 +715,53 @@ class RequestHandler:
             self.conn.send(Error(ErrorCode.LIMIT_EXCEEDED, "the reply is too large", rid=event.rid))
         self._take_replies()
 
-    # --- retained snapshots, in order ---------------------------------------------------------
+    # --- retained snapshots and history replays, in order -------------------------------------
+
+    def _waiting(self, sid: int) -> _Snapshot | None:
+        for item in self._ordered or ():
+            if isinstance(item, _Snapshot) and item.sid == sid and item.waiting:
+                return item
+        return None
+
+    def replayed(self, sid: int, answer: Ok | None, messages: list[Message], last: bool) -> bool:
+        """The hub read (part of) a replay from the engine: the subscription's ``ok`` (first
+        page only) and missed messages, in order before what was routed meanwhile. False: the
+        subscription or the connection is gone, read no more."""
+        item = self._waiting(sid)
+        if item is None or self.closing:
+            return False
+        if answer is not None:
+            item.ok = encode_frame(replace(answer, sid=sid))
+        grant = self._grants.get(sid)
+        if grant is not None and not grant.unrestricted:
+            messages = [m for m in messages if grant.allows(m.topic)]
+        # ``frames`` is last first: the new page goes before what is left of the previous one
+        item.frames[:0] = [_with_sid(m, sid) for m in reversed(messages)]
+        if last:
+            item.waiting = False
+        self._pump()
+        return not last
+
+    def replay_failed(self, sid: int) -> None:
+        """A replay could not be read to its end (Redis went away, or trimmed what was still
+        to be sent after the ``ok`` said ``recovered``): the subscription ends with an error
+        naming it, after what was sent so far, so the client knows it has a gap."""
+        item = self._waiting(sid)
+        pattern = self.subs.pop(sid, None)
+        if item is None or pattern is None or self.closing:
+            return
+        self._drop_sub(sid, pattern)
+        error = Error(
+            ErrorCode.STORE_FAILED,
+            f"history replay for subscription {sid} interrupted: subscribe again",
+            sid=sid,
+        )
+        ordered = self._ordered
+        assert ordered is not None  # ``item`` is in it
+        data = encode_frame(error)
+        ordered.append((data, 0))
+        self._ordered_bytes += len(data)
+        self._pump()
 
     @property
     def load(self) -> float:
@@ -736,10 +800,14 @@ class RequestHandler:
             if item.ok is not None:
                 self._push_ordered(item.ok, 0)
                 item.ok = None
+            elif item.waiting and not item.frames:
+                break  # its ok comes from a replay still reading (``replayed``)
             block = item.take(block_frames)
             if block:
                 self._push_ordered(b"".join(block), len(block))
             if not item.frames:
+                if item.waiting:
+                    break  # the next page is being read
                 ordered.popleft()
         if not ordered:
             self._ordered = None
@@ -980,15 +1048,21 @@ class RequestHandler:
 
 
 class _Snapshot:
-    """A new subscription's ``ok`` and retained snapshot, going out in blocks."""
+    """A new subscription's ``ok`` and retained snapshot (or history replay), going out in
+    blocks."""
 
-    __slots__ = ("frames", "ok", "sid")
+    __slots__ = ("frames", "ok", "sid", "waiting")
 
-    def __init__(self, sid: int, ok: bytes, messages: list[Message]) -> None:
+    def __init__(
+        self, sid: int, ok: bytes | None, messages: list[Message], *, waiting: bool = False
+    ) -> None:
         self.sid = sid
         self.ok: bytes | None = ok
         #: Messages still to send, last first (``take`` pops from the end).
         self.frames = [_with_sid(m, sid) for m in reversed(messages)]
+        #: A replay read from the history engine is not complete yet (``replayed``): nothing
+        #: behind it goes out before it is.
+        self.waiting = waiting
 
     def take(self, n: int) -> list[bytes]:
         frames = self.frames
