@@ -100,6 +100,8 @@ _MAX_HELD = 10_000
 #: Reconnect backoff of the feed: first delay, ceiling (seconds), doubling in between.
 _BACKOFF_FIRST_SECONDS = 0.1
 _BACKOFF_MAX_SECONDS = 5.0
+#: Seconds before reading a stream's position again after a failed read.
+_RESYNC_SECONDS = 0.5
 #: Seconds ``stop`` waits for its tasks to end once cancelled, and for each connection to close.
 _CANCEL_WAIT_SECONDS = 1.0
 
@@ -502,14 +504,22 @@ class RedisHistory:
         client = self._client
         if client is None:
             raise StoreError("the history engine is not running")
+        from redis.exceptions import ConnectionError as RedisConnectionError  # noqa: PLC0415
         from redis.exceptions import NoScriptError  # noqa: PLC0415 - the optional extra
 
+        sha = self._shas[script]
         async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
             try:
-                return await client.evalsha(self._shas[script], len(keys), *keys, *args)
+                try:
+                    return await client.evalsha(sha, len(keys), *keys, *args)
+                except RedisConnectionError:
+                    # A pooled connection that died with a restarted Redis fails once (the
+                    # client does not retry: settings.client()); these scripts only read, or
+                    # create a missing position, so running them again is safe.
+                    return await client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:  # a restarted Redis forgot it: nothing ran
                 await client.script_load(script)
-                return await client.evalsha(self._shas[script], len(keys), *keys, *args)
+                return await client.evalsha(sha, len(keys), *keys, *args)
 
     async def _write_loop(self) -> None:
         queue = self._queue
@@ -682,11 +692,7 @@ class RedisHistory:
                 continue  # the idle channel
             kind = msg.get("type")
             if kind == "subscribe":
-                if stream.subscribed and not stream.synced and not stream.reading:
-                    stream.reading = True
-                    task = asyncio.create_task(self._sync(stream), name="redis-history-position")
-                    self._readers.add(task)
-                    task.add_done_callback(self._readers.discard)
+                self._resync(stream)  # confirmed: read the position
             elif kind == "message":
                 data = msg.get("data")
                 if not isinstance(data, bytes) or not stream.subscribed:
@@ -712,10 +718,14 @@ class RedisHistory:
             )
             for fut in stream.waiters:
                 _fail(fut, StoreError("history position unavailable"))
+            if stream.subscribed:  # try again while the feed is up (it ends on an outage)
+                asyncio.get_running_loop().call_later(_RESYNC_SECONDS, self._resync, stream)
             return
         if not stream.subscribed or not stream.reading:
             return  # unfollowed, or the feed broke, meanwhile
         stream.reading = False
+        if stream.epoch and epoch != stream.epoch:
+            self._new_epoch(stream)
         stream.epoch, stream.delivered, stream.synced = epoch, seq, True
         for fut in stream.waiters:  # exactly this position: what follows comes live
             if not fut.done():
@@ -723,6 +733,21 @@ class RedisHistory:
         held, stream.held = stream.held, []
         for data in held:
             self._feed_message(stream, data)
+
+    def _resync(self, stream: _Stream) -> None:
+        if self._feed_up and stream.subscribed and not stream.synced and not stream.reading:
+            stream.reading = True
+            task = asyncio.get_running_loop().create_task(self._sync(stream))
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
+
+    def _new_epoch(self, stream: _Stream) -> None:
+        self.stats["epochs_changed"] += 1
+        log.warning(
+            "history stream %r has a new epoch: redis lost its messages (a client resuming "
+            "with the old epoch is told it has a gap)",
+            stream.config.pattern,
+        )
 
     def _feed_message(self, stream: _Stream, data: bytes) -> None:
         try:
@@ -733,8 +758,7 @@ class RedisHistory:
         if epoch != stream.epoch:
             # Redis lost the stream and began a new epoch: follow it (subscribers see the new
             # epoch on the deliveries; a client resuming with the old one is told of the gap).
-            self.stats["epochs_changed"] += 1
-            log.warning("history stream %r has a new epoch (data lost)", stream.config.pattern)
+            self._new_epoch(stream)
             stream.epoch, stream.delivered = epoch, 0
         elif seq <= stream.delivered:
             self.stats["duplicates_dropped"] += 1
