@@ -281,10 +281,13 @@ class Hub:
                 await self.history.append(pub)
             except Exception as exc:  # StoreError: Redis unreachable (STORE_FAILED)
                 self.stats["history_refused"] += 1
-                if self.store.wants(pub):
-                    self.store.apply((pub,))  # it is retained all the same
                 done(exc)
                 return
+            finally:
+                if self.store.wants(pub):
+                    # Already visible if the feed routed it here; else (no local subscriber,
+                    # or not kept) visible from now on, as it is retained all the same.
+                    self.store.apply((pub,))
             done(None)
             return
         # Visible to new subscriptions' snapshots in the same step as it is routed: a
@@ -395,11 +398,16 @@ class Hub:
         except Exception as exc:  # Redis unreachable or too slow: a gap, never a hang
             self.stats["recoveries_failed"] += 1
             log.warning("history position for %r unavailable: %s", pattern, exc)
-            handler.replayed(sid, Ok(recovered=False if since is not None else None), [], True)
+            if since is not None:
+                handler.replayed(sid, Ok(recovered=False), [], True)
+            else:  # a fresh subscription without a history position: its retained snapshot
+                handler.replayed(sid, Ok(), self.retained_for(handler, pattern), True)
             return
         ok, missed = self._resumed(handler, pattern, found)
+        if missed is None:  # a fresh subscription: its retained snapshot, as on the sync path
+            missed = self.retained_for(handler, pattern)
         more = found.more if found.recovered else None
-        if not handler.replayed(sid, ok, missed or [], more is None):
+        if not handler.replayed(sid, ok, missed, more is None):
             return
         outbox = handler.outbox
         while more is not None:

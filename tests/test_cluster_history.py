@@ -270,3 +270,21 @@ async def test_redis_killed_then_restarted_empty_is_an_explicit_gap_under_a_new_
         assert await r.xlen("tessera:history:events.>") == 1
     finally:
         await r.aclose()
+
+
+async def test_a_retained_history_topic_is_numbered_once_and_in_every_nodes_snapshot(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    a = broker_factory.serve(history_config(broker_factory, redis_server))
+    b = broker_factory.serve(history_config(broker_factory, redis_server))
+    async with connect(a.url, pki, "alice") as pub, connect(b.url, pki, "alice") as on_b:
+        live = await on_b.subscribe("events.>")
+        await pub.publish("events.state", b"on", retain=True)
+        got = await live.get(timeout=TIMEOUT)
+        assert (got.payload, got.seq, got.retained) == (b"on", 1, False)
+        await assert_nothing_more(live)  # once: not also through the backplane
+        for url in (a.url, b.url):  # A has no subscriber of its own: visible there too
+            async with connect(url, pki, "alice") as late:
+                snap = await late.subscribe("events.state")
+                first = await snap.get(timeout=TIMEOUT)
+                assert (first.payload, first.retained) == (b"on", True)
