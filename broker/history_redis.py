@@ -679,6 +679,7 @@ class RedisHistory:
                     for s in drop:
                         s.subscribed = False
                         s.unsync()
+                        s.epoch, s.delivered = "", 0  # followed again later: from then on
                     await pubsub.unsubscribe(*(s.channel for s in drop))
 
     async def _reader(self, pubsub: PubSub) -> None:
@@ -723,6 +724,22 @@ class RedisHistory:
             return
         if not stream.subscribed or not stream.reading:
             return  # unfollowed, or the feed broke, meanwhile
+        if stream.epoch == epoch and stream.delivered < seq:
+            # The feed was down while the stream was followed (its connection broke): what was
+            # published meanwhile is delivered now, from the stream, before what follows.
+            try:
+                await self._catch_up(stream, seq)
+            except Exception as exc:
+                self.stats["reads_failed"] += 1
+                log.warning(
+                    "history catch-up of %r failed (%s): live subscribers here miss seq %d-%d",
+                    stream.config.pattern,
+                    type(exc).__name__,
+                    stream.delivered + 1,
+                    seq,
+                )
+            if not stream.subscribed or not stream.reading:
+                return
         stream.reading = False
         if stream.epoch and epoch != stream.epoch:
             self._new_epoch(stream)
@@ -733,6 +750,18 @@ class RedisHistory:
         held, stream.held = stream.held, []
         for data in held:
             self._feed_message(stream, data)
+
+    async def _catch_up(self, stream: _Stream, top: int) -> None:
+        """Deliver ``(delivered, top]`` from the stream, a page at a time (what is trimmed
+        already is counted in ``feed_gaps``)."""
+        epoch = stream.epoch
+        while stream.delivered < top and stream.subscribed and stream.reading:
+            have, _now, entries = await self._read(stream, stream.delivered + 1, top)
+            if have != epoch or not entries:
+                raise HistoryReadError("the stream no longer holds them")
+            for seq, _t, pub in entries:
+                self._deliver_one(stream, seq, epoch, pub)
+            self.stats["caught_up"] += len(entries)
 
     def _resync(self, stream: _Stream) -> None:
         if self._feed_up and stream.subscribed and not stream.synced and not stream.reading:
@@ -762,6 +791,11 @@ class RedisHistory:
             stream.epoch, stream.delivered = epoch, 0
         elif seq <= stream.delivered:
             self.stats["duplicates_dropped"] += 1
+            return
+        self._deliver_one(stream, seq, epoch, pub)
+
+    def _deliver_one(self, stream: _Stream, seq: int, epoch: str, pub: Publication) -> None:
+        if seq <= stream.delivered:
             return
         if seq != stream.delivered + 1:
             self.stats["feed_gaps"] += 1

@@ -288,3 +288,37 @@ async def test_a_retained_history_topic_is_numbered_once_and_in_every_nodes_snap
                 snap = await late.subscribe("events.state")
                 first = await snap.get(timeout=TIMEOUT)
                 assert (first.payload, first.retained) == (b"on", True)
+
+
+async def test_a_node_whose_feed_connection_broke_delivers_what_it_missed_from_the_stream(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    a = broker_factory.serve(history_config(broker_factory, redis_server))
+    b = broker_factory.serve(history_config(broker_factory, redis_server))
+    total = 1000
+    async with connect(a.url, pki, "alice") as pub, connect(b.url, pki, "alice") as on_b:
+        watch = await on_b.subscribe("events.>")
+        mark = b.log_mark()
+
+        async def publish() -> None:
+            for i in range(total):
+                await pub.publish("events.x", str(i).encode())
+
+        task = asyncio.create_task(publish())
+        got = await collect(watch, 50)
+        r = aioredis.Redis.from_url(redis_server.url)
+        try:  # every pub/sub connection of every node: Redis itself stays up
+            assert await r.client_kill_filter(_type="pubsub") >= 2
+        finally:
+            await r.aclose()
+        got += await collect(watch, total - 50)
+        await task
+        await assert_nothing_more(watch)
+        b.wait_for_log(r"history feed from .* is back", since=mark, timeout=TIMEOUT)
+    assert [m.seq for m in got] == list(range(1, total + 1))  # no gap, no duplicate
+    assert [int(m.payload) for m in got] == list(range(total))
+    b.send_signal(signal.SIGUSR1)
+    (line,) = b.wait_for_log(r"stats \{", since=mark)
+    history = json.loads(line.split("stats ", 1)[1])["history"]
+    assert history["feed_outages"] == 1
+    assert history["caught_up"] > 0  # published while B's feed was down: read from the stream
