@@ -669,8 +669,9 @@ class RequestHandler:
                 item.frames = []  # its ok still goes out, in order; the rest is moot
                 if item.waiting:
                     item.waiting = False  # the replay still reading finds it gone
-                    if item.ok is None:
+                    if not item.answered:
                         item.ok = encode_frame(Ok(sid=sid))
+                        item.answered = True
 
     def _on_request(self, event: Request) -> None:
         rid = event.rid
@@ -732,6 +733,7 @@ class RequestHandler:
             return False
         if answer is not None:
             item.ok = encode_frame(replace(answer, sid=sid))
+            item.answered = True
         grant = self._grants.get(sid)
         if grant is not None and not grant.unrestricted:
             messages = [m for m in messages if grant.allows(m.topic)]
@@ -753,13 +755,15 @@ class RequestHandler:
         self._drop_sub(sid, pattern)
         error = Error(
             ErrorCode.STORE_FAILED,
-            f"history replay for subscription {sid} interrupted: subscribe again",
+            "history replay interrupted: subscribe again",
             sid=sid,
         )
         ordered = self._ordered
         assert ordered is not None  # ``item`` is in it
         data = encode_frame(error)
-        ordered.append((data, 0))
+        # right after what was sent of the replay: live deliveries held behind it come after
+        # the subscription ended (a client drops them)
+        ordered.insert(ordered.index(item) + 1, (data, 0))
         self._ordered_bytes += len(data)
         self._pump()
 
@@ -1051,13 +1055,15 @@ class _Snapshot:
     """A new subscription's ``ok`` and retained snapshot (or history replay), going out in
     blocks."""
 
-    __slots__ = ("frames", "ok", "sid", "waiting")
+    __slots__ = ("answered", "frames", "ok", "sid", "waiting")
 
     def __init__(
         self, sid: int, ok: bytes | None, messages: list[Message], *, waiting: bool = False
     ) -> None:
         self.sid = sid
         self.ok: bytes | None = ok
+        #: Its ``ok`` is known (sent, or about to be).
+        self.answered = ok is not None
         #: Messages still to send, last first (``take`` pops from the end).
         self.frames = [_with_sid(m, sid) for m in reversed(messages)]
         #: A replay read from the history engine is not complete yet (``replayed``): nothing

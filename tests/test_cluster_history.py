@@ -17,17 +17,30 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from helpers_protocol import frame
 from redisproc import RedisProcess
 from test_broker_recovery import FAST, Proxy
 from test_cluster_brokers import cluster_config, connect, wait_subscribed
+from test_hub import FakeIO
 from timing import scaled
 
 import client_sdk
+from auth.acl import Policy
+from auth.identity import Identity
+from broker.audit import Audit
+from broker.backplane import Publication
+from broker.config import LimitsConfig
+from broker.handler import RequestHandler
+from broker.history import Page, Resumption
+from broker.hub import Hub
+from broker.store import StoreError
 from client_sdk import BrokerError, HistoryGap
 from client_sdk.protocol.errors import ErrorCode
+from client_sdk.protocol.events import Error, Message, Ok, Welcome
 
 TIMEOUT = scaled(10.0)
 FEED = "tessera:\x00history:events.>"
+ALLOW_ALL = '[[allow]]\nprincipals = ["*"]\npublish = [">"]\nsubscribe = [">"]\n'
 
 ACL = """\
 [[allow]]
@@ -322,3 +335,181 @@ async def test_a_node_whose_feed_connection_broke_delivers_what_it_missed_from_t
     history = json.loads(line.split("stats ", 1)[1])["history"]
     assert history["feed_outages"] == 1
     assert history["caught_up"] > 0  # published while B's feed was down: read from the stream
+
+
+# --- the asynchronous replay in-process: the real Hub and handlers, an engine the test drives --
+
+
+class ScriptedHistory:
+    """A history engine (the hub's ``HistoryEngine`` seam) whose answers the test releases:
+    the stream ``t.>`` is numbered by the hub (``number``) and every resumption waits for the
+    test's ``answer``, then reads its further pages from ``pages``."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.answer: asyncio.Future[Resumption] | None = None
+        self.pages: list[Page | Exception] = []
+
+    def __bool__(self) -> bool:
+        return True
+
+    def for_topic(self, topic: str) -> object | None:
+        return self if topic.startswith("t.") else None
+
+    def number(self, pub: Publication, now: float) -> tuple[int, str] | None:
+        self.seq += 1
+        return self.seq, "e1"
+
+    def appends(self, topic: str) -> bool:
+        return False
+
+    async def append(self, pub: Publication) -> None:
+        raise AssertionError("not used")
+
+    def interest(self, pattern: str, added: bool) -> None:
+        pass
+
+    def resume(
+        self, pattern: str, since: int | None, epoch: str | None, now: float
+    ) -> asyncio.Future[Resumption]:
+        self.answer = asyncio.get_running_loop().create_future()
+        return self.answer
+
+    async def next_page(self) -> Page:
+        page = self.pages.pop(0)
+        if isinstance(page, Exception):
+            raise page
+        return page
+
+    async def start(self, deliver: Any) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def health(self) -> dict[str, object]:
+        return {}
+
+
+def _in_process(history: ScriptedHistory) -> tuple[Hub, list[tuple[RequestHandler, FakeIO]]]:
+    hub = Hub(
+        limits=LimitsConfig(),
+        policy=Policy.from_text(ALLOW_ALL),
+        audit=Audit(None),
+        server_name="t",
+        history=history,
+    )
+    return hub, []
+
+
+async def _open(hub: Hub, name: str, n: int) -> tuple[RequestHandler, FakeIO]:
+    io = FakeIO()
+    handler = RequestHandler(hub, io, n, peer="p", listener="l")
+    hub.admit(handler)
+    handler.authenticated(Identity("x509", name), hub.now())
+    handler.receive(frame({"op": "hello", "version": 1, "client": "t"}), hub.now())
+    await _turns()
+    assert isinstance(io.events()[0], Welcome)
+    return handler, io
+
+
+async def _turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def _pub(topic: str, payload: bytes) -> Publication:
+    return Publication(topic, payload)
+
+
+def test_live_deliveries_wait_behind_a_replay_read_in_pages_then_follow_it() -> None:
+    history = ScriptedHistory()
+
+    async def scenario() -> None:
+        hub, _ = _in_process(history)
+        await hub.start()
+        alice, _alice_io = await _open(hub, "alice", 1)
+        bob, bob_io = await _open(hub, "bob", 2)
+        for i in (1, 2, 3):  # numbered 1-3 before bob resumes
+            alice.receive(frame({"op": "pub", "topic": "t.a", "payload": str(i).encode()}), 0)
+        bob.receive(frame({"op": "sub", "sid": 1, "pattern": "t.>", "since": 1}), hub.now())
+        alice.receive(frame({"op": "pub", "topic": "t.a", "payload": b"4"}), hub.now())  # live
+        await _turns()
+        assert bob_io.events() == []  # the ok and the live one wait for the replay
+        assert history.answer is not None
+        history.pages = [([(3, _pub("t.a", b"3"))], None)]
+        history.answer.set_result(
+            Resumption("e1", 3, True, [(2, _pub("t.a", b"2"))], history.next_page)
+        )
+        await _turns(20)
+        got = bob_io.events()
+        assert got[0] == Ok(sid=1, epoch="e1", seq=3, recovered=True)
+        assert [(m.payload, m.seq, m.sid) for m in got[1:] if isinstance(m, Message)] == [
+            (b"2", 2, 1),
+            (b"3", 3, 1),
+            (b"4", 4, None),  # live, after the replay
+        ]
+        assert len(got) == 4
+        await hub.drain()
+        await hub.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_replay_that_cannot_be_read_to_its_end_ends_the_subscription_with_an_error() -> None:
+    history = ScriptedHistory()
+
+    async def scenario() -> None:
+        hub, _ = _in_process(history)
+        await hub.start()
+        alice, _alice_io = await _open(hub, "alice", 1)
+        bob, bob_io = await _open(hub, "bob", 2)
+        bob.receive(frame({"op": "sub", "sid": 1, "pattern": "t.>", "since": 0}), hub.now())
+        alice.receive(frame({"op": "pub", "topic": "t.a", "payload": b"live"}), hub.now())
+        await _turns()
+        assert history.answer is not None
+        history.pages = [StoreError("trimmed meanwhile")]
+        history.answer.set_result(
+            Resumption("e1", 9, True, [(1, _pub("t.a", b"1"))], history.next_page)
+        )
+        await _turns(20)
+        got = bob_io.events()
+        assert got[0] == Ok(sid=1, epoch="e1", seq=9, recovered=True)
+        assert isinstance(got[1], Message) and (got[1].payload, got[1].sid) == (b"1", 1)
+        assert isinstance(got[2], Error) and (got[2].code, got[2].sid) == (
+            ErrorCode.STORE_FAILED,
+            1,
+        )
+        # what was routed while it waited follows the error (the client dropped the sub)
+        assert [m.payload for m in got[3:] if isinstance(m, Message)] == [b"live"]
+        assert bob.subs == {}
+        alice.receive(frame({"op": "pub", "topic": "t.a", "payload": b"after"}), hub.now())
+        await _turns()
+        assert bob_io.events() == []  # the subscription is gone
+        assert hub.info()["recoveries_failed"] == 1
+        await hub.drain()
+        await hub.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_unsubscribe_while_the_position_is_read_answers_in_order_and_stops_the_replay() -> None:
+    history = ScriptedHistory()
+
+    async def scenario() -> None:
+        hub, _ = _in_process(history)
+        await hub.start()
+        bob, bob_io = await _open(hub, "bob", 2)
+        bob.receive(frame({"op": "sub", "sid": 1, "pattern": "t.>", "since": 0}), hub.now())
+        bob.receive(frame({"op": "unsub", "sid": 1}), hub.now())
+        await _turns()
+        assert history.answer is not None
+        history.answer.set_result(Resumption("e1", 5, True, [(1, _pub("t.a", b"1"))], None))
+        await _turns(20)
+        got = bob_io.events()
+        assert Ok(sid=1) in got  # both answered, nothing replayed to a gone subscription
+        assert not [m for m in got if isinstance(m, Message)]
+        await hub.drain()
+        await hub.stop()
+
+    asyncio.run(scenario())
