@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from brokerproc import BrokerProcess
 from helpers_protocol import frame
 from redisproc import RedisProcess
 from test_broker_recovery import FAST, Proxy
@@ -513,3 +514,30 @@ def test_an_unsubscribe_while_the_position_is_read_answers_in_order_and_stops_th
         await hub.stop()
 
     asyncio.run(scenario())
+
+
+async def test_two_workers_on_one_port_share_the_streams(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    cfg = history_config(broker_factory, redis_server)
+    proc = broker_factory.track(
+        BrokerProcess(["serve", "--config", str(cfg), "--workers", "2"], workdir=cfg.parent)
+    ).start()
+    async with connect(proc.url, pki, "alice") as pub:
+        await pub.publish("events.w", b"0")
+        last_seq, epoch, n = 1, None, 1
+        for _ in range(12):  # each a new connection: the kernel picks the worker
+            for _ in range(3):  # published while no one listens
+                await pub.publish("events.w", str(n).encode())
+                n += 1
+            async with connect(proc.url, pki, "alice") as client:
+                sub = await client.subscribe("events.w", since=last_seq, epoch=epoch)
+                got = await collect(sub, 3)
+                assert [m.seq for m in got] == [last_seq + 1, last_seq + 2, last_seq + 3]
+                assert [int(m.payload) for m in got] == list(range(n - 3, n))
+                assert sub.gaps == 0
+                last_seq, epoch = got[-1].seq, got[-1].epoch
+    opened = proc.wait_for_log(r"session open", count=13)
+    # both workers served resumptions (2**-12 odds otherwise)
+    assert any("[worker 0]" in line for line in opened)
+    assert any("[worker 1]" in line for line in opened)
