@@ -377,13 +377,19 @@ class RedisHistory:
         if not self._feed_up:
             self.stats["positions_unavailable"] += 1
             return _unknown(since)  # Redis is unreachable: say so at once, never hang
-        return asyncio.ensure_future(self._after_sync(stream, since, epoch))
-
-    async def _after_sync(
-        self, stream: _Stream, since: int | None, epoch: str | None
-    ) -> Resumption:
+        # Filed now, in the step that filed the subscription: the position read next is its
+        # boundary (what the feed brings above it reaches the subscription live).
         fut: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         stream.waiters.append(fut)
+        return asyncio.ensure_future(self._after_sync(stream, fut, since, epoch))
+
+    async def _after_sync(
+        self,
+        stream: _Stream,
+        fut: asyncio.Future[tuple[str, int]],
+        since: int | None,
+        epoch: str | None,
+    ) -> Resumption:
         try:
             async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
                 have_epoch, top = await fut
