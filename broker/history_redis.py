@@ -345,7 +345,9 @@ class RedisHistory:
         assert stream is not None, "the hub appends only history topics"
         if self._client is None:
             raise StoreError("the history engine is not running")
-        extra = {"retained_version": v} if (v := pub.extra.get("retained_version")) else {}
+        # what other nodes need with it (the store's ``retained_version``, and whatever the hub
+        # put there for them); the numbering is the feed's own
+        extra = {k: v for k, v in pub.extra.items() if k not in ("seq", "epoch")}
         blob = encode_publication(
             Publication(pub.topic, pub.payload, pub.headers, pub.sender, pub.retain, extra)
         )
