@@ -20,6 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from itertools import chain
 from typing import Protocol
 
 from auth.acl import Action, Decision, Grant
@@ -155,9 +156,15 @@ class HubPort(Protocol):
         per item as it is pulled)."""
 
     def resume(
-        self, handler: RequestHandler, pattern: str, since: int | None, epoch: str | None
-    ) -> tuple[Ok, list[Message] | None]:
-        """The new subscription's ``ok`` and, with ``since``, what it missed."""
+        self,
+        handler: RequestHandler,
+        sid: int,
+        pattern: str,
+        since: int | None,
+        epoch: str | None,
+    ) -> tuple[Ok | None, list[Message] | None]:
+        """The new subscription's ``ok`` and, with ``since``, what it missed; ``(None, None)``:
+        read from the engine first, answered later through :meth:`RequestHandler.replayed`."""
 
     def join(
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
@@ -653,7 +660,15 @@ class RequestHandler:
         snapshot: SnapshotCursor | None = None
         answer = Ok()
         if not event.serve:
-            answer, missed = self.hub.resume(self, pattern, event.since, event.epoch)
+            resumed, missed = self.hub.resume(self, sid, pattern, event.since, event.epoch)
+            if resumed is None:
+                # ``[cluster]`` history: the position (and what was missed) is read from Redis;
+                # what is routed meanwhile waits behind it (``replayed``), bounded as below.
+                if self._ordered is None:
+                    self._ordered = deque()
+                self._ordered.append(_Snapshot(sid, None, None, waiting=True))
+                return
+            answer = resumed
             # A resumption gets what it missed; a fresh subscription the retained values (a
             # cursor fixed in this step, pulled a block per turn by _pump).
             if missed is not None:
@@ -683,6 +698,11 @@ class RequestHandler:
         for item in self._ordered or ():
             if isinstance(item, _Snapshot) and item.sid == sid:
                 item.cancel()  # its ok still goes out, in order; the rest is moot
+                if item.waiting:
+                    item.waiting = False  # the replay still reading finds it gone
+                    if not item.answered:
+                        item.ok = encode_frame(Ok(sid=sid))
+                        item.answered = True
 
     def _on_request(self, event: Request) -> None:
         rid = event.rid
@@ -727,7 +747,58 @@ class RequestHandler:
             self.conn.send(Error(ErrorCode.LIMIT_EXCEEDED, "the reply is too large", rid=event.rid))
         self._take_replies()
 
-    # --- retained snapshots, in order ---------------------------------------------------------
+    # --- retained snapshots and history replays, in order -------------------------------------
+
+    def _waiting(self, sid: int) -> _Snapshot | None:
+        for item in self._ordered or ():
+            if isinstance(item, _Snapshot) and item.sid == sid and item.waiting:
+                return item
+        return None
+
+    def replayed(
+        self, sid: int, answer: Ok | None, messages: SnapshotCursor | list[Message], last: bool
+    ) -> bool:
+        """The hub read (part of) a replay from the engine: the subscription's ``ok`` (first
+        page only) and missed messages, in order before what was routed meanwhile. False: the
+        subscription or the connection is gone, read no more."""
+        item = self._waiting(sid)
+        if item is None or self.closing:
+            return False
+        if answer is not None:
+            item.ok = encode_frame(replace(answer, sid=sid))
+            item.answered = True
+        grant = self._grants.get(sid)
+        if grant is not None and not grant.unrestricted:
+            allows = grant.allows
+            messages = (m for m in messages if m is None or allows(m.topic))
+        item.extend(messages)
+        if last:
+            item.waiting = False
+        self._pump()
+        return not last
+
+    def replay_failed(self, sid: int) -> None:
+        """A replay could not be read to its end (Redis went away, or trimmed what was still
+        to be sent after the ``ok`` said ``recovered``): the subscription ends with an error
+        naming it, after what was sent so far, so the client knows it has a gap."""
+        item = self._waiting(sid)
+        pattern = self.subs.pop(sid, None)
+        if item is None or pattern is None or self.closing:
+            return
+        self._drop_sub(sid, pattern)
+        error = Error(
+            ErrorCode.STORE_FAILED,
+            "history replay interrupted: subscribe again",
+            sid=sid,
+        )
+        ordered = self._ordered
+        assert ordered is not None  # ``item`` is in it
+        data = encode_frame(error)
+        # right after what was sent of the replay: live deliveries held behind it come after
+        # the subscription ended (a client drops them)
+        ordered.insert(ordered.index(item) + 1, (data, 0))
+        self._ordered_bytes += len(data)
+        self._pump()
 
     @property
     def load(self) -> float:
@@ -763,6 +834,7 @@ class RequestHandler:
         frames_left = max(1, min(SNAPSHOT_BLOCK_FRAMES, half_messages))
         bytes_left = SNAPSHOT_BYTES_PER_TURN
         steps_left = SNAPSHOT_STEPS_PER_TURN
+        waiting = False  # stopped at a replay still reading: ``replayed`` pumps again
         while (
             ordered and outbox.bytes < half and outbox.messages < half_messages and not self.closing
         ):
@@ -775,6 +847,9 @@ class RequestHandler:
             if item.ok is not None:
                 self._push_ordered(item.ok, 0)
                 item.ok = None
+            elif not item.answered:
+                waiting = True
+                break  # its ok comes from a replay still reading (``replayed``)
             if frames_left <= 0 or bytes_left <= 0 or steps_left <= 0:
                 break  # this turn's share is used: the rest on a later turn
             block, size, steps = item.take(frames_left, bytes_left, steps_left)
@@ -784,13 +859,17 @@ class RequestHandler:
             if block:
                 self._push_ordered(b"".join(block), len(block))
             if item.source is None:
+                if item.waiting:
+                    waiting = True
+                    break  # the next page is being read: ``replayed`` pumps again
                 ordered.popleft()
         if not ordered:
             if self._ordered is ordered:
                 self._ordered = None
                 self._ordered_bytes = 0
         elif (
-            not self._dirty
+            not waiting
+            and not self._dirty
             and not self._pump_scheduled
             and not self.closing
             and outbox.bytes < half
@@ -1036,18 +1115,30 @@ class RequestHandler:
 
 
 class _Snapshot:
-    """A new subscription's ``ok`` and retained snapshot (or replay), pulled from its cursor a
-    budget at a time: nothing is built before it is about to go out."""
+    """A new subscription's ``ok`` and retained snapshot (or history replay), pulled from its
+    cursor a budget at a time: nothing is built before it is about to go out."""
 
-    __slots__ = ("allow", "ok", "sid", "source")
+    __slots__ = ("allow", "answered", "ok", "sid", "source", "waiting")
 
-    def __init__(self, sid: int, ok: bytes, source: SnapshotCursor | None) -> None:
+    def __init__(
+        self, sid: int, ok: bytes | None, source: SnapshotCursor | None, *, waiting: bool = False
+    ) -> None:
         self.sid = sid
         self.ok: bytes | None = ok
+        #: Its ``ok`` is known (sent, or about to be).
+        self.answered = ok is not None
         #: Where the messages come from; ``None`` once exhausted or cancelled.
         self.source = source
         #: A filter set when the policy changed meanwhile (the subscription's new grant).
         self.allow: Callable[[str], bool] | None = None
+        #: A replay read from the history engine is not complete yet (``replayed``): nothing
+        #: behind it goes out before it is.
+        self.waiting = waiting
+
+    def extend(self, messages: SnapshotCursor | list[Message]) -> None:
+        """A replay's next page (or, for a subscription that waited for its position, the
+        retained snapshot): after what is left of the previous one."""
+        self.source = iter(messages) if self.source is None else chain(self.source, messages)
 
     def take(self, max_frames: int, max_bytes: int, max_steps: int) -> tuple[list[bytes], int, int]:
         """Up to ``max_frames`` frames (stopping once ``max_bytes`` are reached or after

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from auth.acl import Action, Decision, Grant, Policy
@@ -29,7 +29,7 @@ from broker.backplane import Backplane, LocalBackplane, Publication
 from broker.config import LimitsConfig, MessagingConfig
 from broker.expiry import SessionWatch
 from broker.handler import Outcome, RequestHandler, SnapshotCursor
-from broker.history import History
+from broker.history import Entries, History, HistoryEngine, Resumption
 from broker.messaging import (
     GROUP,
     SERVICE,
@@ -54,6 +54,11 @@ __all__ = ["Hub"]
 
 log = logging.getLogger("tessera.broker")
 
+#: Seconds a history replay waits for its connection's outbox to drain below half its bound
+#: before it reads the next page (the writer empties it; a slow reader is cut off by the
+#: outbox's own slow-consumer policy).
+_REPLAY_WAIT_SECONDS = 0.01
+
 
 class Hub:
     """Publish pipeline, subscriptions, connection registry, timers and the per-turn flush."""
@@ -68,6 +73,7 @@ class Hub:
         store: Store | None = None,
         backplane: Backplane | None = None,
         messaging: MessagingConfig | None = None,
+        history: HistoryEngine | None = None,
     ) -> None:
         self.limits = limits
         self.messaging = messaging or MessagingConfig()
@@ -89,6 +95,8 @@ class Hub:
         self._dirty: list[RequestHandler] = []
         self._flush_scheduled = False
         self._saving: set[asyncio.Task[None]] = set()
+        #: History replays reading from the engine (``[cluster]``: Redis), by their task.
+        self._replays: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: DeadlineBuckets | None = None
         #: Authenticated sessions: since when, credential expiry (issue #10, broker/expiry.py).
@@ -110,7 +118,8 @@ class Hub:
             self.backplane.attach(self)
         self._sender_patterns = tuple(split_pattern(p) for p in self.messaging.sender)
         self._sender_cache: dict[str, bool] = {}
-        self.history = History(self.messaging.history)
+        #: In memory (the embedded default) or, with ``[cluster]``, Redis streams.
+        self.history: HistoryEngine = history or History(self.messaging.history)
         #: Announced in welcome (docs/protocol.md section 16.1).
         features = ["request", "group", "sender"]
         if not isinstance(self.store, NullStore):
@@ -126,6 +135,7 @@ class Hub:
         self._loop = asyncio.get_running_loop()
         self._timers = DeadlineBuckets(self._loop)
         await self.store.open()
+        await self.history.start(self._deliver_numbered)
         await self.backplane.start(self._inject)
 
     async def drain(self) -> None:
@@ -139,7 +149,10 @@ class Hub:
         """After :meth:`drain` and the connections' close: release the engines."""
         if self._timers is not None:
             self._timers.close()
+        for task in self._replays:
+            task.cancel()
         await self.backplane.stop()
+        await self.history.stop()
         await self.store.close()
 
     @property
@@ -160,7 +173,7 @@ class Hub:
         self.publishes_in += 1
         if not handler.allowed(Action.PUBLISH, pub.topic):
             return Outcome.DENIED
-        if self.store.wants(pub):
+        if self.store.wants(pub) or (self.history and self.history.appends(pub.topic)):
             task = self.loop.create_task(self._store_then_route(pub, done))
             self._saving.add(task)
             task.add_done_callback(self._saving.discard)
@@ -216,14 +229,23 @@ class Hub:
 
     def _deliver_locally(self, pub: Publication) -> None:
         """Number it (history), encode once for the router, one frame per chosen group member."""
-        sender = pub.sender if self._stamps(pub.topic) else None
         seq = epoch = None
         if self.history:
-            stream = self.history.for_topic(pub.topic)
-            if stream is not None:
-                # Numbered in the step that routes it: sequence order is delivery order.
-                seq, epoch = stream.append(pub, self.now()), stream.epoch
+            # Numbered in the step that routes it: sequence order is delivery order.
+            numbered = self.history.number(pub, self.now())
+            if numbered is not None:
+                seq, epoch = numbered
                 pub.extra["seq"], pub.extra["epoch"] = seq, epoch
+        self._deliver(pub, seq, epoch)
+
+    def _deliver_numbered(self, pub: Publication, seq: int, epoch: str) -> None:
+        """A publication the history engine numbered (``[cluster]``: from Redis' feed, in
+        sequence order, on every node, the publishing one included): local subscribers only."""
+        pub.extra["seq"], pub.extra["epoch"] = seq, epoch
+        self._deliver(pub, seq, epoch)
+
+    def _deliver(self, pub: Publication, seq: int | None, epoch: str | None) -> None:
+        sender = pub.sender if self._stamps(pub.topic) else None
         self.deliveries_out += self.router.route(
             pub.topic, pub.payload, pub.headers, sender=sender, seq=seq, epoch=epoch
         )
@@ -330,12 +352,35 @@ class Hub:
     async def _store_then_route(
         self, pub: Publication, done: Callable[[BaseException | None], None]
     ) -> None:
-        try:
-            await self.store.save((pub,))
-        except Exception as exc:  # a refusal (StoreError) or a failing disk: the client is told
-            self.stats["store_refused"] += 1
-            log.warning("store refused a publish to %r: %s", pub.topic, exc)
-            done(exc)
+        appends = bool(self.history) and self.history.appends(pub.topic)
+        if self.store.wants(pub):
+            try:
+                await self.store.save((pub,))
+            except Exception as exc:  # a refusal (StoreError) or a failing disk: the client is told
+                self.stats["store_refused"] += 1
+                log.warning("store refused a publish to %r: %s", pub.topic, exc)
+                done(exc)
+                return
+        if appends:
+            # ``[cluster]`` history: Redis numbers it and its feed delivers it on every node,
+            # this one included, in sequence order (broker/history_redis.py); so it is neither
+            # routed here nor handed to the backplane. A retained value becomes visible to
+            # snapshots as the feed routes it (the engine's ``on_retained``). Queue groups:
+            # the node per group is chosen here and travels with it through the feed.
+            if self._cluster is not None:
+                self._choose_nodes(pub, self._cluster)
+            try:
+                await self.history.append(pub)
+            except Exception as exc:  # StoreError: Redis unreachable (STORE_FAILED)
+                self.stats["history_refused"] += 1
+                done(exc)
+                return
+            finally:
+                if self.store.wants(pub):
+                    # Already visible if the feed routed it here; else (no local subscriber,
+                    # or not kept) visible from now on, as it is retained all the same.
+                    self.store.apply((pub,))
+            done(None)
             return
         # Visible to new subscriptions' snapshots in the same step as it is routed: a
         # subscription sees it either in its snapshot or live, never both, never neither.
@@ -381,22 +426,44 @@ class Hub:
             )
 
     def resume(
-        self, handler: RequestHandler, pattern: str, since: int | None, epoch: str | None
-    ) -> tuple[Ok, list[Message] | None]:
+        self,
+        handler: RequestHandler,
+        sid: int,
+        pattern: str,
+        since: int | None,
+        epoch: str | None,
+    ) -> tuple[Ok | None, list[Message] | None]:
         """The ``ok`` for a new subscription (its history position) and, for a ``sub`` with
-        ``since``, the messages it missed (``None``: no resumption was asked)."""
-        stream = self.history.for_pattern(pattern) if self.history else None
-        if stream is None:
+        ``since``, the messages it missed (``None``: no resumption was asked). ``(None, None)``:
+        the engine reads first (``[cluster]``); the answer follows as ``handler.replayed``."""
+        found = self.history.resume(pattern, since, epoch, self.now()) if self.history else None
+        if found is None:
             if since is None:
                 return Ok(), None
             return Ok(recovered=False), []
-        if since is None:
-            return Ok(epoch=stream.epoch, seq=stream.seq), None
-        gap = Ok(epoch=stream.epoch, seq=stream.seq, recovered=False)
-        entries = None if epoch not in (None, stream.epoch) else stream.since(since, self.now())
-        if entries is None:
+        if isinstance(found, Resumption):
+            return self._resumed(handler, pattern, found)
+        task = self.loop.create_task(self._replay(handler, sid, pattern, since, found))
+        self._replays.add(task)
+        task.add_done_callback(self._replays.discard)
+        return None, None
+
+    def _resumed(
+        self, handler: RequestHandler, pattern: str, found: Resumption
+    ) -> tuple[Ok, list[Message] | None]:
+        ok = Ok(epoch=found.epoch, seq=found.seq, recovered=found.recovered)
+        if found.recovered is None:
+            return ok, None
+        if not found.recovered:
             self.stats["recoveries_gap"] += 1
-            return gap, []
+            return ok, []
+        self.stats["recoveries"] += 1
+        return ok, self._missed(handler, pattern, found.epoch, found.entries)
+
+    def _missed(
+        self, handler: RequestHandler, pattern: str, epoch: str | None, entries: Entries
+    ) -> list[Message]:
+        """Recovered messages the subscription matches and its identity may see."""
         tokens = split_pattern(pattern)
         missed = [
             Message(
@@ -405,14 +472,56 @@ class Hub:
                 dict(pub.headers) if pub.headers is not None else None,
                 sender=pub.sender if self._stamps(pub.topic) else None,
                 seq=seq,
-                epoch=stream.epoch,
+                epoch=epoch,
             )
             for seq, pub in entries
             if matches(tokens, split_pattern(pub.topic)) and handler.may_see(pub.topic)
         ]
-        self.stats["recoveries"] += 1
         self.stats["recovered_messages"] += len(missed)
-        return Ok(epoch=stream.epoch, seq=stream.seq, recovered=True), missed
+        return missed
+
+    async def _replay(
+        self,
+        handler: RequestHandler,
+        sid: int,
+        pattern: str,
+        since: int | None,
+        pending: Awaitable[Resumption],
+    ) -> None:
+        """Answer a subscription whose position the engine reads from Redis: the ``ok``, then
+        the missed messages a page at a time, each page read once the connection's outbox is
+        below half its bound (what is routed meanwhile waits behind it in the handler)."""
+        try:
+            found = await pending
+        except Exception as exc:  # Redis unreachable or too slow: a gap, never a hang
+            self.stats["recoveries_failed"] += 1
+            log.warning("history position for %r unavailable: %s", pattern, exc)
+            if since is not None:
+                handler.replayed(sid, Ok(recovered=False), [], True)
+            else:  # a fresh subscription without a history position: its retained snapshot
+                handler.replayed(sid, Ok(), self.retained_for(handler, pattern), True)
+            return
+        ok, missed = self._resumed(handler, pattern, found)
+        # a fresh subscription: its retained snapshot, as on the sync path
+        first = missed if missed is not None else self.retained_for(handler, pattern)
+        more = found.more if found.recovered else None
+        if not handler.replayed(sid, ok, first, more is None):
+            return
+        outbox = handler.outbox
+        while more is not None:
+            half = outbox.max_bytes // 2
+            while outbox.bytes >= half and not handler.closing:  # noqa: ASYNC110 - no such event
+                await asyncio.sleep(_REPLAY_WAIT_SECONDS)  # the writer drains it meanwhile
+            try:
+                entries, more = await more()
+            except Exception as exc:  # Redis went away, or trimmed what was still to send
+                self.stats["recoveries_failed"] += 1
+                log.warning("history replay of %r interrupted: %s", pattern, exc)
+                handler.replay_failed(sid)
+                return
+            msgs = self._missed(handler, pattern, found.epoch, entries)
+            if not handler.replayed(sid, None, msgs, more is None):
+                return
 
     def join(
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
@@ -702,6 +811,7 @@ class Hub:
         interest = self._interest
         if not interest[pattern]:
             self.backplane.interest(pattern, True)
+            self.history.interest(pattern, True)
         interest[pattern] += 1
 
     def _interest_removed(self, pattern: str) -> None:
@@ -710,6 +820,7 @@ class Hub:
         if interest[pattern] <= 0:
             del interest[pattern]
             self.backplane.interest(pattern, False)
+            self.history.interest(pattern, False)
 
     # --- policy ------------------------------------------------------------------------------
 
@@ -785,6 +896,7 @@ class Hub:
             "outbox_bytes": outbox_bytes,
             "timers": len(self._timers) if self._timers is not None else 0,
             "backplane": dict(self.backplane.health()),
+            **({"history": dict(h)} if (h := self.history.health()) else {}),
             "requests_pending": len(self.requests),
             "groups": len(self.groups),
             "services": len(self.services),

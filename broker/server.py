@@ -24,6 +24,7 @@ from broker.audit import Audit
 from broker.backplane import Backplane
 from broker.config import BrokerConfig, ListenerConfig
 from broker.handshake_pool import FailureGate, HandshakePool
+from broker.history import HistoryEngine
 from broker.hub import Hub
 from broker.session import session_factory
 from broker.store import Store
@@ -207,6 +208,7 @@ class Broker:
         policy: Policy | None = None,
         backplane: Backplane | None = None,
         store: Store | None = None,
+        history: HistoryEngine | None = None,
     ) -> None:
         self.config = config
         self.server_name = SERVER_NAME
@@ -231,6 +233,7 @@ class Broker:
             store=store,
             backplane=backplane,
             messaging=config.messaging,
+            history=history,
         )
         self.listeners = [make_listener(c) for c in config.listeners]
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))
