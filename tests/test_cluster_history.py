@@ -541,3 +541,29 @@ async def test_two_workers_on_one_port_share_the_streams(
     # both workers served resumptions (2**-12 odds otherwise)
     assert any("[worker 0]" in line for line in opened)
     assert any("[worker 1]" in line for line in opened)
+
+
+async def test_a_queue_group_on_a_history_topic_gets_each_publication_once_across_nodes(
+    broker_factory: Any, redis_server: RedisProcess, pki: Any
+) -> None:
+    """History publications travel through the history feed, not the backplane: the node
+    chosen per queue group must travel with them too, or a group spread over N nodes would
+    get each one N times."""
+    from test_cluster_messaging import assert_once_each, take_all, wait_advertised  # noqa: PLC0415
+
+    a = broker_factory.serve(history_config(broker_factory, redis_server))
+    b = broker_factory.serve(history_config(broker_factory, redis_server))
+    c = broker_factory.serve(history_config(broker_factory, redis_server))
+    async with contextlib.AsyncExitStack() as stack:
+        members = []
+        for node in (a, b):
+            client = await stack.enter_async_context(connect(node.url, pki, "alice"))
+            members.append(await client.subscribe("events.>", group="workers"))
+        await wait_advertised(redis_server, 4, ("events.>", "workers"), 2)
+        pub = await stack.enter_async_context(connect(c.url, pki, "alice"))
+        n = 120
+        for i in range(n):
+            await pub.publish(f"events.e{i % 3}", str(i).encode())
+        got = await take_all(members, n)
+        assert_once_each(got, n)
+        assert all(got), [len(m) for m in got]  # spread over both nodes' members
