@@ -17,9 +17,14 @@ import secrets
 from collections import deque
 from collections.abc import Sequence
 
-from broker.backplane import Publication
-from broker.config import HistoryConfig
-from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD, matches, split_pattern
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.config import HistoryConfig
+from tessera_mq.client.protocol.topics import (
+    MULTI_WILDCARD,
+    SINGLE_WILDCARD,
+    matches,
+    split_pattern,
+)
 
 __all__ = ["History", "HistoryConfig", "Stream", "covers", "overlaps"]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from client_sdk.protocol.topics import matches, split_pattern
+from tessera_mq.client.protocol.topics import matches, split_pattern
 
 __all__ = ["Group", "Groups", "Pending", "PendingRequests"]
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from broker.backplane import Publication
-from client_sdk.protocol.errors import ErrorCode
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.client.protocol.errors import ErrorCode
 
 __all__ = ["NullStore", "Store", "StoreError"]
 

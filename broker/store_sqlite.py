@@ -33,10 +33,15 @@ from typing import TypeVar
 
 import msgpack
 
-from broker.backplane import Publication
-from broker.store import StoreError
-from client_sdk.protocol.errors import ErrorCode
-from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD, matches, split_pattern
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.store import StoreError
+from tessera_mq.client.protocol.errors import ErrorCode
+from tessera_mq.client.protocol.topics import (
+    MULTI_WILDCARD,
+    SINGLE_WILDCARD,
+    matches,
+    split_pattern,
+)
 
 __all__ = ["DB_FILE_NAME", "MAX_BATCH_JOBS", "RetainLimits", "SQLiteStore"]
 

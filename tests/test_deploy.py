@@ -16,7 +16,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-from broker.cli import _parser as broker_parser
+from tessera_mq.broker.cli import _parser as broker_parser
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "tessera-broker.service"

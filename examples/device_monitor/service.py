@@ -25,7 +25,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent.parent)]  # run from a checkout witho
 
 from common import DEFAULT_DIR, DEFAULT_PORT, SERVICE, credentials, ensure_setup  # noqa: E402
 
-import client_sdk  # noqa: E402
+from tessera_mq import client as client_sdk  # noqa: E402
 
 log = logging.getLogger("device-service")
 
@@ -99,7 +99,7 @@ def main() -> int:
         return 0
     config = ensure_setup(args.dir, args.port)
     broker = subprocess.Popen(  # noqa: S603 - our own interpreter and config
-        [sys.executable, "-m", "broker.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "tessera_mq.broker.cli", "serve", "--config", str(config)],
         cwd=HERE.parent.parent,
         stdout=subprocess.PIPE,
         text=True,

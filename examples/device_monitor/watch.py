@@ -20,7 +20,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent.parent)]
 
 from common import DEFAULT_DIR, DEFAULT_PORT, OPERATOR, credentials  # noqa: E402
 
-import client_sdk  # noqa: E402
+from tessera_mq import client as client_sdk  # noqa: E402
 
 
 async def run(args: argparse.Namespace) -> int:
