@@ -42,6 +42,7 @@ from tessera_mq.broker.dev import (
     forget_dev_broker,
     record_dev_broker,
 )
+from tessera_mq.broker.history import HistoryEngine
 from tessera_mq.broker.logs import setup_logging
 from tessera_mq.broker.metrics import MetricsServer, start_metrics
 from tessera_mq.broker.reload import Reloader
@@ -308,6 +309,21 @@ def _store(
     return RedisStore(settings, limits, prefix=cfg.cluster.channel_prefix, fail_fast=fail_fast)
 
 
+def _history(
+    cfg: BrokerConfig, settings: RedisSettings | None, store: RedisStore | None
+) -> HistoryEngine | None:
+    """Issue #11: with ``[cluster]`` and history streams configured, the streams live in Redis
+    (broker/history_redis.py); otherwise ``None``: the hub keeps them in memory as before."""
+    if cfg.cluster is None or settings is None or not cfg.messaging.history:
+        return None
+    from tessera_mq.broker.history_redis import RedisHistory  # noqa: PLC0415 - the optional extra
+
+    history = RedisHistory(settings, cfg.messaging.history, prefix=cfg.cluster.channel_prefix)
+    if store is not None:
+        history.on_retained = store.observe  # a retained value is visible as the feed routes it
+    return history
+
+
 def _as_worker(cfg: BrokerConfig, binds_json: str, index: int) -> BrokerConfig:
     """Worker ``index`` of ``--workers``: listen on the supervisor's reserved addresses with
     SO_REUSEPORT; its own metrics listener (if any) on the configured port + ``index`` (each
@@ -341,7 +357,8 @@ async def _serve(
         # a remote retained value becomes visible to snapshots as it is routed here
         backplane.on_retained = store.observe
         store.follows = backplane.receives
-    broker = Broker(cfg, policy=policy, backplane=backplane, store=store)
+    history = _history(cfg, redis, store)
+    broker = Broker(cfg, policy=policy, backplane=backplane, store=store, history=history)
     reloader = Reloader(broker)
     admin = _admin_server(broker, reloader)
     if admin is not None:

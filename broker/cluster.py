@@ -30,6 +30,17 @@ Encoding
     ``publish``. Under load a batch holds many publications, so Redis' cost and the node's
     per-message cost are paid per batch, not per publication. docs/scaling.md shows the bytes.
 
+Queue groups and requests across nodes
+    Each node advertises on ``<prefix>:\x00dir`` which (pattern, group) it has queue-group
+    members and responders for: its whole set when it changes (after the interest it implies
+    has reached Redis) and every :data:`DIRECTORY_HEARTBEAT_SECONDS`; a node not heard from for
+    :data:`DIRECTORY_TTL_SECONDS` is forgotten, one that stops says so (``bye``). A new node
+    asks, and every other answers with its set. The hub (broker/hub.py) names one node per
+    matching group in each publication (``extra["q"]``); a request goes, through the target
+    node's own channel ``<prefix>:\x00node:<id hex>``, to one node per service group, and the
+    reply comes back on the requester's node channel. The state is
+    :class:`~broker.messaging.Directory`; the encodings are in docs/scaling.md.
+
 Outage
     ``publish`` queues (bounded by ``max_queue_messages``) for one writer task that sends
     pipelined PUBLISH batches. When Redis is unreachable, local delivery is unaffected;
@@ -56,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.messaging import GROUP, SERVICE, ClusterEvents, Directory, Key, RemoteRequest
 from tessera_mq.client.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
 
 if TYPE_CHECKING:
@@ -65,6 +77,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHANNEL_PREFIX",
     "DEFAULT_MAX_QUEUE_MESSAGES",
+    "DIRECTORY_HEARTBEAT_SECONDS",
+    "DIRECTORY_TTL_SECONDS",
     "INTERNAL_CHANNEL_MARK",
     "BackplaneError",
     "RedisBackplane",
@@ -109,6 +123,13 @@ _WIRE_VERSION = 1
 _NODE_ID_BYTES = 8
 #: Log a malformed message from Redis once per this many.
 _BAD_MESSAGE_LOG_EVERY = 1000
+#: Seconds between a node's directory advertisements (queue groups and responders). Like
+#: Centrifugo's presence and node pings (its node info is re-published every few seconds).
+DIRECTORY_HEARTBEAT_SECONDS = 1.0
+#: Seconds after its last advertisement a node is forgotten (a killed node's groups stop
+#: being chosen and the requests waiting on it fail with NO_RESPONDERS): five heartbeats, so a
+#: loaded node that skips a few is not dropped.
+DIRECTORY_TTL_SECONDS = 5.0
 
 
 class BackplaneError(Exception):
@@ -320,6 +341,18 @@ class RedisBackplane:
         self.stats: collections.Counter[str] = collections.Counter()
         #: ``refused_disconnected + lost`` when the current outage began.
         self._lost_mark = 0
+        #: Queue groups and requests across nodes (broker/messaging.py).
+        self.directory = Directory(DIRECTORY_TTL_SECONDS)
+        self._events: ClusterEvents | None = None
+        #: Messages to one node's channel (requests, replies) and directory advertisements,
+        #: sent by the writer ahead of the publication batches.
+        self._direct: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._dir_channel = f"{self.prefix}:{INTERNAL_CHANNEL_MARK}dir"
+        self._node_channel = self._channel_of(self.node)
+        self._dir_channel_b = self._dir_channel.encode()
+        self._node_channel_b = self._node_channel.encode()
+        self._announce = False  #: the local entries changed since the last advertisement
+        self._ask = False  #: ask the other nodes for theirs with the next advertisement
 
     # --- the Backplane protocol ----------------------------------------------------------
 
@@ -341,13 +374,19 @@ class RedisBackplane:
     async def stop(self) -> None:
         """Send what is queued (bounded by a short timeout), then disconnect; what is left is
         counted in ``lost``."""
+        if self._connected and not self._stopping:
+            # Other nodes stop choosing this one at once (not after the TTL).
+            self._direct.append((self._dir_channel, self._encode_directory("bye")))
         self._stopping = True
         self._wake_writer.set()
         deadline = time.monotonic() + _STOP_FLUSH_SECONDS
-        while self._queue and self._connected and time.monotonic() < deadline:  # noqa: ASYNC110
+        while (  # noqa: ASYNC110
+            (self._queue or self._direct) and self._connected and time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.01)
         self.stats["lost"] += len(self._queue)
         self._queue.clear()
+        self._direct.clear()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -419,6 +458,12 @@ class RedisBackplane:
             "lost": self.stats["lost"],
             "duplicates_dropped": self.stats["duplicates_dropped"],
             "bad_messages": self.stats["bad_messages"],
+            "peers": len(self.directory),
+            "remote_groups": self.directory.entries(GROUP),
+            "remote_services": self.directory.entries(SERVICE),
+            "direct_sent": self.stats["direct_sent"],
+            "direct_received": self.stats["direct_received"],
+            "direct_refused": self.stats["direct_refused"],
         }
         if self._outage_since is not None:
             out["outage_seconds"] = round(time.monotonic() - self._outage_since, 3)
@@ -447,8 +492,13 @@ class RedisBackplane:
             # subscription before it reads. Nothing publishes on this channel (under the
             # prefix, so a Redis ACL of ``&<prefix>:*`` covers it); whatever does is counted
             # as malformed.
-            await self._pubsub.subscribe(f"{self.prefix}:\x00idle")
+            await self._pubsub.subscribe(
+                f"{self.prefix}:\x00idle", self._dir_channel, self._node_channel
+            )
             await self._sync_interest()
+            # Ours (after the interest it implies reached Redis), and everyone else's.
+            await client.publish(self._dir_channel, self._encode_directory("dir", ask=True))
+        self._announce = self._ask = False
         self._connected = True
 
     async def _close_connection(self) -> None:
@@ -502,6 +552,12 @@ class RedisBackplane:
         self._lost_mark = self.stats["refused_disconnected"] + self.stats["lost"]
         self.stats["lost"] += len(self._queue)
         self._queue.clear()
+        self._direct.clear()
+        # Other nodes' groups and responders cannot be reached: local-only until reconnected.
+        events = self._events
+        for node in self.directory.clear():
+            if events is not None:
+                events.peer_gone(node)
         log.warning(
             "redis backplane lost %s (%s); local delivery continues, publications are not "
             "sent to or received from other nodes until it reconnects",
@@ -515,6 +571,7 @@ class RedisBackplane:
             asyncio.create_task(self._reader(), name="redis-backplane-reader"),
             asyncio.create_task(self._writer(), name="redis-backplane-writer"),
             asyncio.create_task(self._syncer(), name="redis-backplane-sync"),
+            asyncio.create_task(self._heartbeat(), name="redis-backplane-heartbeat"),
         ]
         for task in tasks:
             # Before any await: however this ends (even cancelled itself while waiting below),
@@ -542,28 +599,33 @@ class RedisBackplane:
         client = self._client
         assert client is not None
         queue = self._queue
+        direct = self._direct
         while True:
-            if not queue:
+            if not queue and not direct:
                 self._wake_writer.clear()
                 await self._wake_writer.wait()
                 continue
-            n = min(len(queue), _BATCH_MESSAGES)
             pipe = client.pipeline(transaction=False)
+            sent = len(direct)
+            while direct:
+                pipe.publish(*direct.popleft())
+            n = min(len(queue), _BATCH_MESSAGES)
             messages = 0
-            channel, data = queue.popleft()
-            run, size = [data], len(data)
-            for _ in range(n - 1):
-                nxt, data = queue.popleft()
-                if nxt != channel or size + len(data) > _BATCH_BYTES:
-                    self._seq += 1
-                    pipe.publish(channel, encode_batch(self.node, self._seq, run))
-                    messages += 1
-                    channel, run, size = nxt, [], 0
-                run.append(data)
-                size += len(data)
-            self._seq += 1
-            pipe.publish(channel, encode_batch(self.node, self._seq, run))
-            messages += 1
+            if n:
+                channel, data = queue.popleft()
+                run, size = [data], len(data)
+                for _ in range(n - 1):
+                    nxt, data = queue.popleft()
+                    if nxt != channel or size + len(data) > _BATCH_BYTES:
+                        self._seq += 1
+                        pipe.publish(channel, encode_batch(self.node, self._seq, run))
+                        messages += 1
+                        channel, run, size = nxt, [], 0
+                    run.append(data)
+                    size += len(data)
+                self._seq += 1
+                pipe.publish(channel, encode_batch(self.node, self._seq, run))
+                messages += 1
             try:
                 async with asyncio.timeout(_CONNECT_TIMEOUT_SECONDS):
                     await pipe.execute()
@@ -574,6 +636,7 @@ class RedisBackplane:
                 raise
             self.stats["published"] += n
             self.stats["redis_messages"] += messages
+            self.stats["direct_sent"] += sent
             _raise_if_cancelled()
 
     async def _syncer(self) -> None:
@@ -583,11 +646,36 @@ class RedisBackplane:
             try:
                 async with asyncio.timeout(_CONNECT_TIMEOUT_SECONDS):
                     await self._sync_interest()
+                    if self._announce:  # after the interest a new group needs is in Redis
+                        await self._advertise()
             except Exception:
                 if self._stopping:
                     return  # the connection is being closed under it: moot
                 raise
             _raise_if_cancelled()
+
+    async def _advertise(self) -> None:
+        client = self._client
+        assert client is not None
+        ask, self._announce, self._ask = self._ask, False, False
+        await client.publish(self._dir_channel, self._encode_directory("dir", ask=ask))
+
+    async def _heartbeat(self) -> None:
+        """Advertise the local entries every heartbeat; forget nodes that stopped."""
+        while True:
+            await asyncio.sleep(DIRECTORY_HEARTBEAT_SECONDS)
+            async with asyncio.timeout(_CONNECT_TIMEOUT_SECONDS):
+                await self._advertise()
+            _raise_if_cancelled()
+            for node in self.directory.expire(time.monotonic()):
+                log.warning(
+                    "redis backplane: node %s not heard from for %.0f s; its queue groups and "
+                    "responders are forgotten",
+                    node.hex(),
+                    DIRECTORY_TTL_SECONDS,
+                )
+                if self._events is not None:
+                    self._events.peer_gone(node)
 
     async def _sync_interest(self) -> None:
         """Bring the Redis subscriptions to the current interest. Switching to the glob, it
@@ -632,7 +720,13 @@ class RedisBackplane:
             if kind in ("message", "pmessage"):
                 data = msg.get("data")
                 if isinstance(data, bytes):
-                    self._receive(data)
+                    channel = msg.get("channel")
+                    if kind == "message" and channel == self._node_channel_b:
+                        self._receive_direct(data)
+                    elif kind == "message" and channel == self._dir_channel_b:
+                        self._receive_directory(data)
+                    else:
+                        self._receive(data)
 
     def _receive(self, data: bytes) -> None:
         if data.startswith(self._echo_prefix):
@@ -668,3 +762,202 @@ class RedisBackplane:
             if on_retained is not None and pub.retain:
                 on_retained(pub)
             inject(pub)
+
+    # --- queue groups and requests across nodes (ClusterMessaging) ------------------------
+
+    def _channel_of(self, node: bytes) -> str:
+        return f"{self.prefix}:{INTERNAL_CHANNEL_MARK}node:{node.hex()}"
+
+    def attach(self, events: ClusterEvents) -> None:
+        self._events = events
+
+    def advertise(self, kind: str, key: Key, added: bool) -> None:
+        directory = self.directory
+        changed = directory.add_local(kind, key) if added else directory.remove_local(kind, key)
+        if changed:
+            self._announce = True
+            self._wake_sync.set()
+
+    def _encode_directory(self, what: str, *, ask: bool = False) -> bytes:
+        if what == "bye":
+            return msgpack.packb([_WIRE_VERSION, "bye", self.node], use_bin_type=True)  # type: ignore[no-any-return]
+        d = self.directory
+        groups = [list(k) for k in d.local(GROUP)]
+        services = [list(k) for k in d.local(SERVICE)]
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [_WIRE_VERSION, "dir", self.node, ask, groups, services], use_bin_type=True
+        )
+
+    def _send_direct(self, node: bytes, message: list[object]) -> bool:
+        if not self._connected or self._stopping:
+            self.stats["direct_refused"] += 1
+            return False
+        if len(self._direct) >= self.max_queue_messages:
+            self.stats["direct_refused"] += 1
+            return False
+        self._direct.append((self._channel_of(node), msgpack.packb(message, use_bin_type=True)))
+        self._wake_writer.set()
+        return True
+
+    def send_request(self, node: bytes, xid: int, request: RemoteRequest) -> bool:
+        return self._send_direct(
+            node,
+            [
+                _WIRE_VERSION,
+                "req",
+                self.node,
+                xid,
+                request.topic,
+                request.payload,
+                dict(request.headers) if request.headers else None,
+                request.sender,
+                request.timeout_ms,
+                [list(k) for k in request.keys],
+            ],
+        )
+
+    def send_reply(
+        self,
+        node: bytes,
+        xid: int,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        sender: str | None,
+    ) -> bool:
+        return self._send_direct(
+            node,
+            [
+                _WIRE_VERSION,
+                "res",
+                self.node,
+                xid,
+                payload,
+                dict(headers) if headers else None,
+                sender,
+            ],
+        )
+
+    def send_withdraw(self, node: bytes, xid: int) -> bool:
+        return self._send_direct(node, [_WIRE_VERSION, "gone", self.node, xid])
+
+    def _bad(self, what: str) -> None:
+        self.stats["bad_messages"] += 1
+        if self.stats["bad_messages"] % _BAD_MESSAGE_LOG_EVERY == 1:
+            log.warning(
+                "redis backplane: ignored %d malformed message(s) on %s:* (%s)",
+                self.stats["bad_messages"],
+                self.prefix,
+                what,
+            )
+
+    def _receive_directory(self, data: bytes) -> None:
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=False)
+        except Exception:  # msgpack raises several unrelated types on bad input
+            self._bad("directory: not msgpack")
+            return
+        if type(obj) is not tuple or len(obj) < 3 or obj[0] != _WIRE_VERSION:
+            self._bad("directory: not a version-1 array")
+            return
+        what, node = obj[1], obj[2]
+        if type(node) is not bytes:
+            self._bad("directory: node is not bytes")
+            return
+        if node == self.node:
+            return  # our own
+        if what == "bye" and len(obj) == 3:
+            if self.directory.drop(node):
+                log.info("redis backplane: node %s left", node.hex())
+                if self._events is not None:
+                    self._events.peer_gone(node)
+            return
+        if what != "dir" or len(obj) != 6 or type(obj[3]) is not bool:
+            self._bad("directory: unknown message")
+            return
+        groups, services = _keys(obj[4], named=True), _keys(obj[5], named=False)
+        if groups is None or services is None:
+            self._bad("directory: bad entries")
+            return
+        if self.directory.update(node, groups, services, time.monotonic()):
+            log.info("redis backplane: node %s joined", node.hex())
+        if obj[3]:  # a new node asks for everyone's entries
+            self._announce = True
+            self._wake_sync.set()
+
+    def _receive_direct(self, data: bytes) -> None:
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=False)
+        except Exception:  # msgpack raises several unrelated types on bad input
+            self._bad("node channel: not msgpack")
+            return
+        events = self._events
+        if (
+            type(obj) is not tuple
+            or len(obj) < 4
+            or obj[0] != _WIRE_VERSION
+            or type(obj[2]) is not bytes
+            or type(obj[3]) is not int
+        ):
+            self._bad("node channel: not a version-1 array")
+            return
+        what, origin, xid = obj[1], obj[2], obj[3]
+        self.stats["direct_received"] += 1
+        if events is None:
+            return
+        if what == "req" and len(obj) == 10:
+            _, _, _, _, topic, payload, headers, sender, timeout_ms, raw_keys = obj
+            keys = _keys(raw_keys, named=False)
+            if (
+                type(topic) is not str
+                or type(payload) is not bytes
+                or not _headers_ok(headers)
+                or (sender is not None and type(sender) is not str)
+                or type(timeout_ms) is not int
+                or timeout_ms <= 0
+                or keys is None
+            ):
+                self._bad("node channel: bad request")
+                return
+            events.remote_request(
+                origin,
+                xid,
+                RemoteRequest(topic, payload, headers, sender, timeout_ms, tuple(keys)),
+            )
+        elif what == "res" and len(obj) == 7:
+            _, _, _, _, payload, headers, sender = obj
+            if (
+                type(payload) is not bytes
+                or not _headers_ok(headers)
+                or (sender is not None and type(sender) is not str)
+            ):
+                self._bad("node channel: bad reply")
+                return
+            events.remote_reply(origin, xid, payload, headers, sender)
+        elif what == "gone" and len(obj) == 4:
+            events.remote_withdraw(origin, xid)
+        else:
+            self._bad("node channel: unknown message")
+
+
+def _headers_ok(headers: object) -> bool:
+    if headers is None:
+        return True
+    if type(headers) is not dict:
+        return False
+    return all(type(k) is str and type(v) is str for k, v in headers.items())
+
+
+def _keys(raw: object, *, named: bool) -> list[Key] | None:
+    """``[[pattern, group], ...]`` from a directory or request message (``None``: malformed);
+    ``named``: every group has a name (queue groups)."""
+    if type(raw) is not tuple:
+        return None
+    out: list[Key] = []
+    for item in raw:
+        if type(item) is not tuple or len(item) != 2 or type(item[0]) is not str:
+            return None
+        name = item[1]
+        if not (type(name) is str or (name is None and not named)):
+            return None
+        out.append((item[0], name))
+    return out

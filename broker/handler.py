@@ -18,8 +18,9 @@ import contextlib
 import enum
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from itertools import chain
 from typing import Protocol
 
 from tessera_mq.auth.acl import Action, Decision, Grant
@@ -51,7 +52,14 @@ from tessera_mq.client.protocol.errors import LocalProtocolError
 from tessera_mq.client.protocol.events import Message, Reply, Request, Response
 from tessera_mq.client.protocol.limits import MAX_ID, MIN_HEARTBEAT_MS
 
-__all__ = ["EVENTS_PER_TURN", "ConnectionIO", "HubPort", "Outcome", "RequestHandler"]
+__all__ = [
+    "EVENTS_PER_TURN",
+    "ConnectionIO",
+    "HubPort",
+    "Outcome",
+    "RequestHandler",
+    "SnapshotCursor",
+]
 
 log = logging.getLogger("tessera.broker")
 
@@ -63,8 +71,24 @@ EVENTS_PER_TURN = 128
 #: Decisions cached per connection ((action, subject) -> allowed); cleared when full.
 _ACL_CACHE_ENTRIES = 256
 
-#: Retained-snapshot frames joined into one outbox block (one write covers many topics).
+#: Retained-snapshot (or replay) frames joined into one outbox block (one write covers many
+#: topics); also the most a connection's snapshots build per event-loop turn, so that a
+#: subscription to 20,000 retained topics is spread over ~80 turns with everyone else served in
+#: between (the same fairness as :data:`EVENTS_PER_TURN`).
 SNAPSHOT_BLOCK_FRAMES = 256
+
+#: Snapshot bytes encoded per connection per loop turn at most (large values: fewer frames per
+#: turn). 256 KiB is ~1 ms of encoding and of a socket write on the CI machine.
+SNAPSHOT_BYTES_PER_TURN = 256 * 1024
+
+#: Snapshot candidates looked at per connection per loop turn at most, sent or passed over (not
+#: matching the pattern, not allowed by the ACL): a scan that skips most values is paced too.
+SNAPSHOT_STEPS_PER_TURN = 1024
+
+#: What a new subscription's snapshot is pulled from, lazily (:meth:`HubPort.retained_for`, or a
+#: history replay as ``iter(messages)``): a message to send (the caller sets its sid), or
+#: ``None`` for a step that produced nothing (a candidate passed over; counted as a step).
+SnapshotCursor = Iterator[Message | None]
 
 
 class Outcome(enum.Enum):
@@ -127,13 +151,20 @@ class HubPort(Protocol):
     def barrier(self) -> None:
         """Hand this turn's delivery blocks to their subscribers now."""
 
-    def retained_for(self, handler: RequestHandler, pattern: str) -> list[Message]:
-        """The retained snapshot for a new subscription (ACL-filtered)."""
+    def retained_for(self, handler: RequestHandler, pattern: str) -> SnapshotCursor:
+        """The retained snapshot for a new subscription, fixed now, pulled lazily (ACL-filtered
+        per item as it is pulled)."""
 
     def resume(
-        self, handler: RequestHandler, pattern: str, since: int | None, epoch: str | None
-    ) -> tuple[Ok, list[Message] | None]:
-        """The new subscription's ``ok`` and, with ``since``, what it missed."""
+        self,
+        handler: RequestHandler,
+        sid: int,
+        pattern: str,
+        since: int | None,
+        epoch: str | None,
+    ) -> tuple[Ok | None, list[Message] | None]:
+        """The new subscription's ``ok`` and, with ``since``, what it missed; ``(None, None)``:
+        read from the engine first, answered later through :meth:`RequestHandler.replayed`."""
 
     def join(
         self, handler: RequestHandler, sid: int, pattern: str, group: str | None, serve: bool
@@ -626,18 +657,32 @@ class RequestHandler:
             self.hub.join(self, sid, pattern, event.group, event.serve)
         else:
             self.hub.subscribe(self, pattern, grant)
-        snapshot: list[Message] = []
+        snapshot: SnapshotCursor | None = None
         answer = Ok()
         if not event.serve:
-            answer, missed = self.hub.resume(self, pattern, event.since, event.epoch)
-            # A resumption gets what it missed; a fresh subscription the retained values.
-            snapshot = missed if missed is not None else self.hub.retained_for(self, pattern)
+            resumed, missed = self.hub.resume(self, sid, pattern, event.since, event.epoch)
+            if resumed is None:
+                # ``[cluster]`` history: the position (and what was missed) is read from Redis;
+                # what is routed meanwhile waits behind it (``replayed``), bounded as below.
+                if self._ordered is None:
+                    self._ordered = deque()
+                self._ordered.append(_Snapshot(sid, None, None, waiting=True))
+                return
+            answer = resumed
+            # A resumption gets what it missed; a fresh subscription the retained values (a
+            # cursor fixed in this step, pulled a block per turn by _pump).
+            if missed is not None:
+                snapshot = iter(missed) if missed else None
+            else:
+                snapshot = self.hub.retained_for(self, pattern)
         ok = encode_frame(replace(answer, sid=sid))
-        if snapshot or self._ordered:
-            if self._ordered is None:
-                self._ordered = deque()
-            self._ordered.append(_Snapshot(sid, ok, snapshot))
-            self._pump()
+        if snapshot is not None or self._ordered:
+            ordered = self._ordered
+            if ordered is None:
+                ordered = self._ordered = deque()
+            ordered.append(_Snapshot(sid, ok, snapshot))
+            if len(ordered) == 1:
+                self._pump()  # else one is going out already: this one's turn comes after it
         else:
             self._push_ordered(ok, 0)
         if log.isEnabledFor(logging.DEBUG):
@@ -652,7 +697,12 @@ class RequestHandler:
             self.hub.leave(self, sid, pattern, kind[0], kind[1])
         for item in self._ordered or ():
             if isinstance(item, _Snapshot) and item.sid == sid:
-                item.frames = []  # its ok still goes out, in order; the rest is moot
+                item.cancel()  # its ok still goes out, in order; the rest is moot
+                if item.waiting:
+                    item.waiting = False  # the replay still reading finds it gone
+                    if not item.answered:
+                        item.ok = encode_frame(Ok(sid=sid))
+                        item.answered = True
 
     def _on_request(self, event: Request) -> None:
         rid = event.rid
@@ -697,7 +747,58 @@ class RequestHandler:
             self.conn.send(Error(ErrorCode.LIMIT_EXCEEDED, "the reply is too large", rid=event.rid))
         self._take_replies()
 
-    # --- retained snapshots, in order ---------------------------------------------------------
+    # --- retained snapshots and history replays, in order -------------------------------------
+
+    def _waiting(self, sid: int) -> _Snapshot | None:
+        for item in self._ordered or ():
+            if isinstance(item, _Snapshot) and item.sid == sid and item.waiting:
+                return item
+        return None
+
+    def replayed(
+        self, sid: int, answer: Ok | None, messages: SnapshotCursor | list[Message], last: bool
+    ) -> bool:
+        """The hub read (part of) a replay from the engine: the subscription's ``ok`` (first
+        page only) and missed messages, in order before what was routed meanwhile. False: the
+        subscription or the connection is gone, read no more."""
+        item = self._waiting(sid)
+        if item is None or self.closing:
+            return False
+        if answer is not None:
+            item.ok = encode_frame(replace(answer, sid=sid))
+            item.answered = True
+        grant = self._grants.get(sid)
+        if grant is not None and not grant.unrestricted:
+            allows = grant.allows
+            messages = (m for m in messages if m is None or allows(m.topic))
+        item.extend(messages)
+        if last:
+            item.waiting = False
+        self._pump()
+        return not last
+
+    def replay_failed(self, sid: int) -> None:
+        """A replay could not be read to its end (Redis went away, or trimmed what was still
+        to be sent after the ``ok`` said ``recovered``): the subscription ends with an error
+        naming it, after what was sent so far, so the client knows it has a gap."""
+        item = self._waiting(sid)
+        pattern = self.subs.pop(sid, None)
+        if item is None or pattern is None or self.closing:
+            return
+        self._drop_sub(sid, pattern)
+        error = Error(
+            ErrorCode.STORE_FAILED,
+            "history replay interrupted: subscribe again",
+            sid=sid,
+        )
+        ordered = self._ordered
+        assert ordered is not None  # ``item`` is in it
+        data = encode_frame(error)
+        # right after what was sent of the replay: live deliveries held behind it come after
+        # the subscription ended (a client drops them)
+        ordered.insert(ordered.index(item) + 1, (data, 0))
+        self._ordered_bytes += len(data)
+        self._pump()
 
     @property
     def load(self) -> float:
@@ -713,17 +814,27 @@ class RequestHandler:
             self._dirty = True
             self.hub.wake(self)
 
+    def _pump_turn(self) -> None:
+        """The scheduled pump of a later loop turn (one at a time: ``_pump_scheduled``)."""
+        self._pump_scheduled = False
+        self._pump()
+
     def _pump(self) -> None:
         """Move snapshot frames (then what was held behind them) into the outbox while it is
-        below half its bound; the rest follows when the outbox has been written."""
-        self._pump_scheduled = False
+        below half its bound, at most one turn's budget of snapshot work
+        (:data:`SNAPSHOT_BLOCK_FRAMES`, :data:`SNAPSHOT_BYTES_PER_TURN`,
+        :data:`SNAPSHOT_STEPS_PER_TURN`); the rest follows on later turns, once the outbox has
+        been written."""
         ordered = self._ordered
         if ordered is None:
             return
         outbox = self.outbox
         half = outbox.max_bytes // 2
         half_messages = outbox.max_messages // 2
-        block_frames = max(1, min(SNAPSHOT_BLOCK_FRAMES, half_messages))
+        frames_left = max(1, min(SNAPSHOT_BLOCK_FRAMES, half_messages))
+        bytes_left = SNAPSHOT_BYTES_PER_TURN
+        steps_left = SNAPSHOT_STEPS_PER_TURN
+        waiting = False  # stopped at a replay still reading: ``replayed`` pumps again
         while (
             ordered and outbox.bytes < half and outbox.messages < half_messages and not self.closing
         ):
@@ -736,14 +847,38 @@ class RequestHandler:
             if item.ok is not None:
                 self._push_ordered(item.ok, 0)
                 item.ok = None
-            block = item.take(block_frames)
+            elif not item.answered:
+                waiting = True
+                break  # its ok comes from a replay still reading (``replayed``)
+            if frames_left <= 0 or bytes_left <= 0 or steps_left <= 0:
+                break  # this turn's share is used: the rest on a later turn
+            block, size, steps = item.take(frames_left, bytes_left, steps_left)
+            frames_left -= len(block)
+            bytes_left -= size
+            steps_left -= steps
             if block:
                 self._push_ordered(b"".join(block), len(block))
-            if not item.frames:
+            if item.source is None:
+                if item.waiting:
+                    waiting = True
+                    break  # the next page is being read: ``replayed`` pumps again
                 ordered.popleft()
         if not ordered:
-            self._ordered = None
-            self._ordered_bytes = 0
+            if self._ordered is ordered:
+                self._ordered = None
+                self._ordered_bytes = 0
+        elif (
+            not waiting
+            and not self._dirty
+            and not self._pump_scheduled
+            and not self.closing
+            and outbox.bytes < half
+            and outbox.messages < half_messages
+        ):
+            # Stopped by the budget with nothing queued to write (every candidate of the turn
+            # was passed over): no flush will schedule the next pump, so schedule it here.
+            self._pump_scheduled = True
+            self.hub.later(self._pump_turn)
 
     def _on_unsubscribe(self, event: Unsubscribe) -> None:
         pattern = self.subs.pop(event.sid, None)
@@ -780,7 +915,7 @@ class RequestHandler:
                     # a snapshot or replay still going out obeys the new policy too
                     for item in self._ordered or ():
                         if isinstance(item, _Snapshot) and item.sid == sid:
-                            item.frames = [m for m in item.frames if grant.allows(m.topic)]
+                            item.allow = grant.allows
                 if old is None or not (old.unrestricted and grant.unrestricted):
                     # what it may receive changed (or may have): file it with the new filter
                     self.hub.unsubscribe(self, pattern, old)
@@ -903,7 +1038,7 @@ class RequestHandler:
             self.io.write(data)
         if self._ordered and not self._pump_scheduled:
             self._pump_scheduled = True
-            self.hub.later(self._pump)
+            self.hub.later(self._pump_turn)
 
     # --- timers and closing -------------------------------------------------------------------
 
@@ -980,23 +1115,58 @@ class RequestHandler:
 
 
 class _Snapshot:
-    """A new subscription's ``ok`` and retained snapshot, going out in blocks."""
+    """A new subscription's ``ok`` and retained snapshot (or history replay), pulled from its
+    cursor a budget at a time: nothing is built before it is about to go out."""
 
-    __slots__ = ("frames", "ok", "sid")
+    __slots__ = ("allow", "answered", "ok", "sid", "source", "waiting")
 
-    def __init__(self, sid: int, ok: bytes, messages: list[Message]) -> None:
+    def __init__(
+        self, sid: int, ok: bytes | None, source: SnapshotCursor | None, *, waiting: bool = False
+    ) -> None:
         self.sid = sid
         self.ok: bytes | None = ok
-        #: Messages still to send, last first (``take`` pops from the end).
-        self.frames = [_with_sid(m, sid) for m in reversed(messages)]
+        #: Its ``ok`` is known (sent, or about to be).
+        self.answered = ok is not None
+        #: Where the messages come from; ``None`` once exhausted or cancelled.
+        self.source = source
+        #: A filter set when the policy changed meanwhile (the subscription's new grant).
+        self.allow: Callable[[str], bool] | None = None
+        #: A replay read from the history engine is not complete yet (``replayed``): nothing
+        #: behind it goes out before it is.
+        self.waiting = waiting
 
-    def take(self, n: int) -> list[bytes]:
-        frames = self.frames
+    def extend(self, messages: SnapshotCursor | list[Message]) -> None:
+        """A replay's next page (or, for a subscription that waited for its position, the
+        retained snapshot): after what is left of the previous one."""
+        self.source = iter(messages) if self.source is None else chain(self.source, messages)
+
+    def take(self, max_frames: int, max_bytes: int, max_steps: int) -> tuple[list[bytes], int, int]:
+        """Up to ``max_frames`` frames (stopping once ``max_bytes`` are reached or after
+        ``max_steps`` pulls): ``(frames, their bytes, pulls made)``."""
+        source = self.source
         out: list[bytes] = []
-        while frames and len(out) < n:
-            out.append(encode_frame(frames.pop()))
-        return out
+        if source is None:
+            return out, 0, 0
+        size = steps = 0
+        allow, sid = self.allow, self.sid
+        while len(out) < max_frames and size < max_bytes and steps < max_steps:
+            steps += 1
+            msg = next(source, _END)
+            if msg is None:
+                continue
+            if msg is _END:
+                self.source = None
+                break
+            assert isinstance(msg, Message)
+            if allow is not None and not allow(msg.topic):
+                continue
+            data = encode_frame(replace(msg, sid=sid))
+            out.append(data)
+            size += len(data)
+        return out, size, steps
+
+    def cancel(self) -> None:
+        self.source = None
 
 
-def _with_sid(msg: Message, sid: int) -> Message:
-    return replace(msg, sid=sid)
+_END = object()

@@ -9,13 +9,20 @@ again under a new epoch and a client resuming with the old epoch is told it has 
 
 Sans-I/O: the clock is passed in. The hub numbers a publication in the same synchronous step in
 which it routes it, so sequence order is delivery order.
+
+:class:`HistoryEngine` is what the hub asks of history, for both engines: this in-memory
+:class:`History` (the embedded default) and, with ``[cluster]``, the Redis streams of
+broker/history_redis.py, where Redis numbers each publication and a feed delivers it on every
+node in sequence order (docs/scaling.md, "State in Redis: history").
 """
 
 from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from tessera_mq.broker.backplane import Publication
 from tessera_mq.broker.config import HistoryConfig
@@ -26,7 +33,75 @@ from tessera_mq.client.protocol.topics import (
     split_pattern,
 )
 
-__all__ = ["History", "HistoryConfig", "Stream", "covers", "overlaps"]
+__all__ = [
+    "Deliver",
+    "History",
+    "HistoryConfig",
+    "HistoryEngine",
+    "Page",
+    "Resumption",
+    "Stream",
+    "covers",
+    "overlaps",
+]
+
+#: Kept messages of a stream, oldest first: ``(seq, publication)``.
+Entries = list[tuple[int, Publication]]
+#: The next page of a replay and what reads the one after it (``None``: that was the last).
+Page = tuple[Entries, "Callable[[], Awaitable[Page]] | None"]
+#: How an engine that numbers publications itself hands them to the hub for local delivery.
+Deliver = Callable[[Publication, int, str], None]
+
+
+@dataclass(slots=True)
+class Resumption:
+    """A new subscription's history position (the ``ok``'s ``epoch``/``seq``/``recovered``)
+    and, for a ``sub`` with ``since``, what it missed: ``entries`` now and, if the engine reads
+    them in pages, ``more`` for the rest."""
+
+    epoch: str | None
+    seq: int | None
+    #: ``None``: no resumption was asked; ``False``: a gap (nothing is sent from history).
+    recovered: bool | None
+    entries: Entries = field(default_factory=list)
+    more: Callable[[], Awaitable[Page]] | None = None
+
+
+class HistoryEngine(Protocol):
+    """What the hub asks of history (both engines; docs/architecture.md, the pipeline)."""
+
+    def __bool__(self) -> bool:
+        """Is any stream configured?"""
+
+    def for_topic(self, topic: str) -> object | None:
+        """The stream ``topic`` belongs to, if any."""
+
+    def number(self, pub: Publication, now: float) -> tuple[int, str] | None:
+        """Number ``pub`` in the step that routes it: ``(seq, epoch)``; ``None`` if it has no
+        stream or the engine numbers elsewhere (:meth:`appends`)."""
+
+    def appends(self, topic: str) -> bool:
+        """Does a publish on ``topic`` go through :meth:`append` (numbered by the engine, then
+        delivered on every node by it) instead of being routed by the hub?"""
+
+    async def append(self, pub: Publication) -> None:
+        """Number and keep ``pub``; returns once this node has delivered it (raises
+        :class:`~broker.store.StoreError` when it cannot be kept)."""
+
+    def interest(self, pattern: str, added: bool) -> None:
+        """A local pattern appeared or went (the hub reports first and last)."""
+
+    def resume(
+        self, pattern: str, since: int | None, epoch: str | None, now: float
+    ) -> Resumption | Awaitable[Resumption] | None:
+        """The position for a new subscription to ``pattern`` (``None``: not within a stream),
+        at once or, when the engine must read first, as an awaitable."""
+
+    async def start(self, deliver: Deliver) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def health(self) -> Mapping[str, object]: ...
 
 
 def covers(outer: Sequence[str], inner: Sequence[str]) -> bool:
@@ -101,7 +176,7 @@ class Stream:
 
 
 class History:
-    """Every stream of a broker process."""
+    """Every stream of a broker process, in memory (the embedded engine)."""
 
     def __init__(self, configs: Sequence[HistoryConfig]) -> None:
         self.streams = [Stream(c) for c in configs]
@@ -128,3 +203,42 @@ class History:
         there is at most one)."""
         tokens = split_pattern(pattern)
         return next((s for s in self.streams if covers(s.tokens, tokens)), None)
+
+    # --- the HistoryEngine protocol (in memory: numbered by the hub, read at once) ----------
+
+    def number(self, pub: Publication, now: float) -> tuple[int, str] | None:
+        stream = self.for_topic(pub.topic)
+        if stream is None:
+            return None
+        return stream.append(pub, now), stream.epoch
+
+    def appends(self, topic: str) -> bool:
+        return False
+
+    async def append(self, pub: Publication) -> None:
+        raise NotImplementedError("the in-memory history is numbered by number()")
+
+    def interest(self, pattern: str, added: bool) -> None:
+        pass
+
+    def resume(
+        self, pattern: str, since: int | None, epoch: str | None, now: float
+    ) -> Resumption | None:
+        stream = self.for_pattern(pattern)
+        if stream is None:
+            return None
+        if since is None:
+            return Resumption(stream.epoch, stream.seq, None)
+        entries = None if epoch not in (None, stream.epoch) else stream.since(since, now)
+        if entries is None:
+            return Resumption(stream.epoch, stream.seq, False)
+        return Resumption(stream.epoch, stream.seq, True, entries)
+
+    async def start(self, deliver: Deliver) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def health(self) -> Mapping[str, object]:
+        return {}

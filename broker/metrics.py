@@ -191,6 +191,9 @@ _BACKPLANE_COUNTERS = frozenset(
         "lost",
         "duplicates_dropped",
         "bad_messages",
+        "direct_sent",
+        "direct_received",
+        "direct_refused",
     }
 )
 

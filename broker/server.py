@@ -24,6 +24,7 @@ from tessera_mq.broker.audit import Audit
 from tessera_mq.broker.backplane import Backplane
 from tessera_mq.broker.config import BrokerConfig, ListenerConfig
 from tessera_mq.broker.handshake_pool import FailureGate, HandshakePool
+from tessera_mq.broker.history import HistoryEngine
 from tessera_mq.broker.hub import Hub
 from tessera_mq.broker.session import session_factory
 from tessera_mq.broker.store import Store
@@ -207,6 +208,7 @@ class Broker:
         policy: Policy | None = None,
         backplane: Backplane | None = None,
         store: Store | None = None,
+        history: HistoryEngine | None = None,
     ) -> None:
         self.config = config
         self.server_name = SERVER_NAME
@@ -231,6 +233,7 @@ class Broker:
             store=store,
             backplane=backplane,
             messaging=config.messaging,
+            history=history,
         )
         self.listeners = [make_listener(c) for c in config.listeners]
         self.recv_buffer = memoryview(bytearray(_RECV_BUFFER_BYTES))

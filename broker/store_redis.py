@@ -15,10 +15,10 @@ It implements :class:`~broker.store.Store` with the same semantics as the embedd
 * **Batched.** ``save`` calls from any number of publishers queue jobs; one writer task sends
   every job waiting (up to :data:`MAX_BATCH_JOBS`) in one pipelined round trip, one script call
   per job (each job succeeds or is refused alone, as a transaction would in SQLite).
-* **Reads from memory.** ``retained`` is synchronous (the hub takes a new subscription's
-  snapshot in one step), so every node keeps a mirror of all retained values (the limits bound
-  it), indexed by first topic token, loaded with ``HSCAN`` at ``open`` and kept current by a
-  change feed (below). A local write becomes visible in the mirror when the hub calls
+* **Reads from memory.** ``retained_cursor`` is synchronous (the hub fixes a new subscription's
+  snapshot in one step and pulls it lazily), so every node keeps a mirror of all retained values
+  (the limits bound it), indexed by first topic token, loaded with ``HSCAN`` at ``open`` and kept
+  current by a change feed (below). A local write becomes visible in the mirror when the hub calls
   ``apply`` (in the step that routes it), exactly as with SQLite.
 
 Keys (``<prefix>`` is ``[cluster] channel_prefix``)
@@ -64,15 +64,9 @@ import msgpack
 
 from tessera_mq.broker.backplane import Publication
 from tessera_mq.broker.cluster import DEFAULT_CHANNEL_PREFIX, INTERNAL_CHANNEL_MARK, RedisSettings
-from tessera_mq.broker.store import StoreError
+from tessera_mq.broker.store import RetainedCursor, StoreError, retained_cursor
 from tessera_mq.broker.store_sqlite import RetainLimits
 from tessera_mq.client.protocol.errors import ErrorCode
-from tessera_mq.client.protocol.topics import (
-    MULTI_WILDCARD,
-    SINGLE_WILDCARD,
-    matches,
-    split_pattern,
-)
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -285,23 +279,10 @@ class _Mirror:
         return self.count
 
     def match(self, pattern: str) -> list[Publication]:
-        tokens = split_pattern(pattern)
-        first = tokens[0]
-        wild = first in (SINGLE_WILDCARD, MULTI_WILDCARD)
-        if wild:
-            buckets = list(self.buckets.values())
-        else:
-            bucket = self.buckets.get(first)
-            buckets = [bucket] if bucket else []
-        out: list[Publication] = []
-        for b in buckets:
-            if len(tokens) == 1 and not wild:
-                pub = b.get(first)
-                if pub is not None:
-                    out.append(pub)
-                continue
-            out.extend(p for t, p in b.items() if matches(tokens, split_pattern(t)))
-        return out
+        return [p for p in self.cursor(pattern) if p is not None]
+
+    def cursor(self, pattern: str) -> RetainedCursor:
+        return retained_cursor(self.buckets, pattern)
 
 
 class RedisStore:
@@ -469,6 +450,9 @@ class RedisStore:
 
     def retained(self, pattern: str) -> Sequence[Publication]:
         return self._mirror.match(pattern)
+
+    def retained_cursor(self, pattern: str) -> RetainedCursor:
+        return self._mirror.cursor(pattern)
 
     # --- info -----------------------------------------------------------------------------
 

@@ -10,8 +10,8 @@
   anything is queued (:class:`RetainLimits`); a refusal is a :class:`~broker.store.StoreError`
   with the wire code for the publisher. An empty retained publish deletes the value.
 * **Reads from memory.** Every retained value is also held in memory (the limits bound it) and
-  indexed by first topic token, so a new subscription's snapshot is a synchronous scan of the
-  matching bucket(s), never a disk read on the loop.
+  indexed by first topic token, so a new subscription's snapshot is a lazy cursor over the
+  matching bucket(s) (:func:`broker.store.retained_cursor`), never a disk read on the loop.
 
 The row format is ``retained(topic TEXT PRIMARY KEY, payload BLOB, headers BLOB, sender TEXT,
 updated REAL)``; ``headers`` is a msgpack map or NULL.
@@ -34,14 +34,8 @@ from typing import TypeVar
 import msgpack
 
 from tessera_mq.broker.backplane import Publication
-from tessera_mq.broker.store import StoreError
+from tessera_mq.broker.store import RetainedCursor, StoreError, retained_cursor
 from tessera_mq.client.protocol.errors import ErrorCode
-from tessera_mq.client.protocol.topics import (
-    MULTI_WILDCARD,
-    SINGLE_WILDCARD,
-    matches,
-    split_pattern,
-)
 
 __all__ = ["DB_FILE_NAME", "MAX_BATCH_JOBS", "RetainLimits", "SQLiteStore"]
 
@@ -181,22 +175,10 @@ class SQLiteStore:
                 bucket.pop(pub.topic, None)
 
     def retained(self, pattern: str) -> Sequence[Publication]:
-        tokens = split_pattern(pattern)
-        first = tokens[0]
-        if first in (SINGLE_WILDCARD, MULTI_WILDCARD):
-            buckets = list(self._visible.values())
-        else:
-            bucket = self._visible.get(first)
-            buckets = [bucket] if bucket else []
-        out: list[Publication] = []
-        for b in buckets:
-            if len(tokens) == 1 and first not in (SINGLE_WILDCARD, MULTI_WILDCARD):
-                pub = b.get(first)
-                if pub is not None:
-                    out.append(pub)
-                continue
-            out.extend(p for t, p in b.items() if matches(tokens, split_pattern(t)))
-        return out
+        return [p for p in self.retained_cursor(pattern) if p is not None]
+
+    def retained_cursor(self, pattern: str) -> RetainedCursor:
+        return retained_cursor(self._visible, pattern)
 
     # --- info -----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ ends (:meth:`TestHub.turn`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -263,6 +263,9 @@ class SlowStore:
 
     def retained(self, pattern: str) -> Sequence[Publication]:
         return ()
+
+    def retained_cursor(self, pattern: str) -> Iterator[Publication | None]:
+        return iter(())
 
 
 def test_stored_publish_holds_the_publishers_later_requests_in_order() -> None:

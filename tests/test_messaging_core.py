@@ -5,7 +5,7 @@ passing over a backed-up member), and the pending-request table."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from test_hub import TestHub, client, send
 
@@ -38,6 +38,9 @@ class MemoryStore:
 
     def retained(self, pattern: str) -> Sequence[Publication]:
         return list(self.values.values())
+
+    def retained_cursor(self, pattern: str) -> Iterator[Publication | None]:
+        return iter(list(self.values.values()))
 
 
 def test_what_was_routed_before_a_subscription_goes_out_before_its_ok() -> None:

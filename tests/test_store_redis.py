@@ -72,6 +72,34 @@ async def test_save_apply_retained_and_clear(store: RedisStore) -> None:
     assert [p.topic for p in snap] == ["status.d2.temp"]
 
 
+async def test_a_cursor_is_fixed_when_made_and_matches_lazily(
+    store: RedisStore, redis_server: RedisProcess
+) -> None:
+    """The snapshot cursor a new subscription pulls over many turns: later local applies,
+    another node's changes (the feed) and a full reload of the mirror do not change what it
+    yields; non-matching candidates are steps (``None``), not a scan in one call."""
+    await stored(store, *(pub(f"dev.d{i}.state", b"v%d" % i) for i in range(50)))
+    await stored(store, pub("dev.d0.other", b"x"))
+    cursor = store.retained_cursor("dev.*.state")
+    first = next(cursor)
+    assert first is not None and first.topic == "dev.d0.state"
+    await stored(store, pub("dev.d1.state", b"new"), pub("dev.d2.state", b""))
+    await stored(store, pub("dev.fresh.state", b"f"))
+    other = RedisStore(RedisSettings(redis_server.url))
+    await other.open()
+    try:
+        await stored(other, pub("dev.d3.state", b"remote"))
+        await until(lambda: view(store, "dev.d3.state") == {"dev.d3.state": b"remote"})
+        await store._reload()  # the mirror is replaced as after a feed outage
+    finally:
+        await other.close()
+    rest = list(cursor)
+    got = [(p.topic, p.payload) for p in rest if p is not None]
+    assert got == [(f"dev.d{i}.state", b"v%d" % i) for i in range(1, 50)]
+    assert rest.count(None) == 1  # dev.d0.other: looked at, passed over
+    assert view(store, "dev.d1.state") == {"dev.d1.state": b"new"}  # the store moved on
+
+
 async def test_not_retained_is_not_stored(store: RedisStore) -> None:
     plain = Publication("status.x", b"1")
     assert not store.wants(plain)
