@@ -4,9 +4,9 @@ Nothing here does I/O: a security layer takes wire bytes in and gives wire bytes
 (see :mod:`auth.layer`); the broker and the SDK drive it from their event loops.
 """
 
-from auth.acl import AclError, Action, BoundPolicy, Decision, Grant, Policy, Rule
-from auth.errors import AuthError, HandshakeError, HandshakeReason, IntegrityError
-from auth.identity import (
+from tessera_mq.auth.acl import AclError, Action, BoundPolicy, Decision, Grant, Policy, Rule
+from tessera_mq.auth.errors import AuthError, HandshakeError, HandshakeReason, IntegrityError
+from tessera_mq.auth.identity import (
     ANONYMOUS,
     DEFAULT_X509_NAME_FIELDS,
     X509_NAME_FIELDS,
@@ -15,7 +15,7 @@ from auth.identity import (
     identity_from_certificate,
     validate_x509_name_fields,
 )
-from auth.layer import SecurityLayer
+from tessera_mq.auth.layer import SecurityLayer
 
 __all__ = [
     "ANONYMOUS",

@@ -41,9 +41,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, assert_never
 
-from auth.errors import AuthError
-from auth.identity import Identity
-from client_sdk.protocol.grammar import (
+from tessera_mq.auth.errors import AuthError
+from tessera_mq.auth.identity import Identity
+from tessera_mq.client.protocol.grammar import (
     MULTI_WILDCARD,
     SINGLE_WILDCARD,
     TOKEN_RE,

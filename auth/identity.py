@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from auth.errors import AuthError
+from tessera_mq.auth.errors import AuthError
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from auth.identity import Identity
+from tessera_mq.auth.identity import Identity
 
 __all__ = ["SecurityLayer"]
 

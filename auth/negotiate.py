@@ -62,9 +62,9 @@ import unicodedata
 from collections.abc import Callable
 from typing import Final, Literal, NamedTuple, NoReturn
 
-from auth.credentials import NTLM, Kerberos
-from auth.errors import AuthError, HandshakeError, HandshakeReason, IntegrityError
-from auth.identity import ANONYMOUS, Identity
+from tessera_mq.auth.credentials import NTLM, Kerberos
+from tessera_mq.auth.errors import AuthError, HandshakeError, HandshakeReason, IntegrityError
+from tessera_mq.auth.identity import ANONYMOUS, Identity
 
 try:
     import gssapi
@@ -77,7 +77,8 @@ try:
     from spnego.exceptions import BadBindingsError, BadMechanismError, SpnegoError
 except ImportError as _exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
-        "auth.negotiate needs python-gssapi and pyspnego: install 'tessera[negotiate]'; "
+        "tessera_mq.auth.negotiate needs python-gssapi and pyspnego: "
+        "install 'tessera-mq[negotiate]'; "
         f"building gssapi needs the libkrb5-dev package. Import failed: {_exc}"
     ) from _exc
 

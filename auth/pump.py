@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from auth.errors import AuthError, HandshakeError, HandshakeReason
-from auth.layer import SecurityLayer
+from tessera_mq.auth.errors import AuthError, HandshakeError, HandshakeReason
+from tessera_mq.auth.layer import SecurityLayer
 
 __all__ = ["MAX_PENDING_BYTES", "LayerPump", "Offload", "PumpOwner", "StepSkipped"]
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from auth.errors import HandshakeError, HandshakeReason
-from auth.identity import Identity
-from auth.layer import SecurityLayer
+from tessera_mq.auth.errors import HandshakeError, HandshakeReason
+from tessera_mq.auth.identity import Identity
+from tessera_mq.auth.layer import SecurityLayer
 
 __all__ = ["InnerFactory", "StackedLayer"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
-from auth.errors import HandshakeError, HandshakeReason
-from auth.identity import (
+from tessera_mq.auth.errors import HandshakeError, HandshakeReason
+from tessera_mq.auth.identity import (
     ANONYMOUS,
     DEFAULT_X509_NAME_FIELDS,
     Identity,
@@ -74,7 +74,7 @@ def _load_release() -> Any:
     mode = os.environ.get("TESSERA_TLS_RELEASE", "off").strip().lower()
     if mode in ("", "0", "off", "no", "false"):
         return None
-    from auth import tls_release  # noqa: PLC0415 - opt-in only
+    from tessera_mq.auth import tls_release  # noqa: PLC0415 - opt-in only
 
     return tls_release.load(mode)
 

@@ -58,7 +58,7 @@ def log(msg: str) -> None:
 def provision(directory: Path) -> None:
     """CA, an ECDSA P-256 server certificate for localhost/127.0.0.1, one client certificate."""
     sys.path.insert(0, str(REPO))
-    from certs import pki  # noqa: PLC0415 - the repo is put on sys.path first
+    from tessera_mq.certs import pki  # noqa: PLC0415 - the repo is put on sys.path first
 
     pki.init_ca(directory, common_name="Tessera bench CA")
     pki.issue(
@@ -80,7 +80,7 @@ def _tessera_limits() -> str:
     try:
         from dataclasses import fields  # noqa: PLC0415
 
-        from broker.config import LimitsConfig  # noqa: PLC0415
+        from tessera_mq.broker.config import LimitsConfig  # noqa: PLC0415
     except ImportError:
         return ""
     names = {f.name for f in fields(LimitsConfig)}
@@ -181,7 +181,7 @@ class BrokerProc:
         cfg = write_configs(certs, self.port, peer) if peer != "null" else certs
         env = dict(os.environ)
         if peer == "tessera":
-            cmd = [python, "-m", "broker.cli", "serve", "--config", str(cfg)]
+            cmd = [python, "-m", "tessera_mq.broker.cli", "serve", "--config", str(cfg)]
         elif peer == "null":
             cmd = [python, str(NULLBROKER), "--port", str(self.port), "--certs", str(certs)]
         elif peer == "mosquitto":
@@ -193,7 +193,7 @@ class BrokerProc:
         self.logf = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             ["taskset", "-c", BROKER_CORE, *cmd],
-            cwd=SOURCE,  # `python -m broker.cli` imports the broker from here
+            cwd=SOURCE,  # `python -m tessera_mq.broker.cli` imports the broker from here
             env=env,
             stdout=self.logf,
             stderr=subprocess.STDOUT,

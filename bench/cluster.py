@@ -104,7 +104,7 @@ class Broker:
         cfg.write_text(text)
         self.log_path = d / f"{name}.log"
         self.logf = self.log_path.open("ab")
-        argv = [sys.executable, "-m", "broker.cli", "serve", "--config", str(cfg)]
+        argv = [sys.executable, "-m", "tessera_mq.broker.cli", "serve", "--config", str(cfg)]
         if workers > 1:
             argv += ["--workers", str(workers)]
         self.proc = subprocess.Popen(
@@ -242,8 +242,8 @@ async def _backplane_run(url: str, seconds: float, payload_bytes: int) -> dict[s
     """Two RedisBackplanes in this process: A publishes as fast as its queue takes, B counts."""
     import asyncio  # noqa: PLC0415
 
-    from broker.backplane import Publication  # noqa: PLC0415
-    from broker.cluster import RedisBackplane  # noqa: PLC0415
+    from tessera_mq.broker.backplane import Publication  # noqa: PLC0415
+    from tessera_mq.broker.cluster import RedisBackplane  # noqa: PLC0415
 
     got = 0
 

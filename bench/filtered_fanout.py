@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from auth.acl import Policy
-from auth.identity import Identity
-from broker.router import Router
+from tessera_mq.auth.acl import Policy
+from tessera_mq.auth.identity import Identity
+from tessera_mq.broker.router import Router
 
 TOPICS = [f"status.eu.node{i}" for i in range(64)]
 

@@ -65,7 +65,7 @@ import ctypes, ctypes.util, json, logging, ssl, sys
 if TRACEMALLOC:
     import tracemalloc
     tracemalloc.start(1)
-from broker import server as _srv
+from tessera_mq.broker import server as _srv
 
 _libc = None
 try:
@@ -122,10 +122,10 @@ def _server_context(*a, **k):
 _srv.server_context = _server_context
 
 if UNTRIMMED:
-    import auth.tls
-    auth.tls._native = None
+    import tessera_mq.auth.tls
+    tessera_mq.auth.tls._native = None
 
-from broker.cli import main
+from tessera_mq.broker.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

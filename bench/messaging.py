@@ -33,9 +33,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import client_sdk  # noqa: E402
-from auth.tls import client_context  # noqa: E402
-from certs import pki  # noqa: E402
+from tessera_mq import client as client_sdk  # noqa: E402
+from tessera_mq.auth.tls import client_context  # noqa: E402
+from tessera_mq.certs import pki  # noqa: E402
 
 
 def free_port() -> int:
@@ -99,7 +99,7 @@ level = "warning"
 """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "tessera_mq.broker.cli", "serve", "--config", str(cfg)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -4,7 +4,8 @@ Issue 4: GSS wrap is per connection, so the negotiate fan-out ceiling is lower t
 measures both on the same broker process.
 
 * Starts a throwaway MIT KDC (``tests/kdc.py``), a PKI (``certs.pki``) and ONE real broker process
-  (``python -m broker.cli serve``, pinned to CPU 0 with ``taskset -c 0``) with two listeners:
+  (``python -m tessera_mq.broker.cli serve``, pinned to CPU 0 with ``taskset -c 0``) with two
+  listeners:
   ``negotiate`` (Kerberos, every record sealed) and ``tls`` (mutual, client certificates).
 * For each S in ``--subs``, runs ONE load process (this file with ``--load``, pinned to CPU 1)
   that, for each mode in turn, opens S subscribers (``fan.>``) and one publisher, using the SDK's
@@ -211,11 +212,11 @@ class Conn(asyncio.Protocol):
 
 def make_layer(mode: str, args: argparse.Namespace) -> Any:
     if mode == "negotiate":
-        from auth.credentials import Kerberos  # noqa: PLC0415 - repo on sys.path
-        from auth.negotiate import NegotiateClientLayer  # noqa: PLC0415 - repo on sys.path
+        from tessera_mq.auth.credentials import Kerberos  # noqa: PLC0415 - repo on sys.path
+        from tessera_mq.auth.negotiate import NegotiateClientLayer  # noqa: PLC0415 - repo on sys.path
 
         return NegotiateClientLayer(HOST, "tessera", credential=Kerberos(ccache=args.ccache))
-    from auth.tls import TLSLayer  # noqa: PLC0415 - repo on sys.path
+    from tessera_mq.auth.tls import TLSLayer  # noqa: PLC0415 - repo on sys.path
 
     return TLSLayer(args.tls_ctx, server_side=False, server_hostname=HOST)
 
@@ -319,7 +320,7 @@ async def run_mode(mode: str, port: int, subs: int, args: argparse.Namespace) ->
 
 
 async def load_main(args: argparse.Namespace) -> None:
-    from auth.tls import client_context  # noqa: PLC0415 - the repo is put on sys.path first
+    from tessera_mq.auth.tls import client_context  # noqa: PLC0415 - the repo is put on sys.path first
 
     args.tls_ctx = client_context(args.ca, args.cert, args.key)
     for mode in args.modes.split(","):
@@ -336,7 +337,7 @@ async def load_main(args: argparse.Namespace) -> None:
 
 
 def start_broker(cfg: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], dict]:
-    argv = [sys.executable, "-m", "broker.cli", "serve", "--config", str(cfg)]
+    argv = [sys.executable, "-m", "tessera_mq.broker.cli", "serve", "--config", str(cfg)]
     if shutil.which("taskset"):
         argv = ["taskset", "-c", "0", *argv]
     proc = subprocess.Popen(
@@ -434,7 +435,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from kdc import KDC  # noqa: PLC0415 - the repo is put on sys.path first
 
-    from certs import pki  # noqa: PLC0415 - the repo is put on sys.path first
+    from tessera_mq.certs import pki  # noqa: PLC0415 - the repo is put on sys.path first
 
     work = Path(tempfile.mkdtemp(prefix="negotiate-fanout-"))
     kdc = None

@@ -197,7 +197,7 @@ async def measure(
     url: str, credential: Any, *, connects: int, messages: int, interval: float
 ) -> Measurement:
     """Sequential good connects, then publish-to-self latency on one open session."""
-    import client_sdk  # noqa: PLC0415
+    from tessera_mq import client as client_sdk  # noqa: PLC0415
 
     times = []
     for _ in range(connects):
@@ -246,7 +246,7 @@ def write_broker_config(directory: Path, keytab: Path, realm: str) -> Path:
 
 def prepare_realm(kdc: Any, directory: Path) -> tuple[Path, Any]:
     """The broker keytab and a client credential (a ccache with a TGT)."""
-    from auth.negotiate import Kerberos  # noqa: PLC0415
+    from tessera_mq.auth.negotiate import Kerberos  # noqa: PLC0415
 
     kdc.add_principal(f"{SERVICE}/{HOST}")
     alice = kdc.add_principal("flood-alice", PASSWORD)

@@ -4,7 +4,8 @@
     python bench/soak.py --duration 600 --clients 3000 --procs 2 --plot soak.png
     python bench/soak.py --cycles 100000        # sequential connect/disconnect cycles
 
-Not part of CI (bench/SOAK.md). The soak starts ``python -m broker.cli serve --config ...`` on
+Not part of CI (bench/SOAK.md). The soak starts
+``python -m tessera_mq.broker.cli serve --config ...`` on
 127.0.0.1:0 with certificates from ``certs.pki`` and an allow-all ACL, and parses its
 ``listening tls://HOST:PORT`` line. It samples the broker every ``--interval`` seconds by sending
 SIGUSR1: the broker logs ``stats {json}`` (connections, subscriptions, tasks, open_fds,
@@ -52,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from certs import pki  # noqa: E402
+from tessera_mq.certs import pki  # noqa: E402
 
 _LISTENING = re.compile(r"^listening tls://(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)$")
 _STATS = re.compile(r" stats (\{.*\})$")
@@ -120,7 +121,7 @@ class Broker:
         setpriv = shutil.which("setpriv")
         if setpriv:  # the broker dies with the soak, whatever happens
             prefix = [setpriv, "--pdeathsig", "KILL", "--"]
-        argv = [*prefix, python, "-m", "broker.cli", "serve", "--config", str(config)]
+        argv = [*prefix, python, "-m", "tessera_mq.broker.cli", "serve", "--config", str(config)]
         self.proc = subprocess.Popen(
             argv, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True
         )
@@ -263,7 +264,7 @@ async def _consume(sub: Any, counters: Counters) -> None:
 
 
 async def _session(plan: LoadPlan, rng: random.Random, counters: Counters, end: float) -> None:
-    import client_sdk  # noqa: PLC0415 - workers import the SDK after fork/spawn
+    from tessera_mq import client as client_sdk  # noqa: PLC0415 - workers import the SDK after fork/spawn
 
     who = rng.randrange(IDENTITIES)
     d = Path(plan.certs)
@@ -632,8 +633,8 @@ def _finish_round(
 
 
 async def _cycles(args: argparse.Namespace, broker: Broker, certs: Path) -> int:
-    import client_sdk  # noqa: PLC0415
-    from auth.tls import client_context  # noqa: PLC0415
+    from tessera_mq import client as client_sdk  # noqa: PLC0415
+    from tessera_mq.auth.tls import client_context  # noqa: PLC0415
 
     baseline = await asyncio.to_thread(wait_idle, broker)
     print(f"idle broker before: {json.dumps(baseline, sort_keys=True)}")

@@ -1,11 +1,17 @@
 """The Tessera broker: listeners, sessions, routing and configuration."""
 
-from broker.backplane import Backplane, LocalBackplane, Publication
-from broker.config import BrokerConfig, ConfigError, LimitsConfig, ListenerConfig, load_config
-from broker.hub import Hub
-from broker.router import Router
-from broker.server import Broker
-from broker.store import NullStore, Store
+from tessera_mq.broker.backplane import Backplane, LocalBackplane, Publication
+from tessera_mq.broker.config import (
+    BrokerConfig,
+    ConfigError,
+    LimitsConfig,
+    ListenerConfig,
+    load_config,
+)
+from tessera_mq.broker.hub import Hub
+from tessera_mq.broker.router import Router
+from tessera_mq.broker.server import Broker
+from tessera_mq.broker.store import NullStore, Store
 
 __all__ = [
     "Backplane",

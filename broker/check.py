@@ -23,8 +23,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from auth.acl import AclError, Policy
-from broker.config import BrokerConfig, ListenerConfig, Problem
+from tessera_mq.auth.acl import AclError, Policy
+from tessera_mq.broker.config import BrokerConfig, ListenerConfig, Problem
 
 __all__ = ["EXPIRY_WARNING_DAYS", "preflight"]
 
@@ -190,7 +190,7 @@ def _listener(report: _Report, i: int, lst: ListenerConfig, *, serving: bool) ->
     quiet = _DropAll()
     server_log.addFilter(quiet)  # the broker logs its own start-up warnings when it starts
     try:
-        from broker.server import _layer_factory, listener_crls  # noqa: PLC0415 - server imports this module's callers
+        from tessera_mq.broker.server import _layer_factory, listener_crls  # noqa: PLC0415 - server imports this module's callers
 
         _layer_factory(lst, listener_crls(lst))
     except ssl.SSLError as exc:

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from auth.acl import Policy
-from broker.admin import AdminError, AdminServer, request
-from broker.check import preflight
-from broker.cluster import RedisBackplane, RedisSettings
-from broker.config import (
+from tessera_mq.auth.acl import Policy
+from tessera_mq.broker.admin import AdminError, AdminServer, request
+from tessera_mq.broker.check import preflight
+from tessera_mq.broker.cluster import RedisBackplane, RedisSettings
+from tessera_mq.broker.config import (
     DEFAULT_ADMIN_SOCKET,
     BrokerConfig,
     ConfigError,
@@ -34,7 +34,7 @@ from broker.config import (
     load_config,
     parse_bind,
 )
-from broker.dev import (
+from tessera_mq.broker.dev import (
     DEFAULT_DEV_BIND,
     DEFAULT_DEV_DIR,
     DEV_CLIENT,
@@ -42,17 +42,17 @@ from broker.dev import (
     forget_dev_broker,
     record_dev_broker,
 )
-from broker.history import HistoryEngine
-from broker.logs import setup_logging
-from broker.metrics import MetricsServer, start_metrics
-from broker.reload import Reloader
-from broker.server import SERVER_NAME, Broker
-from broker.store import StoreError
+from tessera_mq.broker.history import HistoryEngine
+from tessera_mq.broker.logs import setup_logging
+from tessera_mq.broker.metrics import MetricsServer, start_metrics
+from tessera_mq.broker.reload import Reloader
+from tessera_mq.broker.server import SERVER_NAME, Broker
+from tessera_mq.broker.store import StoreError
 
 __all__ = ["main"]
 
 if TYPE_CHECKING:
-    from broker.store_redis import RedisStore
+    from tessera_mq.broker.store_redis import RedisStore
 
 log = logging.getLogger("tessera.broker")
 
@@ -296,8 +296,8 @@ def _store(
     even while Redis is unreachable and catch up when it is back."""
     if cfg.cluster is None or settings is None:
         return None
-    from broker.store_redis import RedisStore  # noqa: PLC0415 - the optional extra
-    from broker.store_sqlite import RetainLimits  # noqa: PLC0415
+    from tessera_mq.broker.store_redis import RedisStore  # noqa: PLC0415 - the optional extra
+    from tessera_mq.broker.store_sqlite import RetainLimits  # noqa: PLC0415
 
     m = cfg.messaging
     if cfg.data_dir is not None:
@@ -316,7 +316,7 @@ def _history(
     (broker/history_redis.py); otherwise ``None``: the hub keeps them in memory as before."""
     if cfg.cluster is None or settings is None or not cfg.messaging.history:
         return None
-    from broker.history_redis import RedisHistory  # noqa: PLC0415 - the optional extra
+    from tessera_mq.broker.history_redis import RedisHistory  # noqa: PLC0415 - the optional extra
 
     history = RedisHistory(settings, cfg.messaging.history, prefix=cfg.cluster.channel_prefix)
     if store is not None:
@@ -436,7 +436,8 @@ def _dev_hint(directory: Path, address: str) -> str:
         f"{d}/; not for production)\n"
         f"  subscribe:  tessera sub --dev{flags} 'status.>'\n"
         f"  publish:    tessera pub --dev{flags} status.hello 'hello world'\n"
-        f'  python:     client_sdk.connect("tls://{address}", ca="{d}/ca.pem",\n'
+        "  python:     import tessera_mq.client as tessera\n"
+        f'              tessera.connect("tls://{address}", ca="{d}/ca.pem",\n'
         f'                  cert="{d}/{DEV_CLIENT}.pem", key="{d}/{DEV_CLIENT}-key.pem")\n'
         "  stop:       Ctrl-C"
     )
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("reload", "connections", "stats"):
         return _admin_command(args)
 
-    from broker import workers  # noqa: PLC0415
+    from tessera_mq.broker import workers  # noqa: PLC0415
 
     try:
         n_workers = workers.parse_workers(args.workers)
@@ -559,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         # issue #10: N workers cannot share one admin socket; the supervisor forwards SIGHUP
         # (reload) to every worker instead.
         cfg = dataclasses.replace(cfg, admin_socket="")
-    from broker.cluster import BackplaneError  # noqa: PLC0415 - no third-party import
+    from tessera_mq.broker.cluster import BackplaneError  # noqa: PLC0415 - no third-party import
 
     def on_listening(addresses: list[str]) -> None:
         if dev_dir is not None:

@@ -66,9 +66,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.backplane import Publication
-from broker.messaging import GROUP, SERVICE, ClusterEvents, Directory, Key, RemoteRequest
-from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.messaging import GROUP, SERVICE, ClusterEvents, Directory, Key, RemoteRequest
+from tessera_mq.client.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis

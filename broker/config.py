@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from auth.identity import DEFAULT_X509_NAME_FIELDS, validate_x509_name_fields
-from client_sdk.protocol import limits as wire
-from client_sdk.protocol.errors import InvalidTopic
-from client_sdk.protocol.grammar import intersects
-from client_sdk.protocol.topics import validate_pattern
+from tessera_mq.auth.identity import DEFAULT_X509_NAME_FIELDS, validate_x509_name_fields
+from tessera_mq.client.protocol import limits as wire
+from tessera_mq.client.protocol.errors import InvalidTopic
+from tessera_mq.client.protocol.grammar import intersects
+from tessera_mq.client.protocol.topics import validate_pattern
 
 __all__ = [
     "LOG_FORMATS",

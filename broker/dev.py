@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from certs import pki
-from client_sdk.contexts import DevRecord, remove_dev_record, write_dev_record
+from tessera_mq.certs import pki
+from tessera_mq.client.contexts import DevRecord, remove_dev_record, write_dev_record
 
 __all__ = [
     "DEFAULT_DEV_BIND",

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from auth.layer import SecurityLayer
-from broker.handler import RequestHandler
-from client_sdk.protocol import ErrorCode
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.broker.handler import RequestHandler
+from tessera_mq.client.protocol import ErrorCode
 
 __all__ = ["SessionRecord", "SessionWatch", "WatchedSession", "credential_expires_at", "tls_layer"]
 

@@ -23,13 +23,13 @@ from dataclasses import replace
 from itertools import chain
 from typing import Protocol
 
-from auth.acl import Action, Decision, Grant
-from auth.identity import Identity
-from broker.backplane import Publication
-from broker.config import LimitsConfig
-from broker.outbox import Outbox, Verdict
-from broker.store import StoreError
-from client_sdk.protocol import (
+from tessera_mq.auth.acl import Action, Decision, Grant
+from tessera_mq.auth.identity import Identity
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.config import LimitsConfig
+from tessera_mq.broker.outbox import Outbox, Verdict
+from tessera_mq.broker.store import StoreError
+from tessera_mq.client.protocol import (
     Close,
     Connection,
     EndOfStream,
@@ -47,10 +47,10 @@ from client_sdk.protocol import (
     Unsubscribe,
     Welcome,
 )
-from client_sdk.protocol.codec import encode_frame
-from client_sdk.protocol.errors import LocalProtocolError
-from client_sdk.protocol.events import Message, Reply, Request, Response
-from client_sdk.protocol.limits import MAX_ID, MIN_HEARTBEAT_MS
+from tessera_mq.client.protocol.codec import encode_frame
+from tessera_mq.client.protocol.errors import LocalProtocolError
+from tessera_mq.client.protocol.events import Message, Reply, Request, Response
+from tessera_mq.client.protocol.limits import MAX_ID, MIN_HEARTBEAT_MS
 
 __all__ = [
     "EVENTS_PER_TURN",

@@ -24,9 +24,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker.backplane import Publication
-from broker.config import HistoryConfig
-from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD, matches, split_pattern
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.config import HistoryConfig
+from tessera_mq.client.protocol.topics import (
+    MULTI_WILDCARD,
+    SINGLE_WILDCARD,
+    matches,
+    split_pattern,
+)
 
 __all__ = [
     "Deliver",

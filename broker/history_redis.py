@@ -66,17 +66,17 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.backplane import Publication
-from broker.cluster import (
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.cluster import (
     DEFAULT_CHANNEL_PREFIX,
     INTERNAL_CHANNEL_MARK,
     RedisSettings,
     encode_publication,
 )
-from broker.config import HistoryConfig
-from broker.history import Deliver, Entries, Page, Resumption, covers, overlaps
-from broker.store import StoreError
-from client_sdk.protocol.topics import matches, split_pattern
+from tessera_mq.broker.config import HistoryConfig
+from tessera_mq.broker.history import Deliver, Entries, Page, Resumption, covers, overlaps
+from tessera_mq.broker.store import StoreError
+from tessera_mq.client.protocol.topics import matches, split_pattern
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis

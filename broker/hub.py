@@ -22,15 +22,15 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from auth.acl import Action, Decision, Grant, Policy
-from auth.identity import Identity
-from broker.audit import Audit
-from broker.backplane import Backplane, LocalBackplane, Publication
-from broker.config import LimitsConfig, MessagingConfig
-from broker.expiry import SessionWatch
-from broker.handler import Outcome, RequestHandler, SnapshotCursor
-from broker.history import Entries, History, HistoryEngine, Resumption
-from broker.messaging import (
+from tessera_mq.auth.acl import Action, Decision, Grant, Policy
+from tessera_mq.auth.identity import Identity
+from tessera_mq.broker.audit import Audit
+from tessera_mq.broker.backplane import Backplane, LocalBackplane, Publication
+from tessera_mq.broker.config import LimitsConfig, MessagingConfig
+from tessera_mq.broker.expiry import SessionWatch
+from tessera_mq.broker.handler import Outcome, RequestHandler, SnapshotCursor
+from tessera_mq.broker.history import Entries, History, HistoryEngine, Resumption
+from tessera_mq.broker.messaging import (
     GROUP,
     SERVICE,
     ClusterMessaging,
@@ -41,14 +41,14 @@ from broker.messaging import (
     PendingRequests,
     RemoteRequest,
 )
-from broker.router import Router
-from broker.store import NullStore, RetainedCursor, Store
-from broker.timers import DeadlineBuckets
-from client_sdk.protocol.codec import encode_frame
-from client_sdk.protocol.errors import ErrorCode
-from client_sdk.protocol.events import Error, Message, Ok, Reply, Request, Response
-from client_sdk.protocol.limits import DEFAULT_REQUEST_TIMEOUT_MS
-from client_sdk.protocol.topics import matches, split_pattern
+from tessera_mq.broker.router import Router
+from tessera_mq.broker.store import NullStore, RetainedCursor, Store
+from tessera_mq.broker.timers import DeadlineBuckets
+from tessera_mq.client.protocol.codec import encode_frame
+from tessera_mq.client.protocol.errors import ErrorCode
+from tessera_mq.client.protocol.events import Error, Message, Ok, Reply, Request, Response
+from tessera_mq.client.protocol.limits import DEFAULT_REQUEST_TIMEOUT_MS
+from tessera_mq.client.protocol.topics import matches, split_pattern
 
 __all__ = ["Hub"]
 

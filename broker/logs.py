@@ -16,7 +16,7 @@ import re
 import sys
 from typing import TextIO
 
-from broker.audit import AUDIT_LOGGER
+from tessera_mq.broker.audit import AUDIT_LOGGER
 
 __all__ = ["JsonFormatter", "TEXT_FORMAT", "setup_logging"]
 

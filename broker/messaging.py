@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
-from client_sdk.protocol.topics import matches, split_pattern
+from tessera_mq.client.protocol.topics import matches, split_pattern
 
 __all__ = [
     "GROUP",

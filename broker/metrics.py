@@ -40,7 +40,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from broker.config import parse_bind
+from tessera_mq.broker.config import parse_bind
 
 __all__ = ["BrokerCollector", "LoopLagMonitor", "MetricsServer", "start_metrics"]
 

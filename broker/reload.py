@@ -28,16 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from auth.acl import AclError, Policy
-from auth.layer import SecurityLayer
-from auth.tls import CrlError, CrlSet
-from broker.check import preflight
-from broker.config import BrokerConfig, ConfigError, key_lines, load_config
-from broker.expiry import tls_layer
-from client_sdk.protocol import ErrorCode
+from tessera_mq.auth.acl import AclError, Policy
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.tls import CrlError, CrlSet
+from tessera_mq.broker.check import preflight
+from tessera_mq.broker.config import BrokerConfig, ConfigError, key_lines, load_config
+from tessera_mq.broker.expiry import tls_layer
+from tessera_mq.client.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from broker.server import Broker
+    from tessera_mq.broker.server import Broker
 
 __all__ = ["ReloadError", "ReloadResult", "Reloader"]
 
@@ -196,7 +196,7 @@ class Reloader:
     # --- prepare: everything that can fail, off the loop ------------------------------------
 
     def _prepare(self) -> _Prepared:
-        from broker.server import _layer_factory, listener_crls  # noqa: PLC0415 - no cycle
+        from tessera_mq.broker.server import _layer_factory, listener_crls  # noqa: PLC0415 - no cycle
 
         path = self.config_path
         if path is None:

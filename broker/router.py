@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from client_sdk.protocol.codec import encode_message_frame
-from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
+from tessera_mq.client.protocol.codec import encode_message_frame
+from tessera_mq.client.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
 
 __all__ = ["Router", "Subscriber", "SubscriptionFilter"]
 

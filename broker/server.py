@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auth.acl import Policy
-from auth.layer import SecurityLayer
-from auth.tls import CrlSet, TLSLayer, load_crls, server_context
-from broker.audit import Audit
-from broker.backplane import Backplane
-from broker.config import BrokerConfig, ListenerConfig
-from broker.handshake_pool import FailureGate, HandshakePool
-from broker.history import HistoryEngine
-from broker.hub import Hub
-from broker.session import session_factory
-from broker.store import Store
-from client_sdk.protocol import ErrorCode
+from tessera_mq.auth.acl import Policy
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.tls import CrlSet, TLSLayer, load_crls, server_context
+from tessera_mq.broker.audit import Audit
+from tessera_mq.broker.backplane import Backplane
+from tessera_mq.broker.config import BrokerConfig, ListenerConfig
+from tessera_mq.broker.handshake_pool import FailureGate, HandshakePool
+from tessera_mq.broker.history import HistoryEngine
+from tessera_mq.broker.hub import Hub
+from tessera_mq.broker.session import session_factory
+from tessera_mq.broker.store import Store
+from tessera_mq.client.protocol import ErrorCode
 
 __all__ = ["Broker", "Listener", "SERVER_NAME"]
 
@@ -136,8 +136,8 @@ def _layer_factory(cfg: ListenerConfig, crls: CrlSet | None = None) -> Callable[
         return make_tls
 
     # The negotiate modes need the optional pyspnego/gssapi extra: import only when used.
-    from auth.negotiate import NegotiateServerLayer, tls_channel_bindings  # noqa: PLC0415
-    from auth.stack import StackedLayer  # noqa: PLC0415
+    from tessera_mq.auth.negotiate import NegotiateServerLayer, tls_channel_bindings  # noqa: PLC0415
+    from tessera_mq.auth.stack import StackedLayer  # noqa: PLC0415
 
     if "ntlm" in cfg.mechanisms:
         log.warning(
@@ -216,7 +216,7 @@ class Broker:
             policy = Policy.from_file(config.acl_file) if config.acl_file else Policy.from_text("")
         self.audit = Audit(config.audit_file)
         if store is None and config.data_dir is not None:
-            from broker.store_sqlite import RetainLimits, SQLiteStore  # noqa: PLC0415
+            from tessera_mq.broker.store_sqlite import RetainLimits, SQLiteStore  # noqa: PLC0415
 
             m = config.messaging
             store = SQLiteStore(

@@ -16,14 +16,14 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from auth.errors import AuthError, HandshakeError
-from auth.layer import SecurityLayer
-from auth.pump import LayerPump, StepSkipped
-from broker.handler import RequestHandler
+from tessera_mq.auth.errors import AuthError, HandshakeError
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.pump import LayerPump, StepSkipped
+from tessera_mq.broker.handler import RequestHandler
 
 if TYPE_CHECKING:
-    from broker.handshake_pool import FailureGate, HandshakePool
-    from broker.hub import Hub
+    from tessera_mq.broker.handshake_pool import FailureGate, HandshakePool
+    from tessera_mq.broker.hub import Hub
 
 __all__ = ["Session", "attempted_mechanism"]
 

@@ -32,9 +32,14 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
-from broker.backplane import Publication
-from client_sdk.protocol.errors import ErrorCode
-from client_sdk.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD, matches, split_pattern
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.client.protocol.errors import ErrorCode
+from tessera_mq.client.protocol.topics import (
+    MULTI_WILDCARD,
+    SINGLE_WILDCARD,
+    matches,
+    split_pattern,
+)
 
 __all__ = ["NullStore", "RetainedCursor", "Store", "StoreError", "retained_cursor"]
 

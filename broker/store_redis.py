@@ -62,11 +62,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.backplane import Publication
-from broker.cluster import DEFAULT_CHANNEL_PREFIX, INTERNAL_CHANNEL_MARK, RedisSettings
-from broker.store import RetainedCursor, StoreError, retained_cursor
-from broker.store_sqlite import RetainLimits
-from client_sdk.protocol.errors import ErrorCode
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.cluster import DEFAULT_CHANNEL_PREFIX, INTERNAL_CHANNEL_MARK, RedisSettings
+from tessera_mq.broker.store import RetainedCursor, StoreError, retained_cursor
+from tessera_mq.broker.store_sqlite import RetainLimits
+from tessera_mq.client.protocol.errors import ErrorCode
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis

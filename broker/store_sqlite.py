@@ -33,9 +33,9 @@ from typing import TypeVar
 
 import msgpack
 
-from broker.backplane import Publication
-from broker.store import RetainedCursor, StoreError, retained_cursor
-from client_sdk.protocol.errors import ErrorCode
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.store import RetainedCursor, StoreError, retained_cursor
+from tessera_mq.client.protocol.errors import ErrorCode
 
 __all__ = ["DB_FILE_NAME", "MAX_BATCH_JOBS", "RetainLimits", "SQLiteStore"]
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from broker.config import BrokerConfig, parse_bind
+from tessera_mq.broker.config import BrokerConfig, parse_bind
 
 __all__ = [
     "EXIT_CRASH_LOOP",
@@ -149,7 +149,7 @@ class _Supervisor:
         args = [
             sys.executable,
             "-m",
-            "broker.cli",
+            "tessera_mq.broker.cli",
             *self.argv,
             "--worker-binds",
             json.dumps(self.binds),

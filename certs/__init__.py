@@ -5,7 +5,7 @@ summarises a certificate for ``tessera-certs show``; ``revoke`` and ``make_crl``
 revocation list (``revoked.json``) and its signed CRL (``crl.pem``). See ``docs/certs.md``.
 """
 
-from certs.pki import (
+from tessera_mq.certs.pki import (
     CRL_FILENAME,
     REVOKED_FILENAME,
     AlreadyExistsError,

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TextIO
 
-from certs.pki import (
+from tessera_mq.certs.pki import (
     CRL_DAYS_DEFAULT,
     REVOCATION_REASONS,
     RSA_MAX_BITS,

@@ -1,7 +1,9 @@
 """Tessera client SDK.
 
-async with client_sdk.connect("tls://127.0.0.1:7443", ca="ca.pem",
-                              cert="alice.pem", key="alice-key.pem") as client:
+import tessera_mq.client as tessera
+
+async with tessera.connect("tls://127.0.0.1:7443", ca="ca.pem",
+                           cert="alice.pem", key="alice-key.pem") as client:
     await client.publish("status.eu.node1", b"up")
     sub = await client.subscribe("status.>")
     async for msg in sub:
@@ -11,7 +13,7 @@ async with client_sdk.connect("tls://127.0.0.1:7443", ca="ca.pem",
 import importlib
 from typing import TYPE_CHECKING
 
-from client_sdk.protocol.errors import (
+from tessera_mq.client.protocol.errors import (
     AuthenticationError,
     BrokerError,
     ConnectionClosed,
@@ -31,28 +33,28 @@ from client_sdk.protocol.errors import (
 __version__ = "0.1.0"
 
 # The client and credentials load on first use (PEP 562), so that importing the wire core
-# (``client_sdk.protocol``) does not pull in asyncio, ssl or the security layers.
+# (``tessera_mq.client.protocol``) does not pull in asyncio, ssl or the security layers.
 _LAZY = {
-    "Client": "client_sdk.client",
-    "ConnectionState": "client_sdk.client",
-    "Delivery": "client_sdk.client",
-    "HistoryGap": "client_sdk.client",
-    "IncomingRequest": "client_sdk.client",
-    "PublishBufferFull": "client_sdk.client",
-    "Reconnect": "client_sdk.client",
-    "Reply": "client_sdk.client",
-    "Service": "client_sdk.client",
-    "Subscription": "client_sdk.client",
-    "connect": "client_sdk.client",
-    "Kerberos": "auth.credentials",
-    "NTLM": "auth.credentials",
+    "Client": "tessera_mq.client.client",
+    "ConnectionState": "tessera_mq.client.client",
+    "Delivery": "tessera_mq.client.client",
+    "HistoryGap": "tessera_mq.client.client",
+    "IncomingRequest": "tessera_mq.client.client",
+    "PublishBufferFull": "tessera_mq.client.client",
+    "Reconnect": "tessera_mq.client.client",
+    "Reply": "tessera_mq.client.client",
+    "Service": "tessera_mq.client.client",
+    "Subscription": "tessera_mq.client.client",
+    "connect": "tessera_mq.client.client",
+    "Kerberos": "tessera_mq.auth.credentials",
+    "NTLM": "tessera_mq.auth.credentials",
 }
 
 
 def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'client_sdk' has no attribute {name!r}")
+        raise AttributeError(f"module 'tessera_mq.client' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -63,8 +65,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from auth.credentials import NTLM, Kerberos
-    from client_sdk.client import (
+    from tessera_mq.auth.credentials import NTLM, Kerberos
+    from tessera_mq.client.client import (
         Client,
         ConnectionState,
         Delivery,

@@ -30,10 +30,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from auth.credentials import NTLM, Kerberos
-from client_sdk.client import Client, Delivery, connect
-from client_sdk.contexts import Context, ContextError, ContextStore, read_dev_record
-from client_sdk.protocol.errors import (
+from tessera_mq.auth.credentials import NTLM, Kerberos
+from tessera_mq.client.client import Client, Delivery, connect
+from tessera_mq.client.contexts import Context, ContextError, ContextStore, read_dev_record
+from tessera_mq.client.protocol.errors import (
     AuthenticationError,
     ConnectionClosed,
     ErrorCode,

@@ -26,12 +26,12 @@ from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from auth.credentials import NTLM, Kerberos
-from auth.errors import HandshakeError, HandshakeReason
-from auth.layer import SecurityLayer
-from auth.tls import TLSLayer, client_context
-from client_sdk.link import ConnectionLostError, Link
-from client_sdk.protocol import (
+from tessera_mq.auth.credentials import NTLM, Kerberos
+from tessera_mq.auth.errors import HandshakeError, HandshakeReason
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.tls import TLSLayer, client_context
+from tessera_mq.client.link import ConnectionLostError, Link
+from tessera_mq.client.protocol import (
     Close,
     EndOfStream,
     Error,
@@ -48,8 +48,8 @@ from client_sdk.protocol import (
     Unsubscribe,
     Welcome,
 )
-from client_sdk.protocol import Reply as ReplyFrame
-from client_sdk.protocol.errors import (
+from tessera_mq.client.protocol import Reply as ReplyFrame
+from tessera_mq.client.protocol.errors import (
     AuthenticationError,
     BrokerError,
     ConnectionClosed,
@@ -60,9 +60,14 @@ from client_sdk.protocol.errors import (
     TesseraError,
     error_from_code,
 )
-from client_sdk.protocol.grammar import header_problem
-from client_sdk.protocol.limits import MAX_REQUEST_TIMEOUT_MS
-from client_sdk.protocol.topics import matches, split_pattern, validate_pattern, validate_topic
+from tessera_mq.client.protocol.grammar import header_problem
+from tessera_mq.client.protocol.limits import MAX_REQUEST_TIMEOUT_MS
+from tessera_mq.client.protocol.topics import (
+    matches,
+    split_pattern,
+    validate_pattern,
+    validate_topic,
+)
 
 __all__ = [
     "DEFAULT_PORT",
@@ -1248,11 +1253,11 @@ class connect:  # used as a function: ``async with connect(...)`` / ``await conn
             assert self._ctx is not None
             return TLSLayer(self._ctx, server_side=False, server_hostname=self._server_hostname)
         try:
-            from auth.negotiate import NegotiateClientLayer, tls_channel_bindings  # noqa: PLC0415
-            from auth.stack import StackedLayer  # noqa: PLC0415
+            from tessera_mq.auth.negotiate import NegotiateClientLayer, tls_channel_bindings  # noqa: PLC0415
+            from tessera_mq.auth.stack import StackedLayer  # noqa: PLC0415
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
             raise ImportError(
-                f"{self._scheme}:// needs Kerberos support: pip install 'tessera[negotiate]' "
+                f"{self._scheme}:// needs Kerberos support: pip install 'tessera-mq[negotiate]' "
                 f"({exc})"
             ) from exc
         host, service, auth = self._server_hostname, self._service, self._auth

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from auth.errors import AuthError, HandshakeError
-from auth.layer import SecurityLayer
-from auth.pump import LayerPump
-from client_sdk.protocol import (
+from tessera_mq.auth.errors import AuthError, HandshakeError
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.pump import LayerPump
+from tessera_mq.client.protocol import (
     Close,
     Connection,
     ErrorCode,
@@ -31,7 +31,7 @@ from client_sdk.protocol import (
     Subscribe,
     Unsubscribe,
 )
-from client_sdk.protocol.errors import LocalProtocolError
+from tessera_mq.client.protocol.errors import LocalProtocolError
 
 __all__ = ["CLIENT_NAME", "Link", "LinkOwner"]
 

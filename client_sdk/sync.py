@@ -1,6 +1,6 @@
 """A blocking facade for scripts: the same client, driven by an event loop in a helper thread.
 
-from client_sdk.sync import connect
+from tessera_mq.client.sync import connect
 
 with connect("tls://127.0.0.1:7443", ca="ca.pem", cert="me.pem", key="me-key.pem") as client:
     client.publish("status.eu.node1", b"up")
@@ -17,8 +17,8 @@ from collections.abc import Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from client_sdk.client import Client, Delivery, IncomingRequest, Reply, Service, Subscription
-from client_sdk.client import connect as aconnect
+from tessera_mq.client.client import Client, Delivery, IncomingRequest, Reply, Service, Subscription
+from tessera_mq.client.client import connect as aconnect
 
 __all__ = ["SyncClient", "SyncRequest", "SyncService", "SyncSubscription", "connect"]
 

@@ -1,6 +1,7 @@
 """Run a REAL broker process for integration tests, and talk to it with a hand-made raw client.
 
-:class:`BrokerProcess` writes nothing itself: it runs ``python -m broker.cli serve --config F``
+:class:`BrokerProcess` writes nothing itself: it runs
+``python -m tessera_mq.broker.cli serve --config F``
 (or any other ``tessera-broker`` argument list) as a child process, reads the
 ``listening tls://HOST:PORT`` lines from its stdout with a timeout, sends its stderr (the log) to a
 file that tests can search, stops it with SIGTERM and reports the exit code. The child gets
@@ -174,7 +175,7 @@ class BrokerProcess:
         return cls(["serve", "--config", str(config)], workdir=config.parent, **kwargs).start()
 
     def start(self, timeout: float = START_TIMEOUT_SECONDS) -> BrokerProcess:
-        argv = [*_pdeathsig_prefix(), sys.executable, "-m", "broker.cli", *self.args]
+        argv = [*_pdeathsig_prefix(), sys.executable, "-m", "tessera_mq.broker.cli", *self.args]
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.stderr_path.open("w", encoding="utf-8") as err:
             self._process = subprocess.Popen(

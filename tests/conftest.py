@@ -25,7 +25,7 @@ import pytest
 from brokerproc import BrokerProcess, write_config
 from redisproc import redis_server  # noqa: F401  (a fixture: imported for pytest to find)
 
-from certs import pki as certs_pki
+from tessera_mq.certs import pki as certs_pki
 
 #: An ACL under which every authenticated client may publish and subscribe everywhere.
 ALLOW_ALL_ACL = """\

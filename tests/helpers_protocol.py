@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
-from client_sdk.protocol import (
+from tessera_mq.client.protocol import (
     Close,
     Connection,
     Error,
@@ -27,9 +27,9 @@ from client_sdk.protocol import (
     Unsubscribe,
     Welcome,
 )
-from client_sdk.protocol.codec import decode, encode_frame
-from client_sdk.protocol.framing import FrameDecoder
-from client_sdk.protocol.limits import (
+from tessera_mq.client.protocol.codec import decode, encode_frame
+from tessera_mq.client.protocol.framing import FrameDecoder
+from tessera_mq.client.protocol.limits import (
     MAX_FRAME_BYTES_CEILING,
     MAX_HEADER_FIELD_BYTES,
     MAX_HEADERS,

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auth import ANONYMOUS, AclError, Action, Decision, Identity, Policy, Rule
-from auth.acl import Grant, covers, escapes, intersects, matches, meet
-from client_sdk.protocol import topics as wire_topics
+from tessera_mq.auth import ANONYMOUS, AclError, Action, Decision, Identity, Policy, Rule
+from tessera_mq.auth.acl import Grant, covers, escapes, intersects, matches, meet
+from tessera_mq.client.protocol import topics as wire_topics
 
 PUB = Action.PUBLISH
 SUB = Action.SUBSCRIBE

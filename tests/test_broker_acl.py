@@ -14,8 +14,8 @@ import pytest
 from brokerproc import BrokerProcess
 from timing import scaled
 
-import client_sdk
-from client_sdk import ErrorCode, PermissionDenied, TesseraError
+from tessera_mq import client as client_sdk
+from tessera_mq.client import ErrorCode, PermissionDenied, TesseraError
 
 TIMEOUT = scaled(5.0)
 

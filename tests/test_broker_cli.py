@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from brokerproc import REPO_ROOT, BrokerProcess, write_config
 
-import client_sdk
-from broker.cli import main
+from tessera_mq import client as client_sdk
+from tessera_mq.broker.cli import main
 
 TIMEOUT = 5.0
 

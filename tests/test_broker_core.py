@@ -27,8 +27,8 @@ import pytest
 from brokerproc import BrokerProcess, frame, pack
 from timing import scaled
 
-from auth.tls import client_context
-from client_sdk import ErrorCode
+from tessera_mq.auth.tls import client_context
+from tessera_mq.client import ErrorCode
 
 TIMEOUT = scaled(10.0)
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from brokerproc import BrokerProcess
 
-import client_sdk
-from client_sdk import PermissionDenied
+from tessera_mq import client as client_sdk
+from tessera_mq.client import PermissionDenied
 
 TIMEOUT = 5.0
 

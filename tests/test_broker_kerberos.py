@@ -38,14 +38,14 @@ import pytest
 from brokerproc import REPO_ROOT, BrokerProcess, pack
 from kdc import KDC, UNREACHABLE_REALM
 
-import client_sdk
-from auth.errors import HandshakeError, HandshakeReason
-from auth.layer import SecurityLayer
-from auth.negotiate import NTLM, Kerberos, NegotiateClientLayer, RecordType, WireCode
-from auth.stack import StackedLayer
-from auth.tls import TLSLayer, client_context, server_context
-from certs import pki as certs_pki
-from client_sdk import AuthenticationError, PermissionDenied
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.errors import HandshakeError, HandshakeReason
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.negotiate import NTLM, Kerberos, NegotiateClientLayer, RecordType, WireCode
+from tessera_mq.auth.stack import StackedLayer
+from tessera_mq.auth.tls import TLSLayer, client_context, server_context
+from tessera_mq.certs import pki as certs_pki
+from tessera_mq.client import AuthenticationError, PermissionDenied
 
 pytestmark = pytest.mark.kdc
 
@@ -1048,7 +1048,7 @@ def test_ntlm_without_target_name_refused_on_plain_negotiate(broker: Broker) -> 
     refused on a plain ``negotiate`` listener that allows NTLM, and audited as wrong_service."""
     import spnego  # noqa: PLC0415
 
-    from auth.negotiate import _md4  # noqa: PLC0415
+    from tessera_mq.auth.negotiate import _md4  # noqa: PLC0415
 
     nt_hash = _md4(NTLM_PASSWORDS["Alice"].encode("utf-16-le")).hex()
     ctx = spnego.client(

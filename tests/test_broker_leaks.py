@@ -11,9 +11,9 @@ import pytest
 from brokerproc import BrokerProcess
 from timing import scaled
 
-import client_sdk
-from auth.tls import client_context
-from broker import admin
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.tls import client_context
+from tessera_mq.broker import admin
 
 TIMEOUT = scaled(10.0)
 

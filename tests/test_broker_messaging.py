@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from brokerproc import REPO_ROOT, BrokerProcess, RawClient
 
-import client_sdk
-from auth.tls import client_context
-from client_sdk import BrokerError, ErrorCode, NoResponders, PermissionDenied, RequestTimeout
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.tls import client_context
+from tessera_mq.client import BrokerError, ErrorCode, NoResponders, PermissionDenied, RequestTimeout
 
 TIMEOUT = 5.0
 
@@ -363,7 +363,7 @@ def _member(broker: BrokerProcess, pki: Any, out: Path) -> subprocess.Popen[byte
     cmd = [
         sys.executable,
         "-m",
-        "client_sdk.cli",
+        "tessera_mq.client.cli",
         "sub",
         "jobs.>",
         "--group",
@@ -427,7 +427,7 @@ async def test_group_rebalances_when_a_member_is_sigkilled(
 def test_sync_facade_retain_request_serve(broker_factory: Any, pki: Any, tmp_path: Path) -> None:
     import threading  # noqa: PLC0415
 
-    from client_sdk import sync  # noqa: PLC0415
+    from tessera_mq.client import sync  # noqa: PLC0415
 
     broker, _ = start(broker_factory, tmp_path / "data")
     with (

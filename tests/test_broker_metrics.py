@@ -17,9 +17,9 @@ import pytest
 from brokerproc import BrokerProcess, RawClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import client_sdk
-from auth.tls import client_context
-from broker.metrics import BrokerCollector
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.tls import client_context
+from tessera_mq.broker.metrics import BrokerCollector
 
 TIMEOUT = 5.0
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from brokerproc import BrokerProcess, write_config
 
-import client_sdk
-from client_sdk import HistoryGap, Reconnect
+from tessera_mq import client as client_sdk
+from tessera_mq.client import HistoryGap, Reconnect
 
 TIMEOUT = 10.0
 FAST = Reconnect(initial_delay=0.05, max_delay=0.3)
@@ -169,7 +169,7 @@ async def test_since_on_the_command_line_replays_the_history(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "client_sdk.cli",
+        "tessera_mq.client.cli",
         "sub",
         "events.>",
         "--since",

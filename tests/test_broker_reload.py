@@ -28,10 +28,10 @@ from brokerproc import REPO_ROOT, BrokerProcess, RawClient
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-import client_sdk
-from auth.tls import client_context
-from certs import pki as certs_pki
-from client_sdk.protocol import ErrorCode
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.tls import client_context
+from tessera_mq.certs import pki as certs_pki
+from tessera_mq.client.protocol import ErrorCode
 
 ALLOW_ALL = """\
 [[allow]]
@@ -97,7 +97,15 @@ class Setup:
     def admin(self, command: str, *extra: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         return subprocess.run(
-            [sys.executable, "-m", "broker.cli", command, "--config", str(self.config), *extra],
+            [
+                sys.executable,
+                "-m",
+                "tessera_mq.broker.cli",
+                command,
+                "--config",
+                str(self.config),
+                *extra,
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -435,7 +443,7 @@ def test_admin_command_usage(setup: Setup) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     for argv, status in ((["reload", "--help"], 0), (["reload"], 2), (["connections", "-h"], 0)):
         done = subprocess.run(
-            [sys.executable, "-m", "broker.cli", *argv],
+            [sys.executable, "-m", "tessera_mq.broker.cli", *argv],
             capture_output=True,
             text=True,
             timeout=60,
@@ -540,7 +548,7 @@ def test_admin_socket_default_unusable_is_a_warning_explicit_is_an_error(setup: 
     setup.write_config()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     done = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "serve", "--config", str(setup.config)],
+        [sys.executable, "-m", "tessera_mq.broker.cli", "serve", "--config", str(setup.config)],
         capture_output=True,
         text=True,
         timeout=60,

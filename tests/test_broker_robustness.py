@@ -23,9 +23,9 @@ import pytest
 from brokerproc import BrokerProcess, RawClient, frame, pack
 from timing import scaled
 
-import client_sdk
-from auth.tls import client_context
-from client_sdk import ErrorCode
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.tls import client_context
+from tessera_mq.client import ErrorCode
 
 TIMEOUT = scaled(5.0)
 HANDSHAKE_TIMEOUT = 0.5

@@ -21,17 +21,17 @@ import pytest
 from brokerproc import BrokerProcess, RawClient
 from timing import scaled
 
-import client_sdk
-from auth.tls import ALPN_PROTOCOL, client_context
-from client_sdk import (
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.tls import ALPN_PROTOCOL, client_context
+from tessera_mq.client import (
     AuthenticationError,
     ConnectionClosed,
     ConnectionClosedError,
     ErrorCode,
     LocalProtocolError,
 )
-from client_sdk.protocol import Publish, encode
-from client_sdk.protocol.topics import matches
+from tessera_mq.client.protocol import Publish, encode
+from tessera_mq.client.protocol.topics import matches
 
 TIMEOUT = scaled(5.0)
 

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-import certs
-from certs import (
+from tessera_mq import certs
+from tessera_mq.certs import (
     AlreadyExistsError,
     CANotFoundError,
     CertsError,
@@ -34,7 +34,7 @@ from certs import (
     issue,
     load_certificate,
 )
-from certs.cli import main
+from tessera_mq.certs.cli import main
 
 X509_V_ERR_CERT_HAS_EXPIRED = 10
 X509_V_ERR_INVALID_PURPOSE = 26

@@ -14,7 +14,7 @@ from typing import Any
 
 from brokerproc import REPO_ROOT, BrokerProcess, RawClient
 
-from auth.tls import client_context
+from tessera_mq.auth.tls import client_context
 
 ALLOW_ALL = '[[allow]]\nprincipals = ["*"]\npublish = [">"]\nsubscribe = [">"]\n'
 
@@ -24,7 +24,7 @@ def tessera(broker: BrokerProcess, pki: Any, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "client_sdk.cli",
+        "tessera_mq.client.cli",
         *args,
         "--url",
         broker.url,

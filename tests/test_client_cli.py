@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from brokerproc import REPO_ROOT, BrokerProcess
 
-from client_sdk.cli import (
+from tessera_mq.client.cli import (
     EXIT_AUTHENTICATION,
     EXIT_ERROR,
     EXIT_PERMISSION,

@@ -16,9 +16,9 @@ import pytest
 from brokerproc import BrokerProcess, RawClient, write_config
 from timing import scaled
 
-import client_sdk
-from auth.tls import client_context
-from client_sdk import (
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.tls import client_context
+from tessera_mq.client import (
     ConnectionClosedError,
     ConnectionState,
     ErrorCode,
@@ -26,7 +26,7 @@ from client_sdk import (
     PublishBufferFull,
     Reconnect,
 )
-from client_sdk.sync import connect as sync_connect
+from tessera_mq.client.sync import connect as sync_connect
 
 TIMEOUT = scaled(10.0)
 ALLOW_ALL = '[[allow]]\nprincipals = ["*"]\npublish = [">"]\nsubscribe = [">"]\n'

@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 from redisproc import RedisProcess
 
-from broker.backplane import Publication
-from broker.cluster import (
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.cluster import (
     BackplaneError,
     RedisBackplane,
     decode_batch,

@@ -23,8 +23,8 @@ from brokerproc import BrokerProcess
 from redisproc import RedisProcess
 from timing import scaled
 
-import client_sdk
-from client_sdk import PermissionDenied
+from tessera_mq import client as client_sdk
+from tessera_mq.client import PermissionDenied
 
 TIMEOUT = scaled(5.0)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import main
-from broker.config import ConfigError, load_config
+from tessera_mq.broker.cli import main
+from tessera_mq.broker.config import ConfigError, load_config
 
 BASE = """\
 [[listeners]]

@@ -25,19 +25,19 @@ from test_cluster_brokers import cluster_config, connect, wait_subscribed
 from test_hub import FakeIO
 from timing import scaled
 
-import client_sdk
-from auth.acl import Policy
-from auth.identity import Identity
-from broker.audit import Audit
-from broker.backplane import Publication
-from broker.config import LimitsConfig
-from broker.handler import RequestHandler
-from broker.history import Page, Resumption
-from broker.hub import Hub
-from broker.store import StoreError
-from client_sdk import BrokerError, HistoryGap
-from client_sdk.protocol.errors import ErrorCode
-from client_sdk.protocol.events import Error, Message, Ok, Welcome
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.acl import Policy
+from tessera_mq.auth.identity import Identity
+from tessera_mq.broker.audit import Audit
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.config import LimitsConfig
+from tessera_mq.broker.handler import RequestHandler
+from tessera_mq.broker.history import Page, Resumption
+from tessera_mq.broker.hub import Hub
+from tessera_mq.broker.store import StoreError
+from tessera_mq.client import BrokerError, HistoryGap
+from tessera_mq.client.protocol.errors import ErrorCode
+from tessera_mq.client.protocol.events import Error, Message, Ok, Welcome
 
 TIMEOUT = scaled(10.0)
 FEED = "tessera:\x00history:events.>"

@@ -22,7 +22,7 @@ from brokerproc import BrokerProcess
 from kdc import KDC
 from redisproc import RedisProcess
 
-from auth.negotiate import Kerberos, NegotiateClientLayer
+from tessera_mq.auth.negotiate import Kerberos, NegotiateClientLayer
 
 pytestmark = pytest.mark.kdc
 

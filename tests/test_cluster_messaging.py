@@ -26,17 +26,17 @@ from test_cluster_brokers import cluster_config, connect, wait_subscribed
 from test_hub import TestHub, client, send
 from timing import scaled
 
-import client_sdk
-from broker.cluster import (
+from tessera_mq import client as client_sdk
+from tessera_mq.broker.cluster import (
     DIRECTORY_TTL_SECONDS,
     decode_batch,
     encode_batch,
     encode_publication,
 )
-from broker.config import LimitsConfig
-from broker.messaging import GROUP, SERVICE, Directory, Peer, Pending, PendingRequests
-from client_sdk import NoResponders, RequestTimeout
-from client_sdk.protocol.events import Message
+from tessera_mq.broker.config import LimitsConfig
+from tessera_mq.broker.messaging import GROUP, SERVICE, Directory, Peer, Pending, PendingRequests
+from tessera_mq.client import NoResponders, RequestTimeout
+from tessera_mq.client.protocol.events import Message
 
 TIMEOUT = scaled(5.0)
 

@@ -20,9 +20,9 @@ from redisproc import RedisProcess
 from test_cluster_brokers import ACL, cluster_config, connect, wait_subscribed
 from timing import scaled
 
-import client_sdk
-from client_sdk import BrokerError
-from client_sdk.protocol.errors import ErrorCode
+from tessera_mq import client as client_sdk
+from tessera_mq.client import BrokerError
+from tessera_mq.client.protocol.errors import ErrorCode
 
 TIMEOUT = scaled(5.0)
 

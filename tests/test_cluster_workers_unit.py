@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from broker.workers import MAX_WORKERS, parse_workers, replay_cache_name
+from tessera_mq.broker.workers import MAX_WORKERS, parse_workers, replay_cache_name
 
 
 def test_parse_workers() -> None:

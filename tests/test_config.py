@@ -19,8 +19,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from test_broker_cli import run_cli
 
-from broker.cli import main
-from broker.config import (
+from tessera_mq.broker.cli import main
+from tessera_mq.broker.config import (
     BrokerConfig,
     ConfigError,
     LimitsConfig,
@@ -28,7 +28,7 @@ from broker.config import (
     MetricsConfig,
     load_config,
 )
-from certs import pki as certs_pki
+from tessera_mq.certs import pki as certs_pki
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -386,7 +386,7 @@ def test_check_config_looks_the_service_principal_up_in_the_keytab(
             encoding="utf-8",
         )
         result = subprocess.run(
-            [sys.executable, "-m", "broker.cli", "check-config", str(path), "--json"],
+            [sys.executable, "-m", "tessera_mq.broker.cli", "check-config", str(path), "--json"],
             capture_output=True,
             text=True,
             env=env,

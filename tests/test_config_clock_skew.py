@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, config_from_dict
+from tessera_mq.broker.config import ConfigError, config_from_dict
 
 
 def _config(**listener: object) -> dict[str, object]:

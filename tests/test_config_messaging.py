@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import ConfigError, MessagingConfig, config_from_dict
-from broker.history import HistoryConfig
+from tessera_mq.broker.config import ConfigError, MessagingConfig, config_from_dict
+from tessera_mq.broker.history import HistoryConfig
 
 LISTENER = {"bind": "127.0.0.1:0", "cert": "s.pem", "key": "s-key.pem"}
 
@@ -80,7 +80,7 @@ def test_data_dir_must_be_a_path() -> None:
 
 
 def test_check_config_reports_an_unusable_data_dir(tmp_path: Path) -> None:
-    from broker.check import preflight  # noqa: PLC0415
+    from tessera_mq.broker.check import preflight  # noqa: PLC0415
 
     afile = tmp_path / "plain-file"
     afile.write_text("x")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import main
-from broker.config import BrokerConfig, ConfigError, config_from_dict, load_config
-from certs import pki
+from tessera_mq.broker.cli import main
+from tessera_mq.broker.config import BrokerConfig, ConfigError, config_from_dict, load_config
+from tessera_mq.certs import pki
 
 BASE = {"bind": "127.0.0.1:0", "cert": "s.pem", "key": "s-key.pem", "client_ca": "ca.pem"}
 

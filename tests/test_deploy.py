@@ -16,7 +16,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-from broker.cli import _parser as broker_parser
+from tessera_mq.broker.cli import _parser as broker_parser
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "tessera-broker.service"
@@ -138,7 +138,7 @@ def test_containerfile_runs_as_non_root_and_builds_only_from_the_repository() ->
     assert set(extras) <= set(PYPROJECT["project"]["optional-dependencies"])
     entrypoint = json.loads(dict(final)["ENTRYPOINT"])
     assert entrypoint == ["/opt/tessera/bin/tessera-broker"]
-    assert PYPROJECT["project"]["scripts"]["tessera-broker"] == "broker.cli:main"
+    assert PYPROJECT["project"]["scripts"]["tessera-broker"] == "tessera_mq.broker.cli:main"
     cmd = json.loads(dict(final)["CMD"])
     assert broker_parser().parse_args(cmd).command == "serve"
     assert "7443" in dict(final)["EXPOSE"].split()
@@ -155,20 +155,30 @@ def test_distribution_name_and_extras() -> None:
     assert any(dep.startswith("prometheus_client") for dep in extras["metrics"])
     assert any(dep.startswith("prometheus_client") for dep in extras["test"])
     assert not any("prometheus" in dep for dep in project["dependencies"])  # core stays small
-    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
-        if "." not in package:
-            assert (REPO / package / "py.typed").is_file(), package
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    folders = setuptools["package-dir"]
+    for package in setuptools["packages"]:
+        # every installed module is under tessera_mq but the deprecated alias (docs/deploy.md)
+        assert package.startswith("tessera_mq.") or package == "client_sdk", package
+        if package.count(".") < 2:  # a subpackage is typed through its package's marker
+            assert (REPO / folders[package] / "py.typed").is_file(), package
 
 
 def test_mypy_strict_sees_the_sdk_types_through_the_editable_install(tmp_path: Path) -> None:
-    """A user's project type-checks against client_sdk from outside the repository."""
+    """A user's project type-checks against the SDK from outside the repository, by its name
+    and by the deprecated alias."""
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import client_sdk\n\n"
+        "import client_sdk\n"
+        "import tessera_mq.client as tessera\n\n"
         "async def main() -> None:\n"
-        '    async with client_sdk.connect("tls://localhost:7443") as client:\n'
+        '    async with tessera.connect("tls://localhost:7443") as client:\n'
         "        reveal_type(client.publish)\n"
-        '        await client.publish("a.b", b"x")\n',
+        '        await client.publish("a.b", b"x")\n'
+        '    async with client_sdk.connect("tls://localhost:7443") as old:\n'
+        "        reveal_type(old.publish)\n"
+        "    error: tessera.TesseraError = client_sdk.ConnectionClosed()\n"
+        "    print(error)\n",
         encoding="utf-8",
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH")}
@@ -183,9 +193,10 @@ def test_mypy_strict_sees_the_sdk_types_through_the_editable_install(tmp_path: P
         check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r'Revealed type is "def \(topic: (builtins\.)?str, payload', result.stdout), (
-        result.stdout
+    revealed = re.findall(
+        r'Revealed type is "def \(topic: (?:builtins\.)?str, payload', result.stdout
     )
+    assert len(revealed) == 2, result.stdout
 
 
 def test_the_wheel_installs_what_docs_deploy_md_says(tmp_path: Path) -> None:
@@ -209,8 +220,55 @@ def test_the_wheel_installs_what_docs_deploy_md_says(tmp_path: Path) -> None:
     assert "\nName: tessera-mq\n" in meta
     assert {"Provides-Extra: metrics", "Provides-Extra: negotiate"} <= set(meta.splitlines())
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert top == {"auth", "broker", "certs", "client_sdk"}  # the list in docs/deploy.md
-    assert {f"{t}/py.typed" for t in top} <= set(names)
-    for script in ("tessera-broker = broker.cli:main", "tessera = client_sdk.cli:main"):
+    assert top == {"tessera_mq", "client_sdk"}  # the list in docs/deploy.md
+    parts = {n.split("/")[1] for n in names if n.startswith("tessera_mq/")}
+    assert parts == {"auth", "broker", "certs", "client"}
+    assert "tessera_mq/__init__.py" not in names  # a namespace: the distribution's own
+    assert "tessera_mq/client/protocol/codec.py" in names
+    assert not any(n.startswith("tessera_mq/client/_compat") for n in names)
+    typed = {f"tessera_mq/{p}/py.typed" for p in parts} | {"client_sdk/py.typed"}
+    assert typed <= set(names)
+    assert {"client_sdk/__init__.py", "client_sdk/__init__.pyi"} <= set(names)
+    for script in (
+        "tessera-broker = tessera_mq.broker.cli:main",
+        "tessera = tessera_mq.client.cli:main",
+        "tessera-certs = tessera_mq.certs.cli:main",
+    ):
         assert script in scripts
     assert not any(n.startswith(("tests/", "bench/", "deploy/")) for n in names)
+
+
+ALIAS_PROBE = """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import client_sdk
+import client_sdk.sync
+from client_sdk.protocol.errors import TesseraError as OldError
+import tessera_mq.client as tessera
+import tessera_mq.client.sync
+from tessera_mq.client.protocol.errors import TesseraError
+assert [w.category for w in caught] == [DeprecationWarning], caught
+assert "tessera_mq.client" in str(caught[0].message)
+assert client_sdk is tessera and client_sdk.sync is tessera_mq.client.sync
+assert OldError is TesseraError and client_sdk.connect is tessera.connect
+assert client_sdk.Kerberos is tessera.Kerberos
+print("alias ok", client_sdk.__name__)
+"""
+
+
+def test_the_old_sdk_name_is_a_deprecated_alias_of_the_same_module(tmp_path: Path) -> None:
+    """``import client_sdk`` (the name before 0.2) keeps working, warns, and gives the same
+    module objects, so code mixing the two names agrees on every class. Run outside the
+    repository, where the folder ``client_sdk/`` is not importable as such."""
+    result = subprocess.run(
+        [sys.executable, "-c", ALIAS_PROBE],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "alias ok tessera_mq.client"

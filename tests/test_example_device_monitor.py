@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-import client_sdk
-from client_sdk import PermissionDenied
+from tessera_mq import client as client_sdk
+from tessera_mq.client import PermissionDenied
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "device_monitor"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from auth.identity import Identity
-from broker.expiry import SessionWatch, credential_expires_at
-from client_sdk.protocol import ErrorCode
+from tessera_mq.auth.identity import Identity
+from tessera_mq.broker.expiry import SessionWatch, credential_expires_at
+from tessera_mq.client.protocol import ErrorCode
 
 
 class FakeTimer:

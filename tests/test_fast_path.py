@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hub import FakeIO, TestHub, client
 
-from auth.acl import Policy
-from broker.config import HistoryConfig, MessagingConfig
-from broker.handler import RequestHandler
-from client_sdk.protocol import ErrorCode
-from client_sdk.protocol.codec import encode_message_frame
-from client_sdk.protocol.events import Error, Event, Message, Ok
+from tessera_mq.auth.acl import Policy
+from tessera_mq.broker.config import HistoryConfig, MessagingConfig
+from tessera_mq.broker.handler import RequestHandler
+from tessera_mq.client.protocol import ErrorCode
+from tessera_mq.client.protocol.codec import encode_message_frame
+from tessera_mq.client.protocol.events import Error, Event, Message, Ok
 
 PAYLOAD = b"\0" * 8 + b"x" * 248
 

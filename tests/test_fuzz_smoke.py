@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import pytest
 from brokerproc import BrokerProcess, RawClient, pack, write_config
 
-from auth.tls import client_context
+from tessera_mq.auth.tls import client_context
 
 if TYPE_CHECKING:
     from conftest import PKI

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.handshake_pool import FailureGate, HandshakePool
+from tessera_mq.broker.handshake_pool import FailureGate, HandshakePool
 
 WAIT_SECONDS = 10.0  # generous bound for a worker thread to pick up a job on a loaded machine
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from broker.backplane import Publication
-from broker.history import History, HistoryConfig, Stream, covers, overlaps
-from client_sdk.protocol.topics import split_pattern
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.history import History, HistoryConfig, Stream, covers, overlaps
+from tessera_mq.client.protocol.topics import split_pattern
 
 
 def pub(topic: str, payload: bytes = b"x") -> Publication:

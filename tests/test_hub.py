@@ -16,18 +16,18 @@ from typing import Any
 import pytest
 from helpers_protocol import frame
 
-from auth.acl import Policy
-from auth.identity import Identity
-from broker.audit import Audit
-from broker.backplane import Publication
-from broker.config import LimitsConfig
-from broker.handler import EVENTS_PER_TURN, RequestHandler
-from broker.hub import Hub
-from broker.store import StoreError
-from client_sdk.protocol import ErrorCode
-from client_sdk.protocol.codec import decode
-from client_sdk.protocol.events import Close, Error, Event, Message, Ok, Ping, Pong, Welcome
-from client_sdk.protocol.framing import FrameDecoder
+from tessera_mq.auth.acl import Policy
+from tessera_mq.auth.identity import Identity
+from tessera_mq.broker.audit import Audit
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.config import LimitsConfig
+from tessera_mq.broker.handler import EVENTS_PER_TURN, RequestHandler
+from tessera_mq.broker.hub import Hub
+from tessera_mq.broker.store import StoreError
+from tessera_mq.client.protocol import ErrorCode
+from tessera_mq.client.protocol.codec import decode
+from tessera_mq.client.protocol.events import Close, Error, Event, Message, Ok, Ping, Pong, Welcome
+from tessera_mq.client.protocol.framing import FrameDecoder
 
 ACL = """
 [[allow]]

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from auth import (
+from tessera_mq.auth import (
     ANONYMOUS,
     DEFAULT_X509_NAME_FIELDS,
     X509_NAME_FIELDS,
@@ -204,7 +204,7 @@ def test_auth_import_stays_clean() -> None:
         "import sys, auth, auth.acl, auth.identity\n"
         "bad = {'asyncio', 'socket', 'ssl', 'cryptography'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in bad\n"
-        "    or m.startswith('client_sdk.') and not m.startswith('client_sdk.protocol')))\n"
+        "    or m.startswith('client_sdk.') and not m.startswith('tessera_mq.client.protocol')))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -23,34 +23,56 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Our parts by their folder names (this file speaks of those); installed, each is under
+#: ``tessera_mq`` (pyproject.toml [tool.setuptools.package-dir]): the probe translates.
 OURS = ("auth", "broker", "certs", "client_sdk")
+INSTALLED = {
+    "auth": "tessera_mq.auth",
+    "broker": "tessera_mq.broker",
+    "certs": "tessera_mq.certs",
+    "client_sdk": "tessera_mq.client",
+}
 WATCHED = ("asyncio", "socket", "ssl", *OURS)
 
 _PROBE = r"""
 import builtins, importlib, json, sys
 
-ours = set(sys.argv[1].split(","))
+installed = json.loads(sys.argv[1])  # folder name -> installed name
+folder = {v: k for k, v in installed.items()}
 watched = set(sys.argv[2].split(","))
+
+def short(name):
+    # tessera_mq.client.protocol -> client_sdk.protocol (None: not ours)
+    for long_, short_ in folder.items():
+        if name == long_ or name.startswith(long_ + "."):
+            return short_ + name[len(long_):]
+    return name if name.split(".")[0] != "tessera_mq" else None
+
+def long(name):
+    top, _, rest = name.partition(".")
+    return installed[top] + ("." + rest if rest else "")
+
 baseline = set(sys.modules)
 edges = set()
 real_import = builtins.__import__
 
 def hook(name, globals=None, locals=None, fromlist=(), level=0):
-    importer = (globals or {}).get("__name__") or "?"
-    if level == 0 and importer.split(".")[0] in ours:
+    importer = short((globals or {}).get("__name__") or "?") or "?"
+    if level == 0 and importer.split(".")[0] in installed:
         targets = [name] + [f"{name}.{f}" for f in fromlist or () if f != "*"]
         for target in targets:
-            if target.split(".")[0] in watched:
+            target = short(target)
+            if target is not None and target.split(".")[0] in watched:
                 edges.add((importer, target))
     return real_import(name, globals, locals, fromlist, level)
 
 builtins.__import__ = hook
 for module in sys.argv[3:]:
-    importlib.import_module(module)
+    importlib.import_module(long(module))
 builtins.__import__ = real_import
 print(json.dumps({
     "baseline": sorted(baseline),
-    "new": sorted(set(sys.modules) - baseline),
+    "new": sorted(n for n in map(short, set(sys.modules) - baseline) if n is not None),
     "edges": sorted(edges),
 }))
 """
@@ -60,8 +82,8 @@ print(json.dumps({
 def probe(*modules: str) -> dict[str, Any]:
     """Import ``modules`` in a fresh interpreter (cwd = repository root); see _PROBE."""
     result = subprocess.run(
-        [sys.executable, "-c", _PROBE, ",".join(OURS), ",".join(WATCHED), *modules],
-        cwd=ROOT,
+        [sys.executable, "-c", _PROBE, json.dumps(INSTALLED), ",".join(WATCHED), *modules],
+        cwd=ROOT.parent,  # not the repository: its folders must not be importable by those names
         capture_output=True,
         text=True,
         timeout=60,
@@ -80,7 +102,8 @@ def tops(names: list[str]) -> set[str]:
 
 def submodules(package: str) -> list[str]:
     path = ROOT.joinpath(*package.split("."))
-    return [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(path)])]
+    # _compat is client_sdk/_compat/, installed as the top-level alias `client_sdk`
+    return [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(path)]) if m.name != "_compat"]
 
 
 def culprits(data: dict[str, Any], tops_: set[str]) -> list[tuple[str, str]]:
@@ -171,6 +194,31 @@ def test_sdk_does_not_import_the_broker() -> None:
 # --- no cycle between broker modules (issue #8) -----------------------------------------------
 
 
+def test_no_module_imports_the_folder_names() -> None:
+    """Installed, the parts are ``tessera_mq.*``: an import of ``broker``, ``auth``, ``certs``
+    or ``client_sdk`` would work from a checkout and fail (or import PyPI's unrelated
+    ``auth``/``broker``/``certs``) for every user."""
+    import ast  # noqa: PLC0415
+
+    bad = []
+    for folder in OURS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if "_compat" in path.parts:
+                continue  # the deprecated alias package is the one place that names client_sdk
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                bad += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {n}"
+                    for n in names
+                    if n.split(".")[0] in OURS
+                ]
+    assert bad == []
+
+
 def _broker_import_graph() -> dict[str, set[str]]:
     """``broker.X -> {broker.Y, ...}`` from every import statement in broker/*.py, including
     those under ``TYPE_CHECKING`` (a cycle there is still a design cycle)."""
@@ -182,10 +230,14 @@ def _broker_import_graph() -> dict[str, set[str]]:
         targets: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                if node.module.startswith("broker."):
-                    targets.add(node.module)
+                if node.module.startswith("tessera_mq.broker."):
+                    targets.add(node.module.removeprefix("tessera_mq."))
             elif isinstance(node, ast.Import):
-                targets |= {a.name for a in node.names if a.name.startswith("broker.")}
+                targets |= {
+                    a.name.removeprefix("tessera_mq.")
+                    for a in node.names
+                    if a.name.startswith("tessera_mq.broker.")
+                }
         graph[name] = targets
     return graph
 

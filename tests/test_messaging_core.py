@@ -9,10 +9,10 @@ from collections.abc import Iterator, Sequence
 
 from test_hub import TestHub, client, send
 
-from broker.backplane import Publication
-from broker.config import LimitsConfig
-from broker.messaging import Group, Groups, Pending, PendingRequests
-from client_sdk.protocol.events import Message, Ok
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.config import LimitsConfig
+from tessera_mq.broker.messaging import Group, Groups, Pending, PendingRequests
+from tessera_mq.client.protocol.events import Message, Ok
 
 
 class MemoryStore:

@@ -34,10 +34,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kdc import KDC, UNREACHABLE_REALM
 
-from auth.errors import HandshakeError, HandshakeReason, IntegrityError
-from auth.identity import ANONYMOUS, Identity
-from auth.layer import SecurityLayer
-from auth.negotiate import (
+from tessera_mq.auth.errors import HandshakeError, HandshakeReason, IntegrityError
+from tessera_mq.auth.identity import ANONYMOUS, Identity
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.negotiate import (
     MAX_MECH_TYPES,
     MAX_RECORD_PLAINTEXT_BYTES,
     NTLM,
@@ -53,7 +53,7 @@ from auth.negotiate import (
     tls_channel_bindings,
     tls_server_end_point,
 )
-from auth.stack import StackedLayer
+from tessera_mq.auth.stack import StackedLayer
 
 HOST = "layer.tessera.test"
 SERVICE = f"tessera/{HOST}"
@@ -791,21 +791,21 @@ def test_negotiate_modules_stay_sans_io() -> None:
     for module in ("negotiate.py", "stack.py"):
         tree = ast.parse((root / module).read_text())
         imported = {
-            alias.name.split(".")[0]
+            alias.name
             for node in ast.walk(tree)
             if isinstance(node, ast.Import)
             for alias in node.names
-        } | {
-            (node.module or "").split(".")[0]
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom)
-        }
-        assert not imported & {"asyncio", "socket", "ssl", "client_sdk", "broker"}, module
+        } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        tops = {name.split(".")[0] for name in imported}
+        assert not tops & {"asyncio", "socket", "ssl", "client_sdk", "broker"}, module
+        ours = {name for name in imported if name.startswith("tessera_mq.")}
+        allowed = ("tessera_mq.auth", "tessera_mq.client.protocol")
+        assert all(name.startswith(allowed) for name in ours), (module, ours)
     code = (
-        "import sys, auth.negotiate, auth.stack\n"
+        "import sys, tessera_mq.auth.negotiate, tessera_mq.auth.stack\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asyncio'\n"
-        "             or m.startswith('client_sdk') and not m.startswith('client_sdk.protocol')\n"
-        "             and m != 'client_sdk'))\n"
+        "             or m.startswith('tessera_mq.client.')\n"
+        "             and not m.startswith('tessera_mq.client.protocol')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

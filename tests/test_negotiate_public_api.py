@@ -117,7 +117,7 @@ import json, os, sys
 import gssapi
 before_env = dict(os.environ)
 before_defer = getattr(gssapi.SecurityContext, "__DEFER_STEP_ERRORS__", None)
-import auth.negotiate as n, auth.stack
+import tessera_mq.auth.negotiate as n, tessera_mq.auth.stack
 n.NegotiateServerLayer("tessera/h.test", {str(keytab)!r})
 n.NegotiateClientLayer("h.test")
 print(json.dumps({{

@@ -22,7 +22,7 @@ from helpers_protocol import (
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from client_sdk.protocol import (
+from tessera_mq.client.protocol import (
     Close,
     EndOfStream,
     Error,
@@ -42,7 +42,7 @@ from client_sdk.protocol import (
     Unsubscribe,
     Welcome,
 )
-from client_sdk.protocol.codec import (
+from tessera_mq.client.protocol.codec import (
     OPS,
     UnknownOperation,
     decode,
@@ -51,7 +51,7 @@ from client_sdk.protocol.codec import (
     encode_message_frame,
     op_of,
 )
-from client_sdk.protocol.limits import (
+from tessera_mq.client.protocol.limits import (
     MAX_FRAME_BYTES_CEILING,
     MAX_HEADER_FIELD_BYTES,
     MAX_HEADERS,

@@ -25,7 +25,7 @@ from helpers_protocol import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_sdk.protocol import (
+from tessera_mq.client.protocol import (
     Close,
     Connection,
     EndOfStream,
@@ -47,9 +47,9 @@ from client_sdk.protocol import (
     Unsubscribe,
     Welcome,
 )
-from client_sdk.protocol.codec import OPS, encode_frame, encode_message_frame
-from client_sdk.protocol.connection import negotiate_version
-from client_sdk.protocol.limits import (
+from tessera_mq.client.protocol.codec import OPS, encode_frame, encode_message_frame
+from tessera_mq.client.protocol.connection import negotiate_version
+from tessera_mq.client.protocol.limits import (
     MAX_FRAME_BYTES,
     MAX_FRAME_BYTES_BEFORE_HELLO,
     MAX_FRAME_BYTES_CEILING,

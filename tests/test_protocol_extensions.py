@@ -25,7 +25,7 @@ from helpers_protocol import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_sdk.protocol import (
+from tessera_mq.client.protocol import (
     Close,
     Connection,
     Error,
@@ -48,7 +48,7 @@ from client_sdk.protocol import (
     Subscribe,
     Welcome,
 )
-from client_sdk.protocol.codec import (
+from tessera_mq.client.protocol.codec import (
     OPS,
     decode,
     encode,
@@ -56,9 +56,9 @@ from client_sdk.protocol.codec import (
     encode_message_frame,
     op_of,
 )
-from client_sdk.protocol.connection import RECEIVABLE
-from client_sdk.protocol.errors import BrokerError, error_from_code
-from client_sdk.protocol.limits import (
+from tessera_mq.client.protocol.connection import RECEIVABLE
+from tessera_mq.client.protocol.errors import BrokerError, error_from_code
+from tessera_mq.client.protocol.limits import (
     DELIVERY_OVERHEAD_BYTES,
     FEATURES,
     MAX_EPOCH_CHARS,

@@ -8,8 +8,8 @@ from helpers_protocol import bytewise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_sdk.protocol import ErrorCode, FrameDecoder, FrameTooLarge, RemoteProtocolError
-from client_sdk.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
+from tessera_mq.client.protocol import ErrorCode, FrameDecoder, FrameTooLarge, RemoteProtocolError
+from tessera_mq.client.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
 
 
 def prefixed(body: bytes) -> bytes:

@@ -40,7 +40,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from client_sdk.protocol import (
+from tessera_mq.client.protocol import (
     Close,
     Connection,
     EndOfStream,
@@ -66,10 +66,10 @@ from client_sdk.protocol import (
     validate_pattern,
     validate_topic,
 )
-from client_sdk.protocol.codec import decode, encode_frame
-from client_sdk.protocol.connection import RECEIVABLE, SENDABLE
-from client_sdk.protocol.framing import FrameDecoder
-from client_sdk.protocol.limits import MAX_FRAME_BYTES_CEILING
+from tessera_mq.client.protocol.codec import decode, encode_frame
+from tessera_mq.client.protocol.connection import RECEIVABLE, SENDABLE
+from tessera_mq.client.protocol.framing import FrameDecoder
+from tessera_mq.client.protocol.limits import MAX_FRAME_BYTES_CEILING
 
 CLIENT, SERVER = Role.CLIENT, Role.SERVER
 HANDSHAKE, OPEN, CLOSING, CLOSED = State.HANDSHAKE, State.OPEN, State.CLOSING, State.CLOSED

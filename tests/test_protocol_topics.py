@@ -10,9 +10,14 @@ from helpers_protocol import pattern_st, topic_st
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_sdk.protocol import ErrorCode, InvalidTopic, TesseraError
-from client_sdk.protocol.limits import MAX_TOPIC_BYTES, MAX_TOPIC_TOKENS
-from client_sdk.protocol.topics import matches, split_pattern, validate_pattern, validate_topic
+from tessera_mq.client.protocol import ErrorCode, InvalidTopic, TesseraError
+from tessera_mq.client.protocol.limits import MAX_TOPIC_BYTES, MAX_TOPIC_TOKENS
+from tessera_mq.client.protocol.topics import (
+    matches,
+    split_pattern,
+    validate_pattern,
+    validate_topic,
+)
 
 #: The characters no token may contain besides '.', '*' and '>': C0 and C1 controls and the
 #: Unicode white space (Zs, Zl, Zp). docs/protocol.md lists the same code points.

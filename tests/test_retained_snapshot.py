@@ -21,16 +21,16 @@ from helpers_protocol import frame
 from test_broker_messaging import TIMEOUT, connect, start
 from test_hub import ACL, FakeIO, TestHub, client, send
 
-from auth.acl import Policy
-from auth.identity import Identity
-from auth.tls import client_context
-from broker.audit import Audit
-from broker.backplane import Publication
-from broker.config import LimitsConfig
-from broker.handler import SNAPSHOT_BLOCK_FRAMES, SNAPSHOT_STEPS_PER_TURN, RequestHandler
-from broker.hub import Hub
-from broker.store_sqlite import SQLiteStore
-from client_sdk.protocol.events import Message, Ok, Pong
+from tessera_mq.auth.acl import Policy
+from tessera_mq.auth.identity import Identity
+from tessera_mq.auth.tls import client_context
+from tessera_mq.broker.audit import Audit
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.config import LimitsConfig
+from tessera_mq.broker.handler import SNAPSHOT_BLOCK_FRAMES, SNAPSHOT_STEPS_PER_TURN, RequestHandler
+from tessera_mq.broker.hub import Hub
+from tessera_mq.broker.store_sqlite import SQLiteStore
+from tessera_mq.client.protocol.events import Message, Ok, Pong
 
 N_TOPICS = 20_000
 

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import router as router_module
-from broker.router import Router
-from client_sdk.protocol.codec import decode
-from client_sdk.protocol.events import Message
-from client_sdk.protocol.framing import FrameDecoder
-from client_sdk.protocol.topics import matches, validate_pattern, validate_topic
+from tessera_mq.broker import router as router_module
+from tessera_mq.broker.router import Router
+from tessera_mq.client.protocol.codec import decode
+from tessera_mq.client.protocol.events import Message
+from tessera_mq.client.protocol.framing import FrameDecoder
+from tessera_mq.client.protocol.topics import matches, validate_pattern, validate_topic
 
 
 class Sink:

@@ -12,9 +12,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auth.acl import Policy, matches
-from auth.identity import Identity
-from broker.router import Router
+from tessera_mq.auth.acl import Policy, matches
+from tessera_mq.auth.identity import Identity
+from tessera_mq.broker.router import Router
 
 POLICY = Policy.from_text(
     """

@@ -13,12 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 from redisproc import RedisProcess
 
-from broker.backplane import Publication
-from broker.cluster import RedisBackplane, RedisSettings
-from broker.store import StoreError
-from broker.store_redis import RedisStore, decode_change, decode_value
-from broker.store_sqlite import RetainLimits
-from client_sdk.protocol.errors import ErrorCode
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.cluster import RedisBackplane, RedisSettings
+from tessera_mq.broker.store import StoreError
+from tessera_mq.broker.store_redis import RedisStore, decode_change, decode_value
+from tessera_mq.broker.store_sqlite import RetainLimits
+from tessera_mq.client.protocol.errors import ErrorCode
 
 
 def pub(topic: str, payload: bytes, **kw: object) -> Publication:
@@ -330,7 +330,7 @@ async def test_ten_thousand_topics(store: RedisStore, redis_server: RedisProcess
 def test_the_mirror_orders_changes_by_version_and_bounds_cleared_topics() -> None:
     """The mirror (sans-I/O): an older change never replaces a newer one, a clear included;
     what it remembers of cleared topics is bounded."""
-    from broker.store_redis import _Mirror  # noqa: PLC0415 - the module's own helper
+    from tessera_mq.broker.store_redis import _Mirror  # noqa: PLC0415 - the module's own helper
 
     m = _Mirror()
     assert m.put(2, "a.b", pub("a.b", b"new"))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.backplane import Publication
-from broker.store import NullStore, StoreError
-from broker.store_sqlite import DB_FILE_NAME, RetainLimits, SQLiteStore
-from client_sdk.protocol.errors import ErrorCode
+from tessera_mq.broker.backplane import Publication
+from tessera_mq.broker.store import NullStore, StoreError
+from tessera_mq.broker.store_sqlite import DB_FILE_NAME, RetainLimits, SQLiteStore
+from tessera_mq.client.protocol.errors import ErrorCode
 
 
 def retain(topic: str, payload: bytes, **kw: object) -> Publication:

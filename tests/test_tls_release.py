@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from brokerproc import BrokerProcess, write_config
 
-import client_sdk
-from auth import tls
+from tessera_mq import client as client_sdk
+from tessera_mq.auth import tls
 
 ALLOW_ALL = '[[allow]]\nprincipals = ["*"]\npublish = [">"]\nsubscribe = [">"]\n'
 
@@ -24,7 +24,7 @@ def _probe(env: dict[str, str]) -> dict[str, object]:
     code = (
         "import json, sys, broker.cli, broker.server, auth.tls as t; "
         "print(json.dumps({'ctypes': 'ctypes' in sys.modules, "
-        "'release': 'auth.tls_release' in sys.modules, "
+        "'release': 'tessera_mq.auth.tls_release' in sys.modules, "
         "'active': t._native is not None, "
         "'all': bool(t._native and t._native.free_peer_certificates)}))"
     )

@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from auth.errors import HandshakeError, HandshakeReason
-from auth.tls import (
+from tessera_mq.auth.errors import HandshakeError, HandshakeReason
+from tessera_mq.auth.tls import (
     CrlError,
     CrlSet,
     TLSLayer,
@@ -21,7 +21,7 @@ from auth.tls import (
     load_crls,
     server_context,
 )
-from certs import pki as certs_pki
+from tessera_mq.certs import pki as certs_pki
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ Pure and synchronous (sans-I/O): it imports neither asyncio nor socket. The brok
 drive it; another language implements docs/protocol.md.
 """
 
-from client_sdk.protocol.codec import decode, encode, encode_frame, encode_message_frame
-from client_sdk.protocol.connection import Connection, Role, State
-from client_sdk.protocol.errors import (
+from tessera_mq.client.protocol.codec import decode, encode, encode_frame, encode_message_frame
+from tessera_mq.client.protocol.connection import Connection, Role, State
+from tessera_mq.client.protocol.errors import (
     AuthenticationError,
     BrokerError,
     ConnectionClosed,
@@ -22,7 +22,7 @@ from client_sdk.protocol.errors import (
     RequestTimeout,
     TesseraError,
 )
-from client_sdk.protocol.events import (
+from tessera_mq.client.protocol.events import (
     Close,
     EndOfStream,
     Error,
@@ -42,8 +42,8 @@ from client_sdk.protocol.events import (
     Unsubscribe,
     Welcome,
 )
-from client_sdk.protocol.framing import FrameDecoder, FrameTooLarge
-from client_sdk.protocol.topics import matches, validate_pattern, validate_topic
+from tessera_mq.client.protocol.framing import FrameDecoder, FrameTooLarge
+from tessera_mq.client.protocol.topics import matches, validate_pattern, validate_topic
 
 __all__ = [
     "AuthenticationError",

@@ -12,8 +12,8 @@ from typing import Any
 
 import msgpack
 
-from client_sdk.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from client_sdk.protocol.events import (
+from tessera_mq.client.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from tessera_mq.client.protocol.events import (
     Close,
     Error,
     Event,
@@ -30,8 +30,8 @@ from client_sdk.protocol.events import (
     Unsubscribe,
     Welcome,
 )
-from client_sdk.protocol.grammar import header_problem
-from client_sdk.protocol.limits import (
+from tessera_mq.client.protocol.grammar import header_problem
+from tessera_mq.client.protocol.limits import (
     FRAME_HEADER_BYTES,
     MAX_EPOCH_CHARS,
     MAX_FEATURE_CHARS,

@@ -16,14 +16,14 @@ from typing import Protocol
 
 import msgpack
 
-from client_sdk.protocol import codec
-from client_sdk.protocol.errors import (
+from tessera_mq.client.protocol import codec
+from tessera_mq.client.protocol.errors import (
     ErrorCode,
     InvalidTopic,
     LocalProtocolError,
     RemoteProtocolError,
 )
-from client_sdk.protocol.events import (
+from tessera_mq.client.protocol.events import (
     Close,
     EndOfStream,
     Error,
@@ -43,8 +43,8 @@ from client_sdk.protocol.events import (
     Unsubscribe,
     Welcome,
 )
-from client_sdk.protocol.framing import FrameDecoder, FrameTooLarge
-from client_sdk.protocol.limits import (
+from tessera_mq.client.protocol.framing import FrameDecoder, FrameTooLarge
+from tessera_mq.client.protocol.limits import (
     DELIVERY_OVERHEAD_BYTES,
     FRAME_HEADER_BYTES,
     MAX_FRAME_BYTES,
@@ -59,7 +59,7 @@ from client_sdk.protocol.limits import (
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
 )
-from client_sdk.protocol.topics import validate_pattern, validate_topic
+from tessera_mq.client.protocol.topics import validate_pattern, validate_topic
 
 __all__ = ["Connection", "PublishSink", "Role", "State", "negotiate_version"]
 

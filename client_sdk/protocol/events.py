@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from client_sdk.protocol.errors import ErrorCode
-from client_sdk.protocol.limits import (
+from tessera_mq.client.protocol.errors import ErrorCode
+from tessera_mq.client.protocol.limits import (
     DEFAULT_HEARTBEAT_MS,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,

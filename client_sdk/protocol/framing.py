@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import struct
 
-from client_sdk.protocol.errors import ErrorCode, RemoteProtocolError
-from client_sdk.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
+from tessera_mq.client.protocol.errors import ErrorCode, RemoteProtocolError
+from tessera_mq.client.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
 
 __all__ = ["FrameDecoder", "FrameTooLarge"]
 

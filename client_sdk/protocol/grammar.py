@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-from client_sdk.protocol.limits import MAX_HEADER_FIELD_BYTES, MAX_HEADERS
+from tessera_mq.client.protocol.limits import MAX_HEADER_FIELD_BYTES, MAX_HEADERS
 
 __all__ = [
     "MULTI_WILDCARD",

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 
-from client_sdk.protocol.errors import InvalidTopic
-from client_sdk.protocol.grammar import MULTI_WILDCARD, SINGLE_WILDCARD, TOKEN
-from client_sdk.protocol.grammar import matches as _matches
-from client_sdk.protocol.limits import MAX_TOPIC_BYTES, MAX_TOPIC_TOKENS
+from tessera_mq.client.protocol.errors import InvalidTopic
+from tessera_mq.client.protocol.grammar import MULTI_WILDCARD, SINGLE_WILDCARD, TOKEN
+from tessera_mq.client.protocol.grammar import matches as _matches
+from tessera_mq.client.protocol.limits import MAX_TOPIC_BYTES, MAX_TOPIC_TOKENS
 
 __all__ = [
     "MULTI_WILDCARD",

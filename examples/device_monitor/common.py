@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from certs import pki
+from tessera_mq.certs import pki
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DIR = HERE / "data"

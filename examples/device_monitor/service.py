@@ -25,7 +25,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent.parent)]  # run from a checkout witho
 
 from common import DEFAULT_DIR, DEFAULT_PORT, SERVICE, credentials, ensure_setup  # noqa: E402
 
-import client_sdk  # noqa: E402
+import tessera_mq.client as tessera  # noqa: E402
 
 log = logging.getLogger("device-service")
 
@@ -55,7 +55,7 @@ class Devices:
 
 async def run_service(url: str, directory: Path, period: float) -> None:
     devices = Devices()
-    async with client_sdk.connect(url, **credentials(directory, SERVICE)) as client:
+    async with tessera.connect(url, **credentials(directory, SERVICE)) as client:
         for d in DEVICES:
             await client.publish(f"status.device.{d}", devices.status(d), retain=True)
 
@@ -99,7 +99,7 @@ def main() -> int:
         return 0
     config = ensure_setup(args.dir, args.port)
     broker = subprocess.Popen(  # noqa: S603 - our own interpreter and config
-        [sys.executable, "-m", "broker.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "tessera_mq.broker.cli", "serve", "--config", str(config)],
         cwd=HERE.parent.parent,
         stdout=subprocess.PIPE,
         text=True,

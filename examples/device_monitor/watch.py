@@ -20,12 +20,12 @@ sys.path[:0] = [str(HERE), str(HERE.parent.parent)]
 
 from common import DEFAULT_DIR, DEFAULT_PORT, OPERATOR, credentials  # noqa: E402
 
-import client_sdk  # noqa: E402
+import tessera_mq.client as tessera  # noqa: E402
 
 
 async def run(args: argparse.Namespace) -> int:
     url = f"tls://127.0.0.1:{args.port}"
-    async with client_sdk.connect(url, **credentials(args.dir, OPERATOR)) as client:
+    async with tessera.connect(url, **credentials(args.dir, OPERATOR)) as client:
         status = await client.subscribe("status.device.*")
 
         async def show() -> None:
@@ -45,7 +45,7 @@ async def run(args: argparse.Namespace) -> int:
             device, action = args.command
             try:
                 reply = await client.request(f"cmd.device.{device}", action, timeout=5)
-            except client_sdk.NoResponders:
+            except tessera.NoResponders:
                 print("no device service is running", file=sys.stderr)
                 code = 3
             else:

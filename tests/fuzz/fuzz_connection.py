@@ -30,10 +30,10 @@ import fuzzlib
 import msgpack
 
 with fuzzlib.instrumented("client_sdk"):
-    from client_sdk.protocol import codec
-    from client_sdk.protocol.connection import RECEIVABLE, Connection, Role, State
-    from client_sdk.protocol.errors import LocalProtocolError
-    from client_sdk.protocol.events import (
+    from tessera_mq.client.protocol import codec
+    from tessera_mq.client.protocol.connection import RECEIVABLE, Connection, Role, State
+    from tessera_mq.client.protocol.errors import LocalProtocolError
+    from tessera_mq.client.protocol.events import (
         Close,
         EndOfStream,
         Error,
@@ -50,8 +50,8 @@ with fuzzlib.instrumented("client_sdk"):
         Unsubscribe,
         Welcome,
     )
-    from client_sdk.protocol.framing import FrameDecoder
-    from client_sdk.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES_CEILING
+    from tessera_mq.client.protocol.framing import FrameDecoder
+    from tessera_mq.client.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES_CEILING
 
 #: A frame the core writes by itself (pong, error answer, close) is small: reasons are clipped.
 MAX_CORE_FRAME_BYTES = 2048

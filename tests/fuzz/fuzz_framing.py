@@ -20,9 +20,9 @@ import sys
 import fuzzlib
 
 with fuzzlib.instrumented("client_sdk"):
-    from client_sdk.protocol import codec
-    from client_sdk.protocol.errors import RemoteProtocolError
-    from client_sdk.protocol.events import (
+    from tessera_mq.client.protocol import codec
+    from tessera_mq.client.protocol.errors import RemoteProtocolError
+    from tessera_mq.client.protocol.events import (
         Close,
         Error,
         Hello,
@@ -35,8 +35,8 @@ with fuzzlib.instrumented("client_sdk"):
         Unsubscribe,
         Welcome,
     )
-    from client_sdk.protocol.framing import FrameDecoder, FrameTooLarge
-    from client_sdk.protocol.limits import FRAME_HEADER_BYTES
+    from tessera_mq.client.protocol.framing import FrameDecoder, FrameTooLarge
+    from tessera_mq.client.protocol.limits import FRAME_HEADER_BYTES
 
 #: Frame limits chosen by the top two bits of byte 0: tiny ones make oversize prefixes common.
 LIMITS = (16, 300, 64 * 1024, 1024 * 1024)

@@ -32,8 +32,8 @@ import fuzzlib
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: kdc.py
 
 with fuzzlib.instrumented("auth", "spnego"):
-    from auth.errors import AuthError
-    from auth.negotiate import (
+    from tessera_mq.auth.errors import AuthError
+    from tessera_mq.auth.negotiate import (
         NTLM,
         Kerberos,
         NegotiateClientLayer,
@@ -43,7 +43,7 @@ with fuzzlib.instrumented("auth", "spnego"):
     )
 from kdc import KDC
 
-from certs import pki
+from tessera_mq.certs import pki
 
 HOST = "fuzz.tessera.test"
 SERVICE = f"tessera/{HOST}"

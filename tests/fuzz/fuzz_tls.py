@@ -27,9 +27,9 @@ import sys
 import fuzzlib
 
 with fuzzlib.instrumented("auth"):
-    from auth.errors import AuthError, HandshakeError
-    from auth.tls import TLSLayer, client_context, server_context
-from certs import pki
+    from tessera_mq.auth.errors import AuthError, HandshakeError
+    from tessera_mq.auth.tls import TLSLayer, client_context, server_context
+from tessera_mq.certs import pki
 
 #: Bytes a server may write during and after a handshake beyond what it was fed (its certificate
 #: chain, session ticket-free TLS 1.3 flight, alerts): generous, the point is "not unbounded".
