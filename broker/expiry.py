@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from auth.layer import SecurityLayer
 from broker.handler import RequestHandler
 from client_sdk.protocol import ErrorCode
 
@@ -31,20 +30,24 @@ log = logging.getLogger("tessera.broker")
 
 
 class WatchedSession(Protocol):
-    """What the watch needs of a broker session (:class:`broker.session.Session`)."""
+    """What the watch needs of a broker session (:class:`broker.session.Session` or
+    ``SocketSession``): its layer is read with ``getattr`` only."""
 
-    handler: RequestHandler
-    layer: SecurityLayer
+    @property
+    def handler(self) -> RequestHandler: ...
+
+    @property
+    def layer(self) -> object: ...
 
 
-def tls_layer(layer: SecurityLayer) -> SecurityLayer | None:
+def tls_layer(layer: object) -> object | None:
     """The TLS layer of a session: the layer itself, or the outer one of ``tls+negotiate``."""
     outer = getattr(layer, "outer", None)
     candidate = outer if outer is not None else layer
     return candidate if hasattr(candidate, "peer_certificate") else None
 
 
-def credential_expires_at(layer: SecurityLayer) -> float | None:
+def credential_expires_at(layer: object) -> float | None:
     """When the credential a layer authenticated ends (epoch seconds), ``None`` if never.
 
     A ``tls+negotiate`` session authenticates with its inner (SPNEGO) layer; the outer TLS
