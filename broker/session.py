@@ -440,11 +440,10 @@ class SocketSession:
             self.hub.bytes_in += n
             handler.receive(bytes(buf[:n]), self.hub.now())
         if failure is not None:
-            if isinstance(failure, AuthError):  # a broken record
-                handler.hub.audit(
-                    "layer_failure", handler, logging.WARNING, reason=type(failure).__name__
-                )
-            self.abort()
+            if isinstance(failure, HandshakeError):  # a broken record: as Session reports it
+                self._failed(failure)
+            else:  # the connection broke (reset)
+                self.abort()
         elif eof:
             handler.receive(b"", self.hub.now())
             self.close(graceful=False)  # (a no-op if the handler closed already)
