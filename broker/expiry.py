@@ -65,7 +65,7 @@ def _iso(stamp: float | None) -> str | None:
     return _dt.datetime.fromtimestamp(stamp, _dt.UTC).isoformat(timespec="seconds")
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionRecord:
     """One authenticated session, as ``tessera-broker connections`` shows it."""
 
