@@ -29,7 +29,7 @@ from broker.backplane import Backplane
 from broker.config import BrokerConfig, ListenerConfig
 from broker.handshake_pool import FailureGate, HandshakePool
 from broker.hub import Hub
-from broker.session import SocketSession, session_factory
+from broker.session import Readiness, SocketSession, session_factory
 from broker.store import Store
 from client_sdk.protocol import ErrorCode
 
@@ -394,6 +394,8 @@ class Broker:
         #: Per-address budget of failed blocking handshakes (a flood is held, not read).
         self.handshake_gate = FailureGate()
         self._ids = itertools.count(1)
+        #: The epoll set of every SocketSession (created with the first TLS-only listener).
+        self._readiness: Readiness | None = None
         self._stopped: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -415,6 +417,8 @@ class Broker:
         for lst in self.listeners:
             cfg = lst.config
             if isinstance(lst.make_layer, TLSLayers) and TLSLayers.use_sockets():
+                if self._readiness is None:
+                    self._readiness = Readiness(self._loop)
                 lst.server = await SocketServer.bind(
                     cfg.host,
                     cfg.port,
@@ -451,13 +455,14 @@ class Broker:
     def _accepted(self, lst: Listener, sock: socket.socket, peer: Any) -> None:
         """A connection on a TLS-only listener (:class:`SocketServer`)."""
         layers = lst.make_layer  # swapped by a reload: new handshakes use the new material
-        assert isinstance(layers, TLSLayers)
+        assert isinstance(layers, TLSLayers) and self._readiness is not None
         session = SocketSession(
             self.hub,
             layers.on_socket(sock),
             next(self._ids),
             label=lst.label or lst.config.bind,
             recv_buffer=self.recv_buffer,
+            readiness=self._readiness,
         )
         session.start(peer)
 
@@ -468,6 +473,8 @@ class Broker:
                 lst.server.close()
                 await lst.server.wait_closed()
         self.handshake_pool.shutdown(wait=False, cancel_futures=True)
+        if self._readiness is not None:
+            self._readiness.close()
         if self._loop is not None:
             await self.hub.stop()
         self.audit.close()
@@ -508,6 +515,8 @@ class Broker:
             if lst.server is not None:
                 await lst.server.wait_closed()
         await hub.stop()
+        if self._readiness is not None:
+            self._readiness.close()
         self.handshake_pool.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
         log.info("stopped")
