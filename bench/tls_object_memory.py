@@ -11,11 +11,15 @@ on ``SSLObject`` + ``MemoryBIO``, the same for both modes), exchanges one small 
 drops the client side and reports the process's malloc in-use bytes (``mallinfo2``) and RSS per
 connection::
 
-    .venv/bin/python bench/tls_object_memory.py --conns 2000
+    .venv/bin/python bench/tls_object_memory.py --conns 2000          # mutual TLS
+    .venv/bin/python bench/tls_object_memory.py --conns 2000 --tls    # no client certificate
 
-Modes: ``bio`` (server ``SSLObject`` + two ``MemoryBIO``, today), ``socket`` (server
-``SSLSocket`` wrapping its end of the pair, non-blocking). Only the server objects (and both
-socket ends) are kept after the handshake; the client objects are dropped.
+Modes: ``bio`` (server ``SSLObject`` + two ``MemoryBIO``: the broker's ``negotiate`` and
+``tls+negotiate`` listeners), ``socket`` (server ``SSLSocket`` wrapping its end of the pair,
+non-blocking: the broker's ``tls`` listeners since issue #14). ``malloc`` is OpenSSL's share
+(Python's small objects live in pymalloc arenas, which ``mallinfo2`` does not count). Only the
+server objects (and both socket ends) are kept after the handshake; the client objects are
+dropped.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import concurrent.futures
 import logging
 import math
 import select
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -585,8 +586,19 @@ class SocketSession:
         if out is not None:
             out.append(data)
             return
+        sock = self.layer.sock
+        # Several records: corked, they leave as one segment train, as one write of a memory
+        # BIO's contents would (SSL_write sends each record on its own: a peer would wake up
+        # for every 16 KiB).
+        cork = len(data) > _RECORD_BYTES
         try:
-            n = self.layer.send(data)
+            if cork:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            try:
+                n = self.layer.send(data)
+            finally:
+                if cork:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         except (AuthError, OSError):
             self.abort()
             return
