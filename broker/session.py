@@ -12,7 +12,8 @@ run on callbacks (no task per connection), and are the handler's one
   the connection's own non-blocking socket (:class:`~auth.tls.ServerTLSSocket`), watched
   through the broker's one :class:`Readiness` set (an epoll set the loop watches as one
   reader); no asyncio transport, no memory BIOs, no loop handle per socket. An idle connection
-  costs about 5 KB less this way (docs/performance.md, "Memory per idle connection").
+  costs 3.7 KB (TLS) to 5.6 KB (mutual TLS) less this way (docs/performance.md, "Memory on
+  public APIs").
 """
 
 from __future__ import annotations
