@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import ssl
@@ -99,7 +100,8 @@ class TLSLayers:
     @staticmethod
     def use_sockets() -> bool:
         """True: ``tls`` listeners run :class:`~broker.session.SocketSession` drivers."""
-        return not _tls.release_enabled()
+        # (the socket sessions share one epoll set: Linux; elsewhere the transport driver)
+        return not _tls.release_enabled() and hasattr(select, "epoll")
 
 
 class SocketServer:

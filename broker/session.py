@@ -401,7 +401,6 @@ class SocketSession:
         "_close_timer",
         "_closing",
         "_fd",
-        "_graceful",
         "_out",
         "_paused",
         "_readiness",
@@ -436,7 +435,6 @@ class SocketSession:
         #: None: open; False/True: closing (after the unsent output), gracefully or not;
         #: the socket is closed once ``_fd`` is -1.
         self._closing: bool | None = None
-        self._graceful = False
         self._close_timer: asyncio.TimerHandle | None = None
         self.handler = RequestHandler(hub, self, conn_id, peer="?", listener=label)
 
