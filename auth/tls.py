@@ -5,6 +5,12 @@ renegotiation, ALPN ``tessera/1``; a server that names a client CA requires a cl
 certificate. The layer drives an ``ssl.SSLObject`` over two ``MemoryBIO`` objects, so the broker
 owns every buffer (asyncio's stock TLS transport keeps a 256 KiB read buffer per connection;
 here plaintext is read into one buffer shared by all connections of a thread).
+
+:class:`ServerTLSSocket` is the broker's other TLS path, for listeners whose layer stack is TLS
+alone: an ``ssl.SSLSocket`` on the connection's own (non-blocking) socket, no memory BIOs. A
+memory BIO never shrinks, so the pair keeps the handshake flights (about 3 KiB) for the life of
+the connection; OpenSSL's socket BIO keeps nothing (``SSL_MODE_RELEASE_BUFFERS``, which CPython
+sets, frees the record buffers whenever they are empty).
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ __all__ = [
     "TLS12_CIPHERS",
     "CrlError",
     "CrlSet",
+    "ServerTLSSocket",
     "TLSLayer",
     "certificate_expires_at",
     "client_context",
     "load_crls",
+    "release_enabled",
     "server_context",
 ]
 
@@ -54,6 +62,9 @@ _READ_CHUNK_BYTES = 256 * 1024
 #: A memory BIO that carried more than this in one go is replaced by an empty one afterwards
 #: (server side), so a burst does not pin its size for the rest of the connection.
 _BIO_KEEP_BYTES = 64 * 1024
+
+#: At most this many reads of the shared buffer drop what a closing peer sent (1 MiB).
+_DRAIN_READS = 4
 
 _local = threading.local()
 
@@ -81,6 +92,12 @@ def _load_release() -> Any:
 
 #: The opt-in memory release, or ``None`` (the default).
 _native: Any = _load_release()
+
+
+def release_enabled() -> bool:
+    """True if the opt-in post-handshake release (``TESSERA_TLS_RELEASE``) is on: it works on
+    :class:`TLSLayer`'s memory BIOs, so a broker then keeps TLS-only listeners on them too."""
+    return _native is not None
 
 
 def _harden(ctx: ssl.SSLContext) -> None:
@@ -130,6 +147,9 @@ def server_context(
         else:
             ctx.sslobject_class = type(
                 "RevocationCheckedSSLObject", (_RevocationCheckedSSLObject,), {"crls": crls}
+            )
+            ctx.sslsocket_class = type(
+                "RevocationCheckedSSLSocket", (_RevocationCheckedSSLSocket,), {"crls": crls}
             )
     return ctx
 
@@ -238,6 +258,14 @@ def load_crls(
     return CrlSet(files, policy, frozenset(revoked), next_update, warnings if files else ())
 
 
+def _check_revoked(crls: CrlSet, der: bytes | None) -> None:
+    if der and crls.is_revoked(der):
+        error = ssl.SSLCertVerificationError(1, "certificate verify failed: certificate revoked")
+        error.verify_code = 23  # X509_V_ERR_CERT_REVOKED
+        error.verify_message = "certificate revoked"
+        raise error
+
+
 class _RevocationCheckedSSLObject(ssl.SSLObject):
     """``crl_expired = "warn"``: the revoked serials are checked here, after OpenSSL's chain
     verification, so an expired CRL still revokes what it lists (through the public
@@ -247,14 +275,17 @@ class _RevocationCheckedSSLObject(ssl.SSLObject):
 
     def do_handshake(self) -> None:
         super().do_handshake()
-        der = self.getpeercert(binary_form=True)
-        if der and self.crls.is_revoked(der):
-            error = ssl.SSLCertVerificationError(
-                1, "certificate verify failed: certificate revoked"
-            )
-            error.verify_code = 23  # X509_V_ERR_CERT_REVOKED
-            error.verify_message = "certificate revoked"
-            raise error
+        _check_revoked(self.crls, self.getpeercert(binary_form=True))
+
+
+class _RevocationCheckedSSLSocket(ssl.SSLSocket):
+    """The same check for :class:`ServerTLSSocket` (``SSLContext.sslsocket_class``)."""
+
+    crls: CrlSet
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        _check_revoked(self.crls, self.getpeercert(binary_form=True))
 
 
 def certificate_expires_at(der: bytes) -> float | None:
@@ -312,6 +343,22 @@ def _reason_for(exc: ssl.SSLError, server_side: bool) -> HandshakeError:
             HandshakeReason.TLS_PROTOCOL, f"TLS negotiation failed: {code.lower()}"
         )
     return HandshakeError(HandshakeReason.TLS_PROTOCOL, f"TLS error: {code.lower() or exc}")
+
+
+def _peer_after_handshake(
+    obj: ssl.SSLObject | ssl.SSLSocket, fields: Sequence[str], server_side: bool
+) -> Identity | None:
+    """Check ALPN and take the peer's identity from its certificate (``anonymous`` for a
+    server whose client sent none)."""
+    alpn = obj.selected_alpn_protocol()
+    if alpn is not None and alpn != ALPN_PROTOCOL:
+        raise HandshakeError(HandshakeReason.TLS_PROTOCOL, f"peer selected ALPN {alpn!r}")
+    der = obj.getpeercert(binary_form=True)
+    try:
+        peer = identity_from_certificate(der, fields) if der else None
+    except IdentityError as exc:
+        raise HandshakeError(HandshakeReason.TLS_BAD_CERT, str(exc)) from None
+    return peer if peer is not None or not server_side else ANONYMOUS
 
 
 class TLSLayer:
@@ -407,16 +454,8 @@ class TLSLayer:
             raise HandshakeError(HandshakeReason.CLOSED, "peer closed during handshake") from None
         except ssl.SSLError as exc:
             raise _reason_for(exc, self._server_side) from None
-        alpn = self._obj.selected_alpn_protocol()
-        if alpn is not None and alpn != ALPN_PROTOCOL:
-            raise HandshakeError(HandshakeReason.TLS_PROTOCOL, f"peer selected ALPN {alpn!r}")
-        der = self._obj.getpeercert(binary_form=True)
         fields = self._fields if self._server_side else ("cn", "dn")
-        try:
-            peer = identity_from_certificate(der, fields) if der else None
-        except IdentityError as exc:
-            raise HandshakeError(HandshakeReason.TLS_BAD_CERT, str(exc)) from None
-        self._peer = peer if peer is not None or not self._server_side else ANONYMOUS
+        self._peer = _peer_after_handshake(self._obj, fields, self._server_side)
         self._established = True
         if self._server_side and _native is not None:
             self._release()
@@ -498,3 +537,135 @@ class TLSLayer:
         # WantRead means our close_notify is queued and the peer's has not arrived: fine.
         with contextlib.suppress(ssl.SSLError):
             self._obj.unwrap()
+
+
+#: What :meth:`ServerTLSSocket.handshake` waits for before it can go on.
+WaitFor = Literal["read", "write"]
+
+
+class ServerTLSSocket:
+    """The server side of TLS on a connection's own socket (``ssl.SSLSocket``, non-blocking).
+
+    Not a sans-I/O :class:`~auth.layer.SecurityLayer`: it reads and writes the socket it wraps
+    (the broker's socket driver, ``broker/session.py`` ``SocketSession``, waits for readiness).
+    It offers the same read-outs as :class:`TLSLayer` (``established``, ``peer_identity``,
+    ``credential_expires_at``, ``tls_version``, ``peer_certificate()``) and the same handshake
+    checks and errors. ``sock`` is taken over: it must not be used afterwards.
+    """
+
+    __slots__ = ("_closed", "_fields", "_peer", "sock")
+
+    blocking_handshake = False
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        sock: Any,
+        *,
+        identity_fields: Sequence[str] = DEFAULT_X509_NAME_FIELDS,
+    ) -> None:
+        #: The wrapped socket (its ``fileno()`` is what the driver watches).
+        self.sock: ssl.SSLSocket = context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        )
+        self._fields = tuple(identity_fields)
+        self._closed = False
+        self._peer: Identity | None = None
+
+    @property
+    def established(self) -> bool:
+        return self._peer is not None
+
+    @property
+    def peer_identity(self) -> Identity | None:
+        return self._peer
+
+    @property
+    def credential_expires_at(self) -> float | None:
+        """The client certificate's notAfter (epoch seconds); ``None`` without one."""
+        peer = self._peer
+        return peer.expires_at if peer is not None else None
+
+    @property
+    def tls_version(self) -> str | None:
+        return self.sock.version()
+
+    def peer_certificate(self) -> bytes | None:
+        """The client's certificate (DER), if it sent one."""
+        return self.sock.getpeercert(binary_form=True)
+
+    @property
+    def closed_by_peer(self) -> bool:
+        """True once the peer sent close_notify."""
+        return self._closed
+
+    def handshake(self) -> WaitFor | None:
+        """Advance the handshake: ``None`` once established, else what the socket must become
+        (readable, writable) first. Raises :class:`HandshakeError` (OpenSSL has then written
+        its alert to the socket if it could); ``OSError`` for a broken connection."""
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return "read"
+        except ssl.SSLWantWriteError:
+            return "write"
+        except ssl.SSLEOFError:
+            raise HandshakeError(HandshakeReason.CLOSED, "peer closed during handshake") from None
+        except ssl.SSLError as exc:
+            raise _reason_for(exc, True) from None
+        self._peer = _peer_after_handshake(self.sock, self._fields, True)
+        return None
+
+    def recv_into(self, buf: memoryview) -> int:
+        """Read plaintext into ``buf``: the count, ``0`` at the end of the stream (close_notify
+        or a TCP close), ``-1`` when nothing is ready. Raises :class:`HandshakeError` for a
+        broken record, ``OSError`` for a broken connection."""
+        try:
+            n = self.sock.recv_into(buf)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return -1
+        except ssl.SSLZeroReturnError:
+            self._closed = True
+            return 0
+        except ssl.SSLEOFError:
+            return 0
+        except ssl.SSLError as exc:
+            raise _reason_for(exc, True) from None
+        if not n:
+            self._closed = True
+        return n
+
+    def pending(self) -> int:
+        """Decrypted bytes OpenSSL holds that :meth:`recv_into` has not returned yet."""
+        return self.sock.pending()
+
+    def send(self, data: bytes | memoryview) -> int:
+        """Protect and write ``data``: the count written (all of it: CPython does not enable
+        partial writes), or ``-1`` when the socket is full; then call again with the same
+        bytes once it is writable (OpenSSL has already taken part of them). Raises
+        :class:`HandshakeError` or ``OSError``."""
+        try:
+            return self.sock.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return -1
+        except ssl.SSLError as exc:
+            raise _reason_for(exc, True) from None
+
+    def shutdown(self) -> None:
+        """Write close_notify (best effort: the peer's is not awaited)."""
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            self.sock.unwrap()
+
+    def close(self) -> None:
+        """Close the socket. What the peer sent that TLS has not read (a request pipelined
+        behind its handshake, say) is read and dropped first: closing a socket with unread
+        bytes makes the kernel reset the connection, which can destroy the alert or the close
+        frame still on the way to the peer (a transport would have read them already)."""
+        sock = self.sock
+        raw: Any = super(ssl.SSLSocket, sock)  # the plain socket's recv_into: below TLS
+        buf = _read_buffer()
+        with contextlib.suppress(OSError, ValueError):
+            for _ in range(_DRAIN_READS):
+                if not raw.recv_into(buf):
+                    break
+        sock.close()

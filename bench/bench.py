@@ -92,20 +92,24 @@ def _tessera_limits() -> str:
     return "\n[limits]\n" + "\n".join(lines) + "\n" if lines else ""
 
 
-def write_configs(d: Path, port: int, peer: str) -> Path:
+def write_configs(d: Path, port: int, peer: str, mutual: bool = True) -> Path:
+    """One peer's configuration: mutual TLS 1.3 (the client certificate required and verified),
+    or with ``mutual=False`` server-authenticated TLS only (the idle workload's TLS row)."""
     if peer == "tessera":
+        # without client certificates every client is "anonymous": let the ACL admit it
+        who = '["*"]' if mutual else '["*", "anonymous"]'
         (d / "acl.toml").write_text(
-            '[[allow]]\nprincipals = ["*"]\npublish = ["bench.>"]\nsubscribe = ["bench.>"]\n'
+            f'[[allow]]\nprincipals = {who}\npublish = ["bench.>"]\nsubscribe = ["bench.>"]\n'
         )
         cfg = d / "tessera.toml"
+        client_ca = 'client_ca = "ca.pem"\n' if mutual else ""
         cfg.write_text(
             f"""[[listeners]]
 bind = "127.0.0.1:{port}"
 security = "tls"
 cert = "server.pem"
 key = "server-key.pem"
-client_ca = "ca.pem"
-
+{client_ca}
 [acl]
 file = "acl.toml"
 
@@ -133,10 +137,10 @@ set_tcp_nodelay true
 # and Tessera (65,536 messages / 8 MiB) buffer without dropping.
 max_queued_messages 100000
 listener {port} 127.0.0.1
-cafile {d / "ca.pem"}
+{f"cafile {d / 'ca.pem'}" if mutual else ""}
 certfile {d / "server.pem"}
 keyfile {d / "server-key.pem"}
-require_certificate true
+require_certificate {"true" if mutual else "false"}
 tls_version tlsv1.3
 """
         )
@@ -150,8 +154,8 @@ max_connections: 100000
 tls {{
   cert_file: "{d / "server.pem"}"
   key_file: "{d / "server-key.pem"}"
-  ca_file: "{d / "ca.pem"}"
-  verify: true
+  {f'ca_file: "{d / "ca.pem"}"' if mutual else ""}
+  verify: {"true" if mutual else "false"}
   timeout: 10
 }}
 """
@@ -175,10 +179,10 @@ def snapshot(rev: str, into: Path) -> Path:
 
 
 class BrokerProc:
-    def __init__(self, peer: str, certs: Path, python: str) -> None:
+    def __init__(self, peer: str, certs: Path, python: str, *, mutual: bool = True) -> None:
         self.peer = peer
         self.port = free_port()
-        cfg = write_configs(certs, self.port, peer) if peer != "null" else certs
+        cfg = write_configs(certs, self.port, peer, mutual) if peer != "null" else certs
         env = dict(os.environ)
         if peer == "tessera":
             cmd = [python, "-m", "tessera_mq.broker.cli", "serve", "--config", str(cfg)]
@@ -345,11 +349,13 @@ def run_all(args: argparse.Namespace, certs: Path) -> dict[str, dict[str, list[d
                 conn_counts += [n for n in args.tessera_conns if n not in conn_counts]
             if peer == "null":
                 conn_counts = []  # its memory and handshakes say nothing about the generator
-            # idle connections: a fresh broker for each N, so RSS is not inflated by earlier work
-            for n in conn_counts:
-                broker = BrokerProc(peer, certs, args.python)
+            # idle connections: a fresh broker for each N and mode, so RSS is not inflated by
+            # earlier work; mutual TLS (key idle_N) and server-authenticated TLS (idle_tls_N)
+            for n, mode in [(n, m) for n in conn_counts for m in args.idle_modes]:
+                key = idle_key(n, mode)
+                broker = BrokerProc(peer, certs, args.python, mutual=mode == "mtls")
                 try:
-                    log(f"run {rep + 1}/{args.runs} {peer}: idle {n} connections")
+                    log(f"run {rep + 1}/{args.runs} {peer}: idle {n} connections ({mode})")
                     res = run_loadgen(
                         args.python, "idle", broker, certs,
                         ["--conns", str(n), "--concurrency", str(args.concurrency),
@@ -357,8 +363,8 @@ def run_all(args: argparse.Namespace, certs: Path) -> dict[str, dict[str, list[d
                          "--source-addrs", args.source_addrs],
                         max(600.0, n / 50 + args.rest + 60),
                     )  # fmt: skip
-                    raw[peer][f"idle_{n}"].append(res)
-                    report_one(peer, f"idle_{n}", res)
+                    raw[peer][key].append(res)
+                    report_one(peer, key, res)
                 finally:
                     broker.stop()
             broker = BrokerProc(peer, certs, args.python)
@@ -429,14 +435,26 @@ def metrics(args: argparse.Namespace) -> list[tuple[str, str, str, str, bool]]:
         rows.append((f"latency p99.9 ({lat})", "latency", "p999_ms", "ms", False))
         cpu_rows("latency")
     conns = sorted(set(args.conns) | set(args.tessera_conns))
-    for n in conns if "idle" in args.workloads else []:
-        rows.append((f"RSS per idle TLS conn, N={n}", f"idle_{n}", "rss_per_conn_kb", "KB", False))
-        rows.append((f"time to establish N={n}", f"idle_{n}", "establish_s", "s", False))
-        cpu_rows(f"idle_{n}")
+    idle = [(n, m) for n in conns for m in args.idle_modes] if "idle" in args.workloads else []
+    for n, mode in idle:
+        key = idle_key(n, mode)
+        what = "mutual TLS" if mode == "mtls" else "TLS"
+        rows.append((f"RSS per idle {what} conn, N={n}", key, "rss_per_conn_kb", "KB", False))
+        rows.append((f"time to establish N={n} ({what})", key, "establish_s", "s", False))
+        cpu_rows(key)
         if args.rest > 0:
-            rows.append((f"  broker CPU at rest ({args.rest:g} s), N={n}", f"idle_{n}",
+            rows.append((f"  broker CPU at rest ({args.rest:g} s), N={n}", key,
                          "rest_broker_cpu", "%", False))  # fmt: skip
     return rows
+
+
+#: Idle workload modes: mutual TLS (client certificates) and server-authenticated TLS.
+IDLE_MODES = ("mtls", "tls")
+
+
+def idle_key(n: int, mode: str) -> str:
+    """Result key of an idle run (``idle_N`` for mutual TLS, as in earlier history records)."""
+    return f"idle_{n}" if mode == "mtls" else f"idle_tls_{n}"
 
 
 def summarize(
@@ -642,6 +660,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--conns", default="5000", help="idle connections held (all peers)")
     p.add_argument("--tessera-conns", default="10000", help="extra idle counts, Tessera only")
+    p.add_argument(
+        "--idle-modes",
+        default=",".join(IDLE_MODES),
+        help="idle: comma list of mtls (client certificates) and tls (server certificate only)",
+    )
     p.add_argument("--lat-subs", type=int, default=100)
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per workload")
@@ -674,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
         args.peers = "tessera,null" if args.smoke else ",".join(PEERS)
     args.peers = [x for x in args.peers.split(",") if x]
     args.workloads = [x for x in str(args.workloads).split(",") if x]
+    args.idle_modes = [x for x in str(args.idle_modes).split(",") if x]
+    for m in args.idle_modes:
+        if m not in IDLE_MODES:
+            raise SystemExit(f"unknown idle mode {m!r} (known: {', '.join(IDLE_MODES)})")
     for w in args.workloads:
         if w not in ("fanout", "latency", "idle"):
             raise SystemExit(f"unknown workload {w!r}")

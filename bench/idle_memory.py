@@ -307,7 +307,7 @@ def measure(
             for site, (size, _count) in s1["traced"].items()
         }
         out["python_bytes_per_conn"] = (s1["traced_bytes"] - s0["traced_bytes"]) / n
-        out["python_sites"] = sorted(per_site.items(), key=lambda kv: -kv[1])[:20]
+        out["python_sites"] = sorted(per_site.items(), key=lambda kv: -kv[1])[:40]
     return out
 
 

@@ -11,11 +11,15 @@ on ``SSLObject`` + ``MemoryBIO``, the same for both modes), exchanges one small 
 drops the client side and reports the process's malloc in-use bytes (``mallinfo2``) and RSS per
 connection::
 
-    .venv/bin/python bench/tls_object_memory.py --conns 2000
+    .venv/bin/python bench/tls_object_memory.py --conns 2000          # mutual TLS
+    .venv/bin/python bench/tls_object_memory.py --conns 2000 --tls    # no client certificate
 
-Modes: ``bio`` (server ``SSLObject`` + two ``MemoryBIO``, today), ``socket`` (server
-``SSLSocket`` wrapping its end of the pair, non-blocking). Only the server objects (and both
-socket ends) are kept after the handshake; the client objects are dropped.
+Modes: ``bio`` (server ``SSLObject`` + two ``MemoryBIO``: the broker's ``negotiate`` and
+``tls+negotiate`` listeners), ``socket`` (server ``SSLSocket`` wrapping its end of the pair,
+non-blocking: the broker's ``tls`` listeners since issue #14). ``malloc`` is OpenSSL's share
+(Python's small objects live in pymalloc arenas, which ``mallinfo2`` does not count). Only the
+server objects (and both socket ends) are kept after the handshake; the client objects are
+dropped.
 """
 
 from __future__ import annotations
@@ -59,12 +63,13 @@ def rss_kb() -> int:
     return 0
 
 
-def contexts(certs: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+def contexts(certs: Path, mutual: bool = True) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.minimum_version = ssl.TLSVersion.TLSv1_3
     server.load_cert_chain(certs / "server.pem", certs / "server-key.pem")
-    server.load_verify_locations(certs / "ca.pem")
-    server.verify_mode = ssl.CERT_REQUIRED
+    if mutual:
+        server.load_verify_locations(certs / "ca.pem")
+        server.verify_mode = ssl.CERT_REQUIRED
     server.num_tickets = 0  # as auth/tls.py's server contexts
     client = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     client.load_cert_chain(certs / "bench.pem", certs / "bench-key.pem")
@@ -139,23 +144,30 @@ def one(mode: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> li
     return [a, b, srv, sin, sout]
 
 
-def child(mode: str, n: int, certs: Path) -> dict[str, Any]:
-    server_ctx, client_ctx = contexts(certs)
+def child(mode: str, n: int, certs: Path, mutual: bool) -> dict[str, Any]:
+    server_ctx, client_ctx = contexts(certs, mutual)
     held = [one(mode, server_ctx, client_ctx) for _ in range(20)]  # warm-up
     h0, r0 = heap_bytes(), rss_kb()
     held += [one(mode, server_ctx, client_ctx) for _ in range(n)]
     h1, r1 = heap_bytes(), rss_kb()
-    return {"mode": mode, "n": n, "heap_per_conn": (h1 - h0) / n, "rss_kb_per_conn": (r1 - r0) / n}
+    return {
+        "mode": mode,
+        "mutual": mutual,
+        "n": n,
+        "heap_per_conn": (h1 - h0) / n,
+        "rss_kb_per_conn": (r1 - r0) / n,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--conns", type=int, default=2000)
+    p.add_argument("--tls", action="store_true", help="no client certificate (TLS, not mutual)")
     p.add_argument("--child", choices=("bio", "socket"), help=argparse.SUPPRESS)
     p.add_argument("--certs", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.conns, args.certs)))
+        print(json.dumps(child(args.child, args.conns, args.certs, not args.tls)))
         return 0
     sys.path.insert(0, str(HERE))
     import bench as suite  # noqa: PLC0415 - bench/bench.py: certificates
@@ -167,11 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("bio", "socket"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--conns", str(args.conns),
-                 "--certs", str(certs)],
+                 "--certs", str(certs), *(["--tls"] if args.tls else [])],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             res[mode] = json.loads(out.stdout)
-    print(f"N={args.conns}; server side per connection (+ the socket pair, same in both):")
+    print(
+        f"N={args.conns}, {'TLS' if args.tls else 'mutual TLS'} 1.3; server side per connection"
+        " (+ the socket pair, same in both):"
+    )
     for mode in ("bio", "socket"):
         r = res[mode]
         print(

@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tessera_mq.auth.layer import SecurityLayer
-from tessera_mq.broker.handler import RequestHandler
-from tessera_mq.client.protocol import ErrorCode
+from broker.handler import RequestHandler
+from client_sdk.protocol import ErrorCode
 
 __all__ = ["SessionRecord", "SessionWatch", "WatchedSession", "credential_expires_at", "tls_layer"]
 
@@ -31,20 +30,24 @@ log = logging.getLogger("tessera.broker")
 
 
 class WatchedSession(Protocol):
-    """What the watch needs of a broker session (:class:`broker.session.Session`)."""
+    """What the watch needs of a broker session (:class:`broker.session.Session` or
+    ``SocketSession``): its layer is read with ``getattr`` only."""
 
-    handler: RequestHandler
-    layer: SecurityLayer
+    @property
+    def handler(self) -> RequestHandler: ...
+
+    @property
+    def layer(self) -> object: ...
 
 
-def tls_layer(layer: SecurityLayer) -> SecurityLayer | None:
+def tls_layer(layer: object) -> object | None:
     """The TLS layer of a session: the layer itself, or the outer one of ``tls+negotiate``."""
     outer = getattr(layer, "outer", None)
     candidate = outer if outer is not None else layer
     return candidate if hasattr(candidate, "peer_certificate") else None
 
 
-def credential_expires_at(layer: SecurityLayer) -> float | None:
+def credential_expires_at(layer: object) -> float | None:
     """When the credential a layer authenticated ends (epoch seconds), ``None`` if never.
 
     A ``tls+negotiate`` session authenticates with its inner (SPNEGO) layer; the outer TLS
@@ -62,7 +65,7 @@ def _iso(stamp: float | None) -> str | None:
     return _dt.datetime.fromtimestamp(stamp, _dt.UTC).isoformat(timespec="seconds")
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionRecord:
     """One authenticated session, as ``tessera-broker connections`` shows it."""
 

@@ -206,6 +206,11 @@ class HubPort(Protocol):
     def forget(self, handler: RequestHandler) -> None: ...
 
 
+def _no_mechanism() -> str | None:
+    """``describe_mechanism`` of a driver that has no mechanism to name (TLS)."""
+    return None
+
+
 def heartbeat_ms(requested: int | None, configured_s: float) -> int:
     """The interval announced in welcome: the client may ask for a shorter one (to notice a dead
     broker sooner), never below the protocol minimum nor above the broker's own."""
@@ -292,7 +297,8 @@ class RequestHandler:
         self._grants: dict[int, Grant] = {}
         #: Subscriptions that are not plain: sid -> (group, serve). Plain ones are routed by
         #: the router; these by the hub's queue groups and responders.
-        self.sub_kinds: dict[int, tuple[str | None, bool]] = {}
+        #: (Created when first needed, as the ACL cache below: an empty dict is 64 bytes.)
+        self.sub_kinds: dict[int, tuple[str | None, bool]] | None = None
         #: Requests this connection sent that wait for an answer.
         self.pending_requests = 0
         #: While a retained snapshot is going out: what must follow it, in order (snapshot
@@ -307,8 +313,8 @@ class RequestHandler:
         #: The handler closed the connection (or the peer did): nothing more is handled.
         self.closing = False
         #: The driver's way to name the mechanism a failed handshake tried (for the audit).
-        self.describe_mechanism: Callable[[], str | None] = lambda: None
-        self._acl_cache: dict[tuple[Action, str], bool] = {}
+        self.describe_mechanism: Callable[[], str | None] = _no_mechanism  # (not a closure)
+        self._acl_cache: dict[tuple[Action, str], bool] | None = None
         #: Events decoded but not yet handled (the turn's budget ran out, or the store is busy).
         self._backlog: deque[Event] | None = None
         self._busy = False  #: a continuation is scheduled
@@ -515,16 +521,19 @@ class RequestHandler:
 
     def allowed(self, action: Action, subject: str) -> bool:
         key = (action, subject)
-        cached = self._acl_cache.get(key)
+        cache = self._acl_cache
+        if cache is None:
+            cache = self._acl_cache = {}
+        cached = cache.get(key)
         if cached is not None:
             return cached
         ident = self.identity
         if ident is None:
             return False
         decision = self.hub.check(ident, action, subject)
-        if len(self._acl_cache) >= _ACL_CACHE_ENTRIES:
-            self._acl_cache.clear()
-        self._acl_cache[key] = decision.allowed
+        if len(cache) >= _ACL_CACHE_ENTRIES:
+            cache.clear()
+        cache[key] = decision.allowed
         if not decision.allowed:
             self._audit("denied", action=action.value, subject=subject, reason=decision.reason)
         return decision.allowed
@@ -653,6 +662,8 @@ class RequestHandler:
         self.subs[sid] = pattern
         self._grants[sid] = grant
         if event.group is not None or event.serve:
+            if self.sub_kinds is None:
+                self.sub_kinds = {}
             self.sub_kinds[sid] = (event.group, event.serve)
             self.hub.join(self, sid, pattern, event.group, event.serve)
         else:
@@ -689,7 +700,7 @@ class RequestHandler:
             log.debug("%s subscribed sid=%d %r", self.who(), sid, pattern)
 
     def _drop_sub(self, sid: int, pattern: str) -> None:
-        kind = self.sub_kinds.pop(sid, None)
+        kind = self.sub_kinds.pop(sid, None) if self.sub_kinds else None
         grant = self._grants.pop(sid, None)
         if kind is None:
             self.hub.unsubscribe(self, pattern, grant)
@@ -898,15 +909,16 @@ class RequestHandler:
         """The policy changed: forget cached decisions and remove every subscription it no
         longer allows, telling the client (an ``error`` naming the subscription). Returns how
         many were removed."""
-        self._acl_cache.clear()
+        self._acl_cache = None
         self._pub_allowed = None
         removed = 0
         for sid, pattern in list(self.subs.items()):
             old = self._grants.get(sid)
             grant = self._grant(pattern)
-            if sid in self.sub_kinds and not grant.unrestricted:
+            special = self.sub_kinds is not None and sid in self.sub_kinds
+            if special and not grant.unrestricted:
                 grant = _whole_pattern_required(grant)  # groups and responders: whole pattern
-            if grant.possible and sid in self.sub_kinds:
+            if grant.possible and special:
                 self._grants[sid] = grant
                 continue
             if grant.possible:

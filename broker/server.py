@@ -1,34 +1,38 @@
 """The broker process: listeners and their security-layer factories, the hub, signals, graceful
-shutdown. Connections are :class:`~broker.session.Session` drivers around a
+shutdown. Connections are :class:`~broker.session.Session` drivers (or, on listeners whose
+layer stack is TLS alone, :class:`~broker.session.SocketSession`) around a
 :class:`~broker.handler.RequestHandler`; the publish pipeline is the :class:`~broker.hub.Hub`."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tessera_mq.auth.acl import Policy
-from tessera_mq.auth.layer import SecurityLayer
-from tessera_mq.auth.tls import CrlSet, TLSLayer, load_crls, server_context
-from tessera_mq.broker.audit import Audit
-from tessera_mq.broker.backplane import Backplane
-from tessera_mq.broker.config import BrokerConfig, ListenerConfig
-from tessera_mq.broker.handshake_pool import FailureGate, HandshakePool
-from tessera_mq.broker.history import HistoryEngine
-from tessera_mq.broker.hub import Hub
-from tessera_mq.broker.session import session_factory
-from tessera_mq.broker.store import Store
-from tessera_mq.client.protocol import ErrorCode
+from auth import tls as _tls
+from auth.acl import Policy
+from auth.layer import SecurityLayer
+from auth.tls import CrlSet, ServerTLSSocket, TLSLayer, load_crls, server_context
+from broker.audit import Audit
+from broker.backplane import Backplane
+from broker.config import BrokerConfig, ListenerConfig
+from broker.handshake_pool import FailureGate, HandshakePool
+from broker.hub import Hub
+from broker.session import Readiness, SocketSession, session_factory
+from broker.store import Store
+from client_sdk.protocol import ErrorCode
 
 __all__ = ["Broker", "Listener", "SERVER_NAME"]
 
@@ -48,6 +52,17 @@ _HANDSHAKE_WORKERS = 4
 #: Poll interval while waiting for connections to finish closing at shutdown.
 _SHUTDOWN_POLL_SECONDS = 0.05
 
+#: Connections a socket listener accepts per readiness callback (asyncio's own servers take
+#: up to their backlog, 100 by default, per callback).
+_ACCEPTS_PER_TURN = 100
+
+#: How long a socket listener stops accepting after running out of descriptors or memory
+#: (asyncio's servers wait 1 s: ``constants.ACCEPT_RETRY_DELAY``).
+_ACCEPT_RETRY_SECONDS = 1.0
+
+#: accept() errors that mean "the system is out of something": stop accepting for a while.
+_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 
 def _open_fds() -> int:
     try:
@@ -64,13 +79,158 @@ def _rss_bytes() -> int:
         return -1
 
 
+class TLSLayers:
+    """The layer factory of a ``tls`` listener: :class:`~auth.tls.TLSLayer` (memory BIOs) when
+    called, :class:`~auth.tls.ServerTLSSocket` on an accepted socket with :meth:`on_socket`
+    (what the broker uses, unless the opt-in ``TESSERA_TLS_RELEASE``, which works on memory
+    BIOs, is set)."""
+
+    __slots__ = ("context", "fields")
+
+    def __init__(self, context: ssl.SSLContext, fields: Sequence[str]) -> None:
+        self.context = context
+        self.fields = tuple(fields)
+
+    def __call__(self) -> SecurityLayer:
+        return TLSLayer(self.context, server_side=True, identity_fields=self.fields)
+
+    def on_socket(self, sock: socket.socket) -> ServerTLSSocket:
+        return ServerTLSSocket(self.context, sock, identity_fields=self.fields)
+
+    @staticmethod
+    def use_sockets() -> bool:
+        """True: ``tls`` listeners run :class:`~broker.session.SocketSession` drivers."""
+        # (the socket sessions share one epoll set: Linux; elsewhere the transport driver)
+        return not _tls.release_enabled() and hasattr(select, "epoll")
+
+
+class SocketServer:
+    """The listening sockets of a listener whose connections go to
+    :class:`~broker.session.SocketSession` (what the broker uses of ``asyncio.Server``:
+    ``sockets``, ``close``, ``wait_closed``, ``is_serving``)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        on_accept: Callable[[socket.socket, Any], None],
+    ) -> None:
+        self._loop = loop
+        self.sockets = sockets
+        self._on_accept = on_accept
+        self._serving = True
+        self._retry: asyncio.TimerHandle | None = None
+        for sock in sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    @classmethod
+    async def bind(
+        cls,
+        host: str | None,
+        port: int,
+        on_accept: Callable[[socket.socket, Any], None],
+        *,
+        reuse_port: bool = False,
+        backlog: int = 4096,
+    ) -> SocketServer:
+        """Bind every address ``host`` resolves to (as ``loop.create_server`` does)."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _name, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(address)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno,
+                        f"error while attempting to bind on address {address!r}: {exc.strerror}",
+                    ) from None
+                sock.listen(backlog)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return cls(loop, sockets, on_accept)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(_ACCEPTS_PER_TURN):
+            try:
+                conn, peer = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_EXHAUSTED:
+                    log.warning("accept failed on %s: %s", lsock.getsockname(), exc)
+                    return
+                log.warning(
+                    "accept failed on %s: %s; not accepting for %g s",
+                    lsock.getsockname(),
+                    exc,
+                    _ACCEPT_RETRY_SECONDS,
+                )
+                self._pause()
+                return
+            try:
+                conn.setblocking(False)
+                if conn.family in (socket.AF_INET, socket.AF_INET6):
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._on_accept(conn, peer)
+            except OSError as exc:  # the peer went already (wrap_socket asks for its name)
+                log.debug("connection from %s dropped at accept: %s", peer, exc)
+                conn.close()
+
+    def _pause(self) -> None:
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+        self._retry = self._loop.call_later(_ACCEPT_RETRY_SECONDS, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._serving:
+            for sock in self.sockets:
+                self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        """Stop accepting (connections already accepted are not touched)."""
+        if not self._serving:
+            return
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        else:
+            for sock in self.sockets:
+                self._loop.remove_reader(sock.fileno())
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
+
+
 @dataclass
 class Listener:
     """A configured listener and the factory for its connections' security layers."""
 
     config: ListenerConfig
     make_layer: Callable[[], SecurityLayer]
-    server: asyncio.Server | None = None
+    server: asyncio.Server | SocketServer | None = None
     #: ``host:port`` actually bound (set once listening); used in logs and the audit trail.
     label: str = ""
     #: The CRLs this listener enforces (issue #10: a reload swaps them with ``make_layer``).
@@ -128,12 +288,7 @@ def _layer_factory(cfg: ListenerConfig, crls: CrlSet | None = None) -> Callable[
         ctx = server_context(cfg.cert, cfg.key, cfg.client_ca, crls=crls)
     if cfg.security == "tls":
         assert ctx is not None
-        tls_ctx = ctx
-
-        def make_tls() -> SecurityLayer:
-            return TLSLayer(tls_ctx, server_side=True, identity_fields=fields)
-
-        return make_tls
+        return TLSLayers(ctx, fields)
 
     # The negotiate modes need the optional pyspnego/gssapi extra: import only when used.
     from tessera_mq.auth.negotiate import NegotiateServerLayer, tls_channel_bindings  # noqa: PLC0415
@@ -243,6 +398,8 @@ class Broker:
         #: Per-address budget of failed blocking handshakes (a flood is held, not read).
         self.handshake_gate = FailureGate()
         self._ids = itertools.count(1)
+        #: The epoll set of every SocketSession (created with the first TLS-only listener).
+        self._readiness: Readiness | None = None
         self._stopped: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -263,6 +420,18 @@ class Broker:
         await self.hub.start()
         for lst in self.listeners:
             cfg = lst.config
+            if isinstance(lst.make_layer, TLSLayers) and TLSLayers.use_sockets():
+                if self._readiness is None:
+                    self._readiness = Readiness(self._loop)
+                lst.server = await SocketServer.bind(
+                    cfg.host,
+                    cfg.port,
+                    lambda sock, peer, lst=lst: self._accepted(lst, sock, peer),  # type: ignore[misc]
+                    reuse_port=self.reuse_port,
+                    backlog=4096,
+                )
+                self._listening(lst)
+                continue
             factory = session_factory(
                 self.hub,
                 lambda lst=lst: lst.make_layer(),  # type: ignore[misc]
@@ -280,9 +449,26 @@ class Broker:
                 reuse_port=self.reuse_port,  # issue #11: see Broker.reuse_port
                 backlog=4096,
             )
-            host, port = lst.address
-            lst.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            log.info("listening on %s (%s)", lst.label, cfg.security)
+            self._listening(lst)
+
+    def _listening(self, lst: Listener) -> None:
+        host, port = lst.address
+        lst.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("listening on %s (%s)", lst.label, lst.config.security)
+
+    def _accepted(self, lst: Listener, sock: socket.socket, peer: Any) -> None:
+        """A connection on a TLS-only listener (:class:`SocketServer`)."""
+        layers = lst.make_layer  # swapped by a reload: new handshakes use the new material
+        assert isinstance(layers, TLSLayers) and self._readiness is not None
+        session = SocketSession(
+            self.hub,
+            layers.on_socket(sock),
+            next(self._ids),
+            label=lst.label or lst.config.bind,
+            recv_buffer=self.recv_buffer,
+            readiness=self._readiness,
+        )
+        session.start(peer)
 
     async def abandon(self) -> None:
         """Undo a :meth:`start` that failed part-way (a port was taken): free what it bound."""
@@ -291,6 +477,8 @@ class Broker:
                 lst.server.close()
                 await lst.server.wait_closed()
         self.handshake_pool.shutdown(wait=False, cancel_futures=True)
+        if self._readiness is not None:
+            self._readiness.close()
         if self._loop is not None:
             await self.hub.stop()
         self.audit.close()
@@ -331,6 +519,8 @@ class Broker:
             if lst.server is not None:
                 await lst.server.wait_closed()
         await hub.stop()
+        if self._readiness is not None:
+            self._readiness.close()
         self.handshake_pool.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
         log.info("stopped")

@@ -1,0 +1,116 @@
+"""The socket driver of TLS-only listeners (``broker/session.py`` ``SocketSession``: an
+``ssl.SSLSocket`` on the connection's own socket) against a real broker process: what a peer
+does at the TLS level after the handshake, and a subscriber that stops reading while the
+broker writes to it (the socket is full, OpenSSL must be offered the same bytes again)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from typing import Any
+
+import pytest
+from brokerproc import BrokerProcess, RawClient, pack
+from timing import scaled
+
+import client_sdk
+from auth.tls import client_context
+
+TIMEOUT = scaled(10.0)
+HELLO = pack({"op": "hello", "version": 1, "client": "raw"})
+
+
+@pytest.fixture(scope="module")
+def broker(module_broker_factory: Any) -> BrokerProcess:
+    return module_broker_factory.start()
+
+
+def raw_client(broker: BrokerProcess, pki: Any, name: str, **kw: Any) -> RawClient:
+    cred = pki.clients[name]
+    return RawClient(broker.host, broker.port, client_context(pki.ca, cred.cert, cred.key), **kw)
+
+
+async def round_trip(broker: BrokerProcess, pki: Any) -> None:
+    """The broker still serves: bob receives what alice publishes."""
+    async with (
+        client_sdk.connect(broker.url, **pki.client("alice"), timeout=TIMEOUT) as alice,
+        client_sdk.connect(broker.url, **pki.client("bob"), timeout=TIMEOUT) as bob,
+    ):
+        sub = await bob.subscribe("still.here")
+        await alice.publish("still.here", b"yes")
+        assert (await sub.get(timeout=TIMEOUT)).payload == b"yes"
+
+
+async def test_a_broken_record_after_the_handshake_drops_only_that_connection(
+    broker: BrokerProcess, pki: Any
+) -> None:
+    mark = broker.log_mark()
+
+    def forge() -> list[dict[str, Any]]:
+        with raw_client(broker, pki, "mallory") as raw:
+            raw.send_raw(HELLO)
+            assert (raw.recv() or {}).get("op") == "welcome"
+            # an application-data record whose contents do not authenticate, written below TLS
+            socket.socket.sendall(raw.sock, b"\x17\x03\x03\x00\x20" + bytes(32))
+            with contextlib.suppress(ssl.SSLError, OSError):
+                return list(raw.frames())
+            return []
+
+    frames = await asyncio.to_thread(forge)
+    assert not [f for f in frames if f.get("op") == "msg"]
+    record = broker.wait_for_audit("auth_failure", since=mark, reason="tls_protocol")
+    closed = broker.wait_for_audit("close", since=mark, conn=record["conn"])
+    assert closed["code"] == "auth_failure"
+    await round_trip(broker, pki)
+
+
+async def test_close_notify_from_the_client_ends_its_session(
+    broker: BrokerProcess, pki: Any
+) -> None:
+    mark = broker.log_mark()
+
+    def say_goodbye() -> None:
+        with raw_client(broker, pki, "carol") as raw:
+            raw.send_raw(HELLO + pack({"op": "sub", "sid": 1, "pattern": "bye.>"}))
+            assert (raw.recv() or {}).get("op") == "welcome"
+            assert raw.recv() == {"op": "ok", "sid": 1}
+            with contextlib.suppress(ssl.SSLError, OSError):
+                raw.sock.unwrap()  # close_notify; the broker closes its end in turn
+
+    await asyncio.to_thread(say_goodbye)
+    opened = broker.wait_for_audit("auth_success", since=mark, identity="x509:carol")
+    broker.wait_for_audit("close", since=mark, conn=opened["conn"])
+    await round_trip(broker, pki)
+
+
+async def test_a_subscriber_that_stops_reading_gets_everything_in_order_once_it_reads(
+    broker: BrokerProcess, pki: Any
+) -> None:
+    """6 MiB queued for a subscriber whose receive window is 4 KiB: the broker's socket fills
+    up, the rest waits in the broker, and all of it arrives in order once the client reads."""
+    count, size = 768, 8192
+    raw = raw_client(broker, pki, "bob", recv_buffer_bytes=4096, timeout=TIMEOUT)
+    try:
+        raw.send_raw(HELLO + pack({"op": "sub", "sid": 1, "pattern": "full.pipe"}))
+        assert (raw.recv() or {}).get("op") == "welcome"
+        assert raw.recv() == {"op": "ok", "sid": 1}
+        async with client_sdk.connect(broker.url, **pki.client("alice"), timeout=TIMEOUT) as pub:
+            for i in range(count):
+                await pub.publish("full.pipe", i.to_bytes(4, "big") * (size // 4))
+
+        def drain() -> list[int]:
+            got = []
+            for _ in range(count):
+                msg = raw.recv() or {}
+                assert msg.get("op") == "msg", msg
+                payload = msg["payload"]
+                assert len(payload) == size
+                got.append(int.from_bytes(payload[:4], "big"))
+            return got
+
+        assert await asyncio.to_thread(drain) == list(range(count))
+    finally:
+        raw.close()
+    await round_trip(broker, pki)
