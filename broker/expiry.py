@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker.handler import RequestHandler
-from client_sdk.protocol import ErrorCode
+from tessera_mq.broker.handler import RequestHandler
+from tessera_mq.client.protocol import ErrorCode
 
 __all__ = ["SessionRecord", "SessionWatch", "WatchedSession", "credential_expires_at", "tls_layer"]
 

@@ -21,18 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auth import tls as _tls
-from auth.acl import Policy
-from auth.layer import SecurityLayer
-from auth.tls import CrlSet, ServerTLSSocket, TLSLayer, load_crls, server_context
-from broker.audit import Audit
-from broker.backplane import Backplane
-from broker.config import BrokerConfig, ListenerConfig
-from broker.handshake_pool import FailureGate, HandshakePool
-from broker.hub import Hub
-from broker.session import Readiness, SocketSession, session_factory
-from broker.store import Store
-from client_sdk.protocol import ErrorCode
+from tessera_mq.auth import tls as _tls
+from tessera_mq.auth.acl import Policy
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.tls import CrlSet, ServerTLSSocket, TLSLayer, load_crls, server_context
+from tessera_mq.broker.audit import Audit
+from tessera_mq.broker.backplane import Backplane
+from tessera_mq.broker.config import BrokerConfig, ListenerConfig
+from tessera_mq.broker.handshake_pool import FailureGate, HandshakePool
+from tessera_mq.broker.history import HistoryEngine
+from tessera_mq.broker.hub import Hub
+from tessera_mq.broker.session import Readiness, SocketSession, session_factory
+from tessera_mq.broker.store import Store
+from tessera_mq.client.protocol import ErrorCode
 
 __all__ = ["Broker", "Listener", "SERVER_NAME"]
 

@@ -27,11 +27,11 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from auth.errors import AuthError, HandshakeError
-from auth.layer import SecurityLayer
-from auth.pump import LayerPump, StepSkipped
-from auth.tls import ServerTLSSocket
-from broker.handler import RequestHandler
+from tessera_mq.auth.errors import AuthError, HandshakeError
+from tessera_mq.auth.layer import SecurityLayer
+from tessera_mq.auth.pump import LayerPump, StepSkipped
+from tessera_mq.auth.tls import ServerTLSSocket
+from tessera_mq.broker.handler import RequestHandler
 
 if TYPE_CHECKING:
     from tessera_mq.broker.handshake_pool import FailureGate, HandshakePool

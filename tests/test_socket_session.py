@@ -15,8 +15,8 @@ import pytest
 from brokerproc import BrokerProcess, RawClient, pack
 from timing import scaled
 
-import client_sdk
-from auth.tls import client_context
+from tessera_mq import client as client_sdk
+from tessera_mq.auth.tls import client_context
 
 TIMEOUT = scaled(10.0)
 HELLO = pack({"op": "hello", "version": 1, "client": "raw"})
