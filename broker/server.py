@@ -100,7 +100,12 @@ class TLSLayers:
 
     @staticmethod
     def use_sockets() -> bool:
-        """True: ``tls`` listeners run :class:`~broker.session.SocketSession` drivers."""
+        """True: ``tls`` listeners run :class:`~broker.session.SocketSession` drivers.
+        ``TESSERA_TLS_DRIVER=transport`` keeps them on the asyncio-transport driver (the one
+        ``negotiate`` listeners use): the operator's way back should the socket driver
+        misbehave somewhere (docs/operations.md)."""
+        if os.environ.get("TESSERA_TLS_DRIVER", "").strip().lower() == "transport":
+            return False
         # (the socket sessions share one epoll set: Linux; elsewhere the transport driver)
         return not _tls.release_enabled() and hasattr(select, "epoll")
 
@@ -539,6 +544,7 @@ class Broker:
             "handshake_queue_depth": self.handshake_pool.stats().get("queued", 0),
             "handshake_gate_held": self.handshake_gate.held,
             "handshake_gate_refused": self.handshake_gate.refused,
+            "tls_driver": "socket" if TLSLayers.use_sockets() else "transport",
         }
         # issue #11: with [cluster], the Redis store's state (change feed, writes, refusals)
         health = getattr(self.hub.store, "health", None)

@@ -114,3 +114,23 @@ async def test_a_subscriber_that_stops_reading_gets_everything_in_order_once_it_
     finally:
         raw.close()
     await round_trip(broker, pki)
+
+
+@pytest.mark.parametrize("driver", ["socket", "transport"])
+async def test_both_tls_drivers_serve_and_say_which_one_runs(
+    broker_factory: Any, pki: Any, driver: str
+) -> None:
+    """``TESSERA_TLS_DRIVER=transport`` is the operator's way back to the asyncio-transport
+    driver for ``tls`` listeners (docs/operations.md); the stats say which one runs."""
+    from tessera_mq.broker import admin  # noqa: PLC0415
+
+    config = broker_factory.config()
+    env = {"TESSERA_TLS_DRIVER": "transport"} if driver == "transport" else {}
+    proc = broker_factory.track(
+        BrokerProcess(["serve", "--config", str(config)], workdir=config.parent, env=env)
+    ).start()
+    await round_trip(proc, pki)
+    answer = await asyncio.to_thread(
+        admin.request, proc.workdir / "tessera-admin.sock", "stats", timeout=TIMEOUT
+    )
+    assert answer["stats"]["tls_driver"] == driver
