@@ -187,6 +187,8 @@ class TesseraProbe(loadgen.TesseraProto):
                 conn.span_hdr = off
                 conn.chk = tuple((i, frame[i]) for i in (0, 1, 2, 3, len(frame) - 1))
             return
+        if d.get("op") == "ping":
+            conn.gen.pings = getattr(conn.gen, "pings", 0) + 1
         super().control(conn, frame)
 
 
@@ -314,6 +316,7 @@ class NegConn:
             elif op in ("welcome", "ok"):
                 self.acks += 1
             elif op == "ping":
+                self.gen.pings += 1
                 self.layer.send(loadgen.TesseraProto._frame({"op": "pong"}))
             elif op in ("error", "close"):
                 self.gen.fail(self, f"tessera {op}: code={d.get('code')}")
@@ -351,6 +354,7 @@ class NegGen:
         self.received = 0
         self.failures: list[str] = []
         self.samples: list[int] = []
+        self.pings = 0
         self.sources = loadgen._source_addrs(args.sources or "")
         self._next = 0
 
@@ -513,6 +517,8 @@ def gen_main(args: argparse.Namespace) -> int:
                 b"".join(gen.proto.publish(TOPIC, _TS.pack(t) + filler) for _ in range(k))
             )
             emit(ev="published", t_ns=t, n=k)
+        elif cmd == "stats":
+            emit(ev="stats", pings=getattr(gen, "pings", 0), live=len(live))
         elif cmd == "report":  # the orchestrator's timeout: what arrived so far
             armed = False
             emit(
@@ -706,7 +712,8 @@ level = "warning"
         deadline = time.monotonic() + 10
         while len(children(self.broker.pid)) < a.workers and time.monotonic() < deadline:
             time.sleep(0.1)
-        self.workers = children(self.broker.pid)
+        # with --workers 1 there is no supervisor: the serve process is the worker
+        self.workers = children(self.broker.pid) if a.workers > 1 else [self.broker.pid]
         log(
             f"broker: supervisor pid {self.broker.pid}, {len(self.workers)} workers "
             f"(pids {self.workers}) on 127.0.0.1:{self.port}"
@@ -721,7 +728,7 @@ level = "warning"
         assert self.broker is not None
         if self.broker.poll() is not None:
             raise RuntimeError(f"broker exited with {self.broker.returncode}: {self.broker_tail()}")
-        now = children(self.broker.pid)
+        now = children(self.broker.pid) if self.args.workers > 1 else [self.broker.pid]
         if sorted(now) != sorted(self.workers):
             raise RuntimeError(
                 f"a worker died and was replaced ({self.workers} -> {now}): {self.broker_tail()}"
@@ -751,7 +758,7 @@ level = "warning"
         assert self.broker is not None
         out = {
             "worker": self.workers,
-            "supervisor": [self.broker.pid],
+            "supervisor": [self.broker.pid] if self.args.workers > 1 else [],
             "generator": [g.proc.pid for g in self.gens],
             "redis": [self.redis._process.pid],
         }
@@ -760,6 +767,15 @@ level = "warning"
         return out
 
     # -- measurements
+    def baseline(self) -> None:
+        """The workers' CPU with no connection at all: what they cost at rest regardless of N."""
+        a = self.args
+        log(f"idle workers, no connection: {a.baseline:.0f} s")
+        meter = CPUMeter(self.groups())
+        time.sleep(a.baseline)
+        self.result["baseline"] = cpu = meter.done()
+        log(f"idle workers: {100 * cpu['worker_cpu']:.2f}% of a core in total")
+
     def establish(self) -> None:
         a = self.args
         rss0 = [rss_kb(p) for p in self.workers]
@@ -849,10 +865,14 @@ level = "warning"
             self.check_broker()
         cpu = meter.done()
         self.result["rest"] = cpu
+        for g in self.gens:
+            g.send("stats")
+        cpu["pings_answered"] = sum(g.expect("stats", 30)["pings"] for g in self.gens)
         each = ", ".join(f"{100 * x:.2f}%" for x in cpu["worker_cpu_each"])
         log(
             f"at rest: broker {100 * cpu['worker_cpu']:.2f}% of a core in total ({each}), "
             f"generators {100 * cpu['generator_cpu']:.2f}%, foreign {100 * cpu['foreign_cpu']:.0f}%"
+            f"; {cpu['pings_answered']:,} heartbeat pings answered since the start"
         )
 
     def fanout(self, k: int, name: str) -> None:
@@ -947,11 +967,16 @@ def print_table(r: dict[str, Any]) -> None:
               f"{m['broker_rss_held_kb_total'] / 1024:.0f} MiB held: {m['kb_per_connection']} KB "
               f"per connection; worker fds {m['worker_fds']}; generators "
               f"{m['generator_rss_kb_total'] / 1024:.0f} MiB")  # fmt: skip
+    b = r.get("baseline")
+    if b:
+        print(f"no connection  broker {c(b['worker_cpu'])} in total over {b['wall_s']:.0f} s "
+              f"(the workers' own timers and Redis keepalives)")  # fmt: skip
     s = r.get("rest")
     if s:
         each = ", ".join(c(x) for x in s["worker_cpu_each"])
         print(f"at rest {s['wall_s']:.0f} s  broker {c(s['worker_cpu'])} in total ({each}); "
-              f"generators {c(s['generator_cpu'])}, foreign {c(s['foreign_cpu'])}")  # fmt: skip
+              f"generators {c(s['generator_cpu'])}, foreign {c(s['foreign_cpu'])}; "
+              f"{s['pings_answered']:,} pings answered")  # fmt: skip
     for key, label in (("fanout_one", "fan-out 1"), ("fanout_burst", "fan-out burst")):
         f = r.get(key)
         if f:
@@ -978,6 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", default="127.0.0.2-127.0.0.9", help="client source addresses")
     p.add_argument("--concurrency", type=int, default=48, help="handshakes in flight per generator")
     p.add_argument("--rest", type=float, default=60.0, help="seconds of CPU at rest")
+    p.add_argument("--baseline", type=float, default=10.0, help="seconds of idle-worker CPU")
     p.add_argument("--settle", type=float, default=3.0, help="seconds held before reading RSS")
     p.add_argument("--burst", type=int, default=10, help="publications in the fan-out burst")
     p.add_argument("--progress", type=float, default=5.0, help="seconds between progress lines")
@@ -1032,6 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
         run.start_services()
         run.start_broker()
         run.start_generators()
+        if args.baseline > 0:
+            run.baseline()
         run.establish()
         if args.rest > 0:
             run.rest()
