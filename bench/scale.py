@@ -210,8 +210,8 @@ class NegConn:
     )
 
     def __init__(self, gen: NegGen, sock: socket.socket, subscriber: bool) -> None:
-        from auth.credentials import Kerberos  # noqa: PLC0415 - only in negotiate generators
-        from auth.negotiate import NegotiateClientLayer  # noqa: PLC0415
+        from tessera_mq.auth.credentials import Kerberos  # noqa: PLC0415 - only in negotiate generators
+        from tessera_mq.auth.negotiate import NegotiateClientLayer  # noqa: PLC0415
 
         self.gen = gen
         self.sock = sock
@@ -687,7 +687,14 @@ level = "warning"
 
     def start_broker(self) -> None:
         a = self.args
-        argv = [a.python, "-m", "broker.cli", "serve", "--config", str(self.work / "broker.toml")]
+        argv = [
+            a.python,
+            "-m",
+            "tessera_mq.broker.cli",
+            "serve",
+            "--config",
+            str(self.work / "broker.toml"),
+        ]
         argv += ["--workers", str(a.workers)]
         self.broker_log = (self.work / "broker.log").open("w")
         self.broker = subprocess.Popen(
