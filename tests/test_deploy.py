@@ -200,9 +200,19 @@ def test_mypy_strict_sees_the_sdk_types_through_the_editable_install(tmp_path: P
 
 
 def test_the_wheel_installs_what_docs_deploy_md_says(tmp_path: Path) -> None:
-    """Build the wheel (pip, isolated build) and read what it would install."""
+    """Build the wheel (pip, isolated build) and read what it would install. From a copy of
+    the sources: setuptools builds in the source tree and would add a checkout's stale
+    ``build/lib`` (e.g. modules of an earlier layout) to the wheel."""
+    source = tmp_path / "src"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "tessera-dev"
+        ),
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
