@@ -178,6 +178,26 @@ def snapshot(rev: str, into: Path) -> Path:
     return into
 
 
+def tessera_command(python: str, source: Path, env: dict[str, str]) -> list[str]:
+    """How to run the broker of ``source``. The work tree: as installed (``tessera_mq.*``).
+    A snapshot (``--rev``): its folders under their installed names on ``PYTHONPATH`` ahead of
+    the installed copy (docs/deploy.md, "Installed modules"); a snapshot from before the rename
+    (no ``client_sdk/_compat``): the folder names, from its own directory."""
+    if source == REPO:
+        return [python, "-m", "tessera_mq.broker.cli"]
+    if not (source / "client_sdk" / "_compat").is_dir():
+        return [python, "-m", "broker.cli"]  # cwd=source puts its folders on sys.path
+    tree = source / ".bench-path" / "tessera_mq"
+    tree.mkdir(parents=True, exist_ok=True)
+    for name, folder in (("broker", "broker"), ("client", "client_sdk"), ("auth", "auth"),
+                         ("certs", "certs")):  # fmt: skip
+        link = tree / name
+        if not link.exists():
+            link.symlink_to(source / folder, target_is_directory=True)
+    env["PYTHONPATH"] = str(tree.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    return [python, "-m", "tessera_mq.broker.cli"]
+
+
 class BrokerProc:
     def __init__(self, peer: str, certs: Path, python: str, *, mutual: bool = True) -> None:
         self.peer = peer
@@ -185,7 +205,7 @@ class BrokerProc:
         cfg = write_configs(certs, self.port, peer, mutual) if peer != "null" else certs
         env = dict(os.environ)
         if peer == "tessera":
-            cmd = [python, "-m", "tessera_mq.broker.cli", "serve", "--config", str(cfg)]
+            cmd = [*tessera_command(python, SOURCE, env), "serve", "--config", str(cfg)]
         elif peer == "null":
             cmd = [python, str(NULLBROKER), "--port", str(self.port), "--certs", str(certs)]
         elif peer == "mosquitto":
@@ -197,7 +217,7 @@ class BrokerProc:
         self.logf = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             ["taskset", "-c", BROKER_CORE, *cmd],
-            cwd=SOURCE,  # `python -m tessera_mq.broker.cli` imports the broker from here
+            cwd=SOURCE,  # a snapshot's broker is imported from there (tessera_command)
             env=env,
             stdout=self.logf,
             stderr=subprocess.STDOUT,
