@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import resource
 import socket
 import ssl
 from typing import Any
@@ -134,3 +136,41 @@ async def test_both_tls_drivers_serve_and_say_which_one_runs(
         admin.request, proc.workdir / "tessera-admin.sock", "stats", timeout=TIMEOUT
     )
     assert answer["stats"]["tls_driver"] == driver
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_out_of_descriptors_the_listener_pauses_instead_of_spinning_and_recovers(
+    broker_factory: Any, pki: Any
+) -> None:
+    """``accept`` failing with EMFILE leaves the connection in the kernel's queue, so the
+    listening socket stays readable: a driver that only logs would spin at 100% CPU. The
+    socket driver stops accepting for 1 s at a time, logs it, and serves again once
+    descriptors are free."""
+    proc = broker_factory.start(limits={"handshake_timeout": 30.0})
+    pid = proc.pid
+    open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds + 8, hard))
+    mark = proc.log_mark()
+    clients = []
+    try:
+        for _ in range(24):  # more than the broker can take: the rest wait in the backlog
+            clients.append(socket.create_connection((proc.host, proc.port), timeout=TIMEOUT))
+        proc.wait_for_log(
+            r"accept failed on .*Too many open files; not accepting for 1 s", since=mark
+        )
+        before = _cpu_seconds(pid)
+        await asyncio.sleep(2.0)
+        spent = _cpu_seconds(pid) - before
+        assert spent < 1.0, f"the broker used {spent:.2f} s of CPU in 2 s while out of descriptors"
+        assert proc.running
+    finally:
+        for c in clients:
+            c.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    await round_trip(proc, pki)  # accepting again (within the 1 s retry)
