@@ -167,6 +167,9 @@ class Broker:
         flags = "".join(f"{f.upper()} = {f in parts}\n" for f in FLAGS)
         self.log_path = certs / f"broker-{variant}.log"
         self.logf = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        # a snapshot's own broker, under its installed names (bench.tessera_command)
+        if suite.tessera_command(python, source, env)[-1] != "tessera_mq.broker.cli":
+            raise SystemExit(f"{source}: a revision from before the tessera_mq rename")
         cmd = [python, "-c", flags + _PREAMBLE, "serve", "--config", str(cfg)]
         self.proc = subprocess.Popen(
             ["taskset", "-c", suite.BROKER_CORE, *cmd],
