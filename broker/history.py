@@ -22,7 +22,7 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from tessera_mq.broker.backplane import Publication
 from tessera_mq.broker.config import HistoryConfig
@@ -175,17 +175,26 @@ class Stream:
         return [(s, p) for s, _t, p in self._entries if s > seq]
 
 
-class History:
-    """Every stream of a broker process, in memory (the embedded engine)."""
+class _Tokened(Protocol):
+    @property
+    def tokens(self) -> tuple[str, ...]: ...
 
-    def __init__(self, configs: Sequence[HistoryConfig]) -> None:
-        self.streams = [Stream(c) for c in configs]
-        self._by_topic: dict[str, Stream | None] = {}
+
+S = TypeVar("S", bound=_Tokened)
+
+
+class StreamIndex(Generic[S]):
+    """Which configured stream a topic or a subscription pattern belongs to: the lookup both
+    engines share (the streams' patterns never overlap)."""
+
+    def __init__(self, streams: Sequence[S]) -> None:
+        self.streams = list(streams)
+        self._by_topic: dict[str, S | None] = {}
 
     def __bool__(self) -> bool:
         return bool(self.streams)
 
-    def for_topic(self, topic: str) -> Stream | None:
+    def for_topic(self, topic: str) -> S | None:
         """The stream a topic belongs to (the first configured pattern that matches it)."""
         try:
             return self._by_topic[topic]
@@ -198,11 +207,17 @@ class History:
         self._by_topic[topic] = found
         return found
 
-    def for_pattern(self, pattern: str) -> Stream | None:
-        """The stream a subscription pattern lies within (stream patterns never overlap, so
-        there is at most one)."""
+    def for_pattern(self, pattern: str) -> S | None:
+        """The stream a subscription pattern lies within (at most one)."""
         tokens = split_pattern(pattern)
         return next((s for s in self.streams if covers(s.tokens, tokens)), None)
+
+
+class History(StreamIndex[Stream]):
+    """Every stream of a broker process, in memory (the embedded engine)."""
+
+    def __init__(self, configs: Sequence[HistoryConfig]) -> None:
+        super().__init__([Stream(c) for c in configs])
 
     # --- the HistoryEngine protocol (in memory: numbered by the hub, read at once) ----------
 

@@ -74,9 +74,16 @@ from tessera_mq.broker.cluster import (
     encode_publication,
 )
 from tessera_mq.broker.config import HistoryConfig
-from tessera_mq.broker.history import Deliver, Entries, Page, Resumption, covers, overlaps
+from tessera_mq.broker.history import (
+    Deliver,
+    Entries,
+    Page,
+    Resumption,
+    StreamIndex,
+    overlaps,
+)
 from tessera_mq.broker.store import StoreError
-from tessera_mq.client.protocol.topics import matches, split_pattern
+from tessera_mq.client.protocol.topics import split_pattern
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -271,7 +278,7 @@ class _Stream:
                 fut.set_result(None)
 
 
-class RedisHistory:
+class RedisHistory(StreamIndex["_Stream"]):
     """History streams in Redis (see the module docstring)."""
 
     def __init__(
@@ -283,9 +290,8 @@ class RedisHistory:
     ) -> None:
         self.settings = settings
         self.prefix = prefix
-        self.streams = [_Stream(c, prefix) for c in configs]
+        super().__init__([_Stream(c, prefix) for c in configs])
         self._by_channel = {s.channel: s for s in self.streams}
-        self._by_topic: dict[str, _Stream | None] = {}
         #: Called with a retained publication just before the feed routes it (the clustered
         #: store's ``observe``: the value is visible to snapshots from that step on).
         self.on_retained: Callable[[Publication], None] | None = None
@@ -307,25 +313,6 @@ class RedisHistory:
         self.stats: collections.Counter[str] = collections.Counter()
 
     # --- what the hub asks ----------------------------------------------------------------
-
-    def __bool__(self) -> bool:
-        return bool(self.streams)
-
-    def for_topic(self, topic: str) -> _Stream | None:
-        try:
-            return self._by_topic[topic]
-        except KeyError:
-            pass
-        tokens = split_pattern(topic)
-        found = next((s for s in self.streams if matches(s.tokens, tokens)), None)
-        if len(self._by_topic) >= 8192:
-            self._by_topic.clear()
-        self._by_topic[topic] = found
-        return found
-
-    def _for_pattern(self, pattern: str) -> _Stream | None:
-        tokens = split_pattern(pattern)
-        return next((s for s in self.streams if covers(s.tokens, tokens)), None)
 
     def number(self, pub: Publication, now: float) -> tuple[int, str] | None:
         return None  # Redis numbers history publications (``append``)
@@ -371,7 +358,7 @@ class RedisHistory:
     def resume(
         self, pattern: str, since: int | None, epoch: str | None, now: float
     ) -> Resumption | asyncio.Future[Resumption] | None:
-        stream = self._for_pattern(pattern)
+        stream = self.for_pattern(pattern)
         if stream is None:
             return None
         if stream.synced:
