@@ -68,6 +68,13 @@ import msgpack
 
 from tessera_mq.broker.backplane import Publication
 from tessera_mq.broker.messaging import GROUP, SERVICE, ClusterEvents, Directory, Key, RemoteRequest
+from tessera_mq.broker.redis_common import (
+    BACKOFF_FIRST_SECONDS,
+    BACKOFF_MAX_SECONDS,
+    aclose_quietly,
+    raise_if_cancelled,
+    supervise,
+)
 from tessera_mq.client.protocol.topics import MULTI_WILDCARD, SINGLE_WILDCARD
 
 if TYPE_CHECKING:
@@ -108,13 +115,8 @@ _BATCH_BYTES = 256 * 1024
 #: Origins whose last sequence number is remembered (one per broker process ever seen; a
 #: restarted process has a new id). Least recently heard is forgotten first.
 _MAX_ORIGINS = 4096
-#: Reconnect backoff: first delay, ceiling (seconds), doubling in between.
-_BACKOFF_FIRST_SECONDS = 0.1
-_BACKOFF_MAX_SECONDS = 5.0
 #: Seconds to connect (TCP, TLS, AUTH) and for one command before the engine counts as down.
 _CONNECT_TIMEOUT_SECONDS = 5.0
-#: Seconds to wait for the reader, writer and sync tasks to end once cancelled.
-_CANCEL_WAIT_SECONDS = 1.0
 #: Seconds ``stop`` waits for the queue to reach Redis.
 _STOP_FLUSH_SECONDS = 2.0
 #: Encoding version (first element of the array).
@@ -221,20 +223,6 @@ def decode_batch(data: bytes) -> tuple[bytes, int, list[Publication]]:
                     raise ValueError("headers must map strings to strings")
         append(Publication(topic, payload, headers, sender, retain, dict(extra) if extra else {}))
     return node, seq, pubs
-
-
-def _raise_if_cancelled() -> None:
-    """After a call into redis-py: it may swallow a cancellation (seen with ``UNSUBSCRIBE``
-    racing a shutdown), leaving the task "cancelling" but running; honour it here."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Done callback: mark a task's outcome as seen (its error was handled or is moot)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _first_token(pattern: str) -> str:
@@ -504,16 +492,12 @@ class RedisBackplane:
     async def _close_connection(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         client, self._client = self._client, None
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        await aclose_quietly(pubsub)
+        await aclose_quietly(client)
 
     async def _run(self) -> None:
         """Keep the engine connected: serve until it fails, then back off and reconnect."""
-        delay = _BACKOFF_FIRST_SECONDS
+        delay = BACKOFF_FIRST_SECONDS
         while not self._stopping:
             if self._connected:
                 try:
@@ -523,7 +507,7 @@ class RedisBackplane:
                 except Exception as exc:
                     self._outage(exc)
                 await self._close_connection()
-                delay = _BACKOFF_FIRST_SECONDS
+                delay = BACKOFF_FIRST_SECONDS
                 continue
             await asyncio.sleep(delay)
             try:
@@ -532,7 +516,7 @@ class RedisBackplane:
                 raise
             except Exception:
                 await self._close_connection()
-                delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
+                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
                 continue
             assert self._outage_since is not None
             log.warning(
@@ -573,27 +557,7 @@ class RedisBackplane:
             asyncio.create_task(self._syncer(), name="redis-backplane-sync"),
             asyncio.create_task(self._heartbeat(), name="redis-backplane-heartbeat"),
         ]
-        for task in tasks:
-            # Before any await: however this ends (even cancelled itself while waiting below),
-            # a task finishing late with an error has that error seen, never logged as lost.
-            task.add_done_callback(_retrieve)
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    raise exc
-        finally:
-            for task in tasks:
-                task.cancel()
-            # Bounded: a task that does not end on cancel (a read inside the client library)
-            # must not hold up shutdown; closing the connection afterwards ends it.
-            _, pending = await asyncio.wait(tasks, timeout=_CANCEL_WAIT_SECONDS)
-            if pending:
-                log.warning(
-                    "redis backplane: %s did not stop on cancel",
-                    ", ".join(sorted(t.get_name() for t in pending)),
-                )
+        await supervise(tasks, "redis backplane")
 
     async def _writer(self) -> None:
         client = self._client
@@ -637,7 +601,7 @@ class RedisBackplane:
             self.stats["published"] += n
             self.stats["redis_messages"] += messages
             self.stats["direct_sent"] += sent
-            _raise_if_cancelled()
+            raise_if_cancelled()
 
     async def _syncer(self) -> None:
         while True:
@@ -652,7 +616,7 @@ class RedisBackplane:
                 if self._stopping:
                     return  # the connection is being closed under it: moot
                 raise
-            _raise_if_cancelled()
+            raise_if_cancelled()
 
     async def _advertise(self) -> None:
         client = self._client
@@ -666,7 +630,7 @@ class RedisBackplane:
             await asyncio.sleep(DIRECTORY_HEARTBEAT_SECONDS)
             async with asyncio.timeout(_CONNECT_TIMEOUT_SECONDS):
                 await self._advertise()
-            _raise_if_cancelled()
+            raise_if_cancelled()
             for node in self.directory.expire(time.monotonic()):
                 log.warning(
                     "redis backplane: node %s not heard from for %.0f s; its queue groups and "
@@ -711,7 +675,7 @@ class RedisBackplane:
                 if self._stopping:
                     return
                 raise
-            _raise_if_cancelled()
+            raise_if_cancelled()
             if msg is None:
                 continue
             kind = msg.get("type")

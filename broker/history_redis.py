@@ -44,7 +44,7 @@ Outage
     While Redis is unreachable, history publishes fail with ``STORE_FAILED`` (neither kept nor
     delivered); a ``sub`` within a stream is answered ``recovered: false`` (with ``since``) or
     without a position, at once when the feed is known to be down, else after at most
-    :data:`_COMMAND_TIMEOUT_SECONDS`; logged once per outage, counted in :meth:`health`. The
+    :data:`COMMAND_TIMEOUT_SECONDS`; logged once per outage, counted in :meth:`health`. The
     feed reconnects with backoff and re-reads each stream's position. What was published while
     a node's feed was down is not delivered live there (Redis pub/sub is at-most-once), but it
     is in the stream: a client resumes it with ``since``.
@@ -82,6 +82,15 @@ from tessera_mq.broker.history import (
     StreamIndex,
     overlaps,
 )
+from tessera_mq.broker.redis_common import (
+    BACKOFF_FIRST_SECONDS,
+    BACKOFF_MAX_SECONDS,
+    COMMAND_TIMEOUT_SECONDS,
+    aclose_quietly,
+    cancel_and_wait,
+    resend_noscript,
+    supervise,
+)
 from tessera_mq.broker.store import StoreError
 from tessera_mq.client.protocol.topics import split_pattern
 
@@ -98,19 +107,11 @@ log = logging.getLogger("tessera.history")
 REPLAY_PAGE_ENTRIES = 256
 #: Appends sent in one pipelined round trip at most (as the clustered store's MAX_BATCH_JOBS).
 _MAX_BATCH = 1024
-#: Seconds one Redis round trip (or a stream's first position) may take before the engine
-#: counts Redis as unreachable (as broker/store_redis.py).
-_COMMAND_TIMEOUT_SECONDS = 5.0
 #: Feed messages held per stream while its position is being read (normally a millisecond's
 #: worth; past it they are dropped and counted, and the stream's live deliveries have a gap).
 _MAX_HELD = 10_000
-#: Reconnect backoff of the feed: first delay, ceiling (seconds), doubling in between.
-_BACKOFF_FIRST_SECONDS = 0.1
-_BACKOFF_MAX_SECONDS = 5.0
 #: Seconds before reading a stream's position again after a failed read.
 _RESYNC_SECONDS = 0.5
-#: Seconds ``stop`` waits for its tasks to end once cancelled, and for each connection to close.
-_CANCEL_WAIT_SECONDS = 1.0
 
 #: KEYS: stream, meta. ARGV: random token. Creates the meta (a new epoch) when it is missing or
 #: the stream's data was lost; returns the epoch and the last sequence number.
@@ -348,7 +349,7 @@ class RedisHistory(StreamIndex["_Stream"]):
         if fut is None:
             fut = stream.waiting_acks[seq] = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+            async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
                 await fut
         except TimeoutError:
             self.stats["acks_before_local_delivery"] += 1  # kept in Redis all the same
@@ -380,7 +381,7 @@ class RedisHistory(StreamIndex["_Stream"]):
         epoch: str | None,
     ) -> Resumption:
         try:
-            async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+            async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
                 have_epoch, top = await fut
         except Exception:
             self.stats["positions_unavailable"] += 1
@@ -464,21 +465,12 @@ class RedisHistory(StreamIndex["_Stream"]):
         self._queue.clear()
         tasks = [*self._tasks, *self._readers]
         self._tasks = []
-        for task in tasks:
-            task.add_done_callback(_retrieve)
-            task.cancel()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=_CANCEL_WAIT_SECONDS)
-            if pending:
-                log.warning("history: %s did not stop on cancel", len(pending))
+        await cancel_and_wait(tasks, "history")
         for stream in self.streams:
             stream.unsync()
         await self._close_pubsub()
         client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
-                    await client.aclose()
+        await aclose_quietly(client)
 
     def health(self) -> Mapping[str, object]:
         out: dict[str, object] = {
@@ -503,7 +495,7 @@ class RedisHistory(StreamIndex["_Stream"]):
         from redis.exceptions import NoScriptError  # noqa: PLC0415 - the optional extra
 
         sha = self._shas[script]
-        async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+        async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
             try:
                 try:
                     return await client.evalsha(sha, len(keys), *keys, *args)
@@ -536,23 +528,20 @@ class RedisHistory(StreamIndex["_Stream"]):
             s = job.stream
             args: list[str | bytes | int] = [token, s.channel, s.config.max_messages, job.blob]
             pipe.evalsha(sha, 2, *s.keys, *args)
-        async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+        async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
             results = await pipe.execute(raise_on_error=False)
         return list(results)
 
-    async def _write(self, batch: list[_Append]) -> None:
-        from redis.exceptions import NoScriptError  # noqa: PLC0415 - the optional extra
-
+    async def _load_append_script(self) -> None:
         client = self._client
         assert client is not None
+        async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
+            await client.script_load(_APPEND_SCRIPT)
+
+    async def _write(self, batch: list[_Append]) -> None:
         try:
             results = await self._send(batch)
-            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if again:  # a restarted Redis forgot the script: nothing of those ran
-                async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
-                    await client.script_load(_APPEND_SCRIPT)
-                for i, r in zip(again, await self._send([batch[i] for i in again]), strict=True):
-                    results[i] = r
+            await resend_noscript(results, batch, self._send, self._load_append_script)
         except asyncio.CancelledError:
             for job in batch:
                 _fail(job.future, StoreError("the history engine is stopping"))
@@ -589,20 +578,17 @@ class RedisHistory(StreamIndex["_Stream"]):
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await aclose_quietly(pubsub)
 
     async def _feed_loop(self) -> None:
-        delay = _BACKOFF_FIRST_SECONDS
+        delay = BACKOFF_FIRST_SECONDS
         while True:
             client = self._client
             assert client is not None
             try:
                 pubsub = client.pubsub()
                 self._pubsub = pubsub
-                async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+                async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
                     # something to read from before any stream is followed (as the backplane)
                     await pubsub.subscribe(f"{self.prefix}:{INTERNAL_CHANNEL_MARK}idle")
                 self._feed_up = True
@@ -613,7 +599,7 @@ class RedisHistory(StreamIndex["_Stream"]):
                         time.monotonic() - self._outage_since,
                     )
                     self._outage_since = None
-                delay = _BACKOFF_FIRST_SECONDS
+                delay = BACKOFF_FIRST_SECONDS
                 self._wake_sync.set()
                 await self._serve(pubsub)
             except asyncio.CancelledError:
@@ -637,25 +623,14 @@ class RedisHistory(StreamIndex["_Stream"]):
                         _fail(fut, StoreError("the history feed is down"))
             await self._close_pubsub()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
+            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
 
     async def _serve(self, pubsub: PubSub) -> None:
         tasks = [
             asyncio.create_task(self._reader(pubsub), name="redis-history-reader"),
             asyncio.create_task(self._syncer(pubsub), name="redis-history-sync"),
         ]
-        for task in tasks:
-            task.add_done_callback(_retrieve)
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    raise exc
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks, timeout=_CANCEL_WAIT_SECONDS)
+        await supervise(tasks, "history feed")
 
     async def _syncer(self, pubsub: PubSub) -> None:
         """SUBSCRIBE to the feed of each stream some local pattern overlaps, UNSUBSCRIBE from
@@ -665,7 +640,7 @@ class RedisHistory(StreamIndex["_Stream"]):
             self._wake_sync.clear()
             add = [s for s in self.streams if s.interest > 0 and not s.subscribed]
             drop = [s for s in self.streams if s.interest <= 0 and s.subscribed]
-            async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+            async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
                 if add:
                     for s in add:
                         s.subscribed = True
@@ -817,8 +792,3 @@ def _unknown(since: int | None) -> Resumption:
 def _fail(fut: asyncio.Future[Any], err: StoreError) -> None:
     if not fut.done():
         fut.set_exception(err)
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()

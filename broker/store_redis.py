@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import logging
 import os
@@ -64,6 +63,15 @@ import msgpack
 
 from tessera_mq.broker.backplane import Publication
 from tessera_mq.broker.cluster import DEFAULT_CHANNEL_PREFIX, INTERNAL_CHANNEL_MARK, RedisSettings
+from tessera_mq.broker.redis_common import (
+    BACKOFF_FIRST_SECONDS,
+    BACKOFF_MAX_SECONDS,
+    COMMAND_TIMEOUT_SECONDS,
+    aclose_quietly,
+    cancel_and_wait,
+    raise_if_cancelled,
+    resend_noscript,
+)
 from tessera_mq.broker.store import RetainedCursor, StoreError, retained_cursor
 from tessera_mq.broker.store_sqlite import RetainLimits
 from tessera_mq.client.protocol.errors import ErrorCode
@@ -81,17 +89,10 @@ log = logging.getLogger("tessera.store")
 MAX_BATCH_JOBS = 1024
 #: Fields asked for per ``HSCAN`` step while loading the mirror (Redis' default is 10).
 _SCAN_COUNT = 1000
-#: Seconds one Redis round trip may take before the store counts Redis as unreachable.
-_COMMAND_TIMEOUT_SECONDS = 5.0
 #: Seconds a remote change from the feed waits for its live copy through the backplane when
 #: the backplane follows its topic (see ``RedisStore.follows``); the live copy normally comes
 #: within a millisecond or two after the change on loopback.
 _FEED_GRACE_SECONDS = 0.5
-#: Seconds ``close`` waits for its tasks to end once cancelled, and for each connection to close.
-_CANCEL_WAIT_SECONDS = 1.0
-#: Reconnect backoff of the change feed: first delay, ceiling (seconds), doubling in between.
-_BACKOFF_FIRST_SECONDS = 0.1
-_BACKOFF_MAX_SECONDS = 5.0
 #: Bytes of the random id that marks this store's own changes on the feed.
 _NODE_ID_BYTES = 8
 
@@ -347,7 +348,7 @@ class RedisStore:
             await self._reload()
         except Exception as exc:
             if pubsub is not None:
-                await _close_pubsub(pubsub)
+                await aclose_quietly(pubsub)
                 pubsub = None
             if self.fail_fast:
                 await self.close()
@@ -376,25 +377,12 @@ class RedisStore:
         self._queue.clear()
         tasks = [t for t in (self._writer, self._feed) if t is not None]
         self._writer = self._feed = None
-        for task in tasks:
-            task.add_done_callback(_retrieve)
-            task.cancel()
-        if tasks:
-            # Bounded: redis-py may swallow a cancellation inside a read (broker/cluster.py
-            # has the same guard); closing the connections below ends such a task.
-            _, pending = await asyncio.wait(tasks, timeout=_CANCEL_WAIT_SECONDS)
-            if pending:
-                log.warning(
-                    "store: %s did not stop on cancel", ", ".join(t.get_name() for t in pending)
-                )
+        await cancel_and_wait(tasks, "store")  # closing the connections below ends a stuck one
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            await _close_pubsub(pubsub)
+            await aclose_quietly(pubsub)
         client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
-                    await client.aclose()
+        await aclose_quietly(client)
 
     # --- the Store protocol ---------------------------------------------------------------
 
@@ -485,20 +473,14 @@ class RedisStore:
     async def _load_script(self) -> None:
         client = self._client
         assert client is not None
-        async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+        async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
             sha = await client.script_load(_SAVE_SCRIPT)
         self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
 
     async def _write(self, batch: list[_Job]) -> None:
         try:
             results = await self._send(batch)
-            # A restarted Redis forgot the script (NOSCRIPT: nothing was written): load it
-            # again and send those jobs once more.
-            again = [i for i, r in enumerate(results) if _is_noscript(r)]
-            if again:
-                await self._load_script()
-                for i, r in zip(again, await self._send([batch[i] for i in again]), strict=True):
-                    results[i] = r
+            await resend_noscript(results, batch, self._send, self._load_script)
         except asyncio.CancelledError:
             for job in batch:
                 _fail(job, StoreError("the store is closing"))
@@ -543,9 +525,9 @@ class RedisStore:
                 else:
                     args += [pub.topic, -1, b""]
             pipe.evalsha(self._sha, len(self._keys), *args)
-        async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+        async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
             results = await pipe.execute(raise_on_error=False)
-        _raise_if_cancelled()
+        raise_if_cancelled()
         return list(results)
 
     def _resolve(self, job: _Job, result: object) -> None:
@@ -582,11 +564,11 @@ class RedisStore:
         pubsub = client.pubsub()
         self._pubsub = pubsub
         try:
-            async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+            async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
                 await pubsub.subscribe(self.channel)
         except BaseException:
             self._pubsub = None
-            await _close_pubsub(pubsub)
+            await aclose_quietly(pubsub)
             raise
         return pubsub
 
@@ -602,9 +584,9 @@ class RedisStore:
             bad = 0
             cursor = 0
             while True:
-                async with asyncio.timeout(_COMMAND_TIMEOUT_SECONDS):
+                async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
                     cursor, fields = await client.hscan(self.key, cursor, count=_SCAN_COUNT)
-                _raise_if_cancelled()
+                raise_if_cancelled()
                 for field, raw in fields.items() if isinstance(fields, dict) else ():
                     if not isinstance(field, bytes) or not isinstance(raw, bytes):
                         bad += 1
@@ -633,7 +615,7 @@ class RedisStore:
         )
 
     async def _feed_loop(self, pubsub: PubSub | None) -> None:
-        delay = _BACKOFF_FIRST_SECONDS
+        delay = BACKOFF_FIRST_SECONDS
         while True:
             if pubsub is None:
                 await asyncio.sleep(delay)
@@ -645,12 +627,12 @@ class RedisStore:
                 except Exception:
                     if pubsub is not None:
                         self._pubsub = None
-                        await _close_pubsub(pubsub)
+                        await aclose_quietly(pubsub)
                     pubsub = None
-                    delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
+                    delay = min(delay * 2, BACKOFF_MAX_SECONDS)
                     continue
                 log.warning("store change feed from %s is back", self.settings.safe_url())
-                delay = _BACKOFF_FIRST_SECONDS
+                delay = BACKOFF_FIRST_SECONDS
             self._feed_up = True
             try:
                 await self._read_feed(pubsub)
@@ -667,13 +649,13 @@ class RedisStore:
                 )
             self._feed_up = False
             self._pubsub = None
-            await _close_pubsub(pubsub)
+            await aclose_quietly(pubsub)
             pubsub = None
 
     async def _read_feed(self, pubsub: PubSub) -> None:
         while True:
             msg = await pubsub.get_message(timeout=None)
-            _raise_if_cancelled()
+            raise_if_cancelled()
             if msg is None or msg.get("type") != "message":
                 continue
             data = msg.get("data")
@@ -705,30 +687,6 @@ class RedisStore:
         self._deferred -= 1
         if self._mirror.put(version, topic, pub):
             self.stats["remote_changes_late"] += 1  # the live copy did not come in time
-
-
-def _is_noscript(result: object) -> bool:
-    from redis.exceptions import NoScriptError  # noqa: PLC0415 - the optional extra
-
-    return isinstance(result, NoScriptError)
-
-
-def _raise_if_cancelled() -> None:
-    """After a call into redis-py, which may swallow a cancellation (broker/cluster.py)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-async def _close_pubsub(pubsub: PubSub) -> None:
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 def _fail(job: _Job, err: StoreError) -> None:
