@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import re
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from brokerproc import BrokerProcess
 from redisproc import RedisProcess
-from test_cluster_brokers import cluster_config, connect, wait_subscribed
+from test_cluster_brokers import _worker_pids, cluster_config, connect, wait_subscribed
 from test_hub import TestHub, client, send
 from timing import scaled
 
@@ -410,13 +409,6 @@ async def test_a_member_node_that_leaves_is_no_longer_chosen(
         for i in range(40, 60):
             await pub.publish("jobs.x", str(i).encode())
         assert (await take_all([member_a], 20)) == [list(range(40, 60))]
-
-
-def _worker_pids(proc: BrokerProcess) -> list[int]:
-    (line,) = proc.wait_for_log(r"2 workers listening \(pids")
-    m = re.search(r"pids (\d+), (\d+)", line)
-    assert m
-    return [int(m[1]), int(m[2])]
 
 
 async def test_two_workers_share_a_queue_group_once(
